@@ -1,0 +1,75 @@
+"""How an adapter relates to a base checkpoint: target checks, structure/digest verification, stamping.
+
+Shared by ``validate --level base``, ``convert --base`` and ``merge``, so all three agree on what "fits" means.
+"""
+
+from __future__ import annotations
+
+from loraformat import spec
+from loraformat.hashing import BaseHashes, hash_tensors, structure_hash
+from loraformat.io.checkpoint import Checkpoint
+from loraformat.metadata import AdapterMetadata
+
+Problem = tuple[str, str, str]  # (code, location, message)
+
+
+def infer_fan_in_fan_out(meta: AdapterMetadata, ck: Checkpoint) -> None:
+    """Set fan_in_fan_out per linear module from the base's weight layout, as PEFT does by layer type
+    (GPT-2's Conv1D stores (in, out); nn.Linear stores (out, in))."""
+    for entry in meta.modules.values():
+        info = ck.info(entry.base_tensor)
+        if entry.kind != spec.KIND_LINEAR or info is None or entry.in_features == entry.out_features:
+            continue
+        if info.shape == (entry.in_features, entry.out_features):
+            entry.fan_in_fan_out = True
+        elif info.shape == (entry.out_features, entry.in_features):
+            entry.fan_in_fan_out = False
+
+
+def base_problems(meta: AdapterMetadata, ck: Checkpoint) -> list[Problem]:
+    """Header-only checks: every target exists with the shape the adapter implies; recorded structure hash."""
+    out: list[Problem] = []
+    for module, entry in sorted(meta.modules.items()):
+        info = ck.info(entry.base_tensor)
+        if info is None:
+            out.append(("missing-target", module, f"base has no tensor {entry.base_tensor!r}"))
+        elif info.shape != entry.base_shape:
+            out.append(("target-shape", module,
+                        f"base tensor {entry.base_tensor!r} is {list(info.shape)}, adapter expects "
+                        f"{list(entry.base_shape)}"))
+    for key, base_name in sorted(meta.saved_tensors.items()):
+        if ck.info(base_name) is None:
+            out.append(("missing-target", key, f"base has no tensor {base_name!r} to replace"))
+    recorded = meta.base_model.structure_hash
+    if recorded and recorded != structure_hash(ck):
+        out.append(("structure-hash", "base_model.structure_hash",
+                    "base structure hash differs from the one recorded: this adapter was made for another base"))
+    return out
+
+
+def digest_problems(meta: AdapterMetadata, ck: Checkpoint) -> list[Problem]:
+    """Read and hash every recorded target tensor; report each digest that differs."""
+    recorded = {k: v for k, v in meta.base_model.target_digests.items() if ck.info(k) is not None}
+    actual = hash_tensors(ck, recorded)
+    return [
+        ("target-digest", name, "base tensor content differs from the digest the adapter recorded")
+        for name in sorted(recorded)
+        if actual[name] != recorded[name]
+    ]
+
+
+def target_tensors(meta: AdapterMetadata) -> list[str]:
+    return sorted({m.base_tensor for m in meta.modules.values()})
+
+
+def stamp(meta: AdapterMetadata, ck: Checkpoint, hashes: BaseHashes, *, base_id: str | None = None) -> None:
+    """Record the base identity, both hashes and the digests of exactly the targeted tensors."""
+    bm = meta.base_model
+    if base_id:
+        bm.id = base_id
+    elif not bm.id:
+        bm.id = ck.path.name
+    bm.structure_hash = hashes.structure_hash
+    bm.content_hash = hashes.content_hash
+    bm.hash_algorithm = hashes.algorithm
+    bm.target_digests = {name: hashes.tensor_digests[name] for name in target_tensors(meta)}

@@ -1,0 +1,1 @@
+"""The ``loraformat`` command line: a thin click layer over the public Python API."""

@@ -1,0 +1,78 @@
+"""``convert`` and ``hash``."""
+
+from __future__ import annotations
+
+import click
+
+from loraformat.cli.common import emit_json, human_bytes, info, progress
+
+
+@click.command("convert")
+@click.argument("src", type=click.Path(path_type=str))
+@click.option("-o", "--output", "dst", required=True, type=click.Path(path_type=str),
+              help="Output: a .safetensors file (--to loraformat) or a directory (--to peft).")
+@click.option("--to", type=click.Choice(["loraformat", "peft"]), default="loraformat", show_default=True)
+@click.option("--base", type=click.Path(path_type=str), help="Base model: stamp its id, hashes and target digests.")
+@click.option("--name", help="Adapter name recorded in the metadata.")
+@click.option("--base-id", help="Base model id (hub repo id or name) to record.")
+@click.option("--description", help="Free-text description.")
+@click.option("--task", help="Task, e.g. CAUSAL_LM or 'summarisation'.")
+@click.option("--license", "license_", help="License identifier, e.g. apache-2.0.")
+@click.option("--config", type=click.Path(path_type=str), help="adapter_config.json for a bare PEFT .safetensors.")
+@click.option("--allow-pickle", is_flag=True, help="Load adapter_model.bin with torch.load(weights_only=True).")
+@click.option("--overwrite", is_flag=True, help="Replace an existing output.")
+@click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
+def convert_cmd(src: str, dst: str, to: str, base: str | None, name: str | None, base_id: str | None,
+                description: str | None, task: str | None, license_: str | None, config: str | None,
+                allow_pickle: bool, overwrite: bool, as_json: bool) -> None:
+    """Convert an adapter (PEFT directory, PEFT .safetensors + config, pickle, native) to loraformat or PEFT.
+
+    \b
+    Examples:
+      loraformat convert ./peft-adapter -o adapter.safetensors --base ./base-model --base-id org/base
+      loraformat convert adapter.safetensors --to peft -o ./peft-adapter
+    """
+    from loraformat.convert import convert
+
+    result = convert(src, dst, to=to, base=base, name=name, base_id=base_id, description=description, task=task,
+                     license=license_, config=config, allow_pickle=allow_pickle, overwrite=overwrite)
+    if as_json:
+        emit_json(result.to_json())
+    else:
+        stamped = ", base stamped" if result.base_stamped else ""
+        info(f"wrote {result.output} ({result.to}, {result.modules} modules{stamped}, "
+             f"content {result.content_hash[:16]})")
+
+
+@click.command("hash")
+@click.argument("base", type=click.Path(path_type=str))
+@click.option("--no-cache", is_flag=True, help="Recompute even when a cached result matches.")
+@click.option("--digests", is_flag=True, help="With --json, include every per-tensor digest.")
+@click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
+def hash_cmd(base: str, no_cache: bool, digests: bool, as_json: bool) -> None:
+    """Print the structure and content hashes of a base checkpoint (directory, shards or one file).
+
+    Independent of sharding, file names and tensor order; cached by path, size, mtime and header.
+
+    \b
+    Example:
+      loraformat hash ./Llama-3-8B --json
+    """
+    from loraformat.hashing import hash_base
+    from loraformat.io.checkpoint import open_checkpoint
+
+    ck = open_checkpoint(base)
+    with progress(ck.total_bytes, "hashing") as update:
+        result = hash_base(ck, use_cache=not no_cache, progress=update)
+    if as_json:
+        emit_json({"path": base, **result.to_json(with_digests=digests), "tensors": len(result.tensor_digests)})
+        return
+    rate = result.total_bytes / result.seconds / 1e9 if result.seconds and not result.cached else None
+    click.echo(f"structure  {result.structure_hash}")
+    click.echo(f"content    {result.content_hash}")
+    how = "cached" if result.cached else f"{result.seconds:.2f} s" + (f", {rate:.2f} GB/s" if rate else "")
+    info(f"algorithm  {result.algorithm} ({len(result.tensor_digests)} tensors, "
+         f"{human_bytes(result.total_bytes)}, {how})")
+
+
+COMMANDS: list[click.Command] = [convert_cmd, hash_cmd]

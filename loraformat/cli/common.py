@@ -1,0 +1,65 @@
+"""What every command shares: global options, JSON output, progress bars that stay quiet off a TTY."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import sys
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import click
+
+
+@dataclass
+class Settings:
+    quiet: bool = False
+    debug: bool = False
+
+
+def settings() -> Settings:
+    ctx = click.get_current_context(silent=True)
+    root = ctx.find_root() if ctx else None
+    obj = root.obj if root else None
+    return obj if isinstance(obj, Settings) else Settings()
+
+
+def emit_json(obj: Any) -> None:
+    click.echo(json.dumps(obj, indent=2, sort_keys=True, default=str))
+
+
+def info(message: str) -> None:
+    """Human output on stdout unless --quiet."""
+    if not settings().quiet:
+        click.echo(message)
+
+
+def warn(message: str) -> None:
+    click.echo(f"warning: {message}", err=True)
+
+
+def progress_enabled() -> bool:
+    return not settings().quiet and sys.stderr.isatty()
+
+
+@contextlib.contextmanager
+def progress(total: int | None, desc: str, *, unit: str = "B") -> Iterator[Callable[[int], None]]:
+    """Yield an ``update(n)`` callback backed by tqdm, or a no-op when quiet or not on a TTY."""
+    if not progress_enabled():
+        yield lambda n: None
+        return
+    from tqdm.auto import tqdm
+
+    scale = unit == "B"
+    with tqdm(total=total, desc=desc, unit=unit, unit_scale=scale, unit_divisor=1024 if scale else 1000,
+              file=sys.stderr, leave=False, dynamic_ncols=True) as bar:
+        yield bar.update
+
+
+def human_bytes(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(n) < 1024 or unit == "TiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n} B"

@@ -1,0 +1,180 @@
+"""Base-model hashing (spec/v1.md §Base-model hashing).
+
+- tensor digest = sha256(b"loraformat-tensor/1\\0" + name + b"\\0" + dtype + b"\\0" + shape + b"\\0" + raw bytes)
+- content hash  = sha256 over the sorted per-tensor digests (raw 32-byte digests, sorted bytewise)
+- structure hash = sha256 over the sorted lines "name\\tdtype\\tshape\\n" from the headers alone
+
+Both are independent of sharding, file names, tensor order and header padding. Hashing is one streaming pass
+over mmapped files; hashlib releases the GIL, so a thread pool uses every core.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import mmap
+import os
+import time
+from collections.abc import Callable, Iterable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from loraformat.io.atomic import atomic_file
+from loraformat.io.checkpoint import Checkpoint, open_checkpoint
+from loraformat.io.header import TensorInfo
+from loraformat.spec import HASH_ALGORITHM
+
+_DOMAIN = b"loraformat-tensor/1\0"
+_CHUNK = 64 << 20
+
+
+def shape_text(shape: Iterable[int]) -> str:
+    return ",".join(str(d) for d in shape)
+
+
+def start_tensor_digest(name: str, dtype: str, shape: Iterable[int]) -> hashlib._Hash:
+    """A sha256 object primed with the canonical prefix; feed it the tensor's raw bytes."""
+    h = hashlib.sha256(_DOMAIN)
+    h.update(name.encode("utf-8") + b"\0" + dtype.encode() + b"\0" + shape_text(shape).encode() + b"\0")
+    return h
+
+
+def tensor_digest(name: str, dtype: str, shape: Iterable[int], data: bytes | memoryview) -> str:
+    h = start_tensor_digest(name, dtype, shape)
+    h.update(data)
+    return h.hexdigest()
+
+
+def content_hash_of(digests: Iterable[str]) -> str:
+    h = hashlib.sha256()
+    for d in sorted(bytes.fromhex(x) for x in digests):
+        h.update(d)
+    return h.hexdigest()
+
+
+def structure_hash_of(infos: Iterable[TensorInfo]) -> str:
+    lines = sorted(f"{i.name}\t{i.dtype}\t{shape_text(i.shape)}\n" for i in infos)
+    return hashlib.sha256("".join(lines).encode("utf-8")).hexdigest()
+
+
+def structure_hash(checkpoint: Checkpoint) -> str:
+    return structure_hash_of(info for _, info in checkpoint.locations.values())
+
+
+@dataclass
+class BaseHashes:
+    structure_hash: str
+    content_hash: str
+    tensor_digests: dict[str, str] = field(repr=False)
+    algorithm: str = HASH_ALGORITHM
+    total_bytes: int = 0
+    seconds: float = 0.0
+    cached: bool = False
+
+    def to_json(self, *, with_digests: bool = False) -> dict[str, object]:
+        d = asdict(self)
+        if not with_digests:
+            d.pop("tensor_digests")
+        return d
+
+
+def _cache_dir() -> Path:
+    env = os.environ.get("LORAFORMAT_CACHE")
+    if env:
+        return Path(env)
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "loraformat"
+
+
+def _cache_key(ck: Checkpoint) -> str:
+    h = hashlib.sha256(HASH_ALGORITHM.encode())
+    for shard in ck.shards:
+        st = os.stat(shard.path)
+        h.update(f"{os.path.abspath(shard.path)}\0{st.st_size}\0{st.st_mtime_ns}\0{st.st_ino}\0".encode())
+        with open(shard.path, "rb") as f:
+            h.update(f.read(8 + shard.header_size))
+    return h.hexdigest()
+
+
+def _cache_load(key: str) -> BaseHashes | None:
+    try:
+        data = json.loads((_cache_dir() / "hashes" / f"{key}.json").read_text("utf-8"))
+        return BaseHashes(**{**data, "cached": True})
+    except (OSError, ValueError, TypeError):
+        return None
+
+
+def _cache_store(key: str, hashes: BaseHashes) -> None:
+    folder = _cache_dir() / "hashes"
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        with atomic_file(folder / f"{key}.json", overwrite=True) as f:
+            f.write(json.dumps(hashes.to_json(with_digests=True)).encode())
+    except Exception:  # a cache that cannot be written is only a slower next run
+        pass
+
+
+def hash_tensors(
+    ck: Checkpoint,
+    names: Iterable[str] | None = None,
+    *,
+    workers: int | None = None,
+    progress: Callable[[int], None] | None = None,
+) -> dict[str, str]:
+    """Digest the named tensors (all by default) with a thread pool over mmapped shards."""
+    wanted = list(names) if names is not None else list(ck.locations)
+    maps: dict[str, mmap.mmap] = {}
+    try:
+        for shard in ck.shards:
+            with open(shard.path, "rb") as f:
+                if shard.file_size > 0:
+                    maps[shard.path] = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+
+        def one(name: str) -> tuple[str, str]:
+            shard, info = ck.locations[name]
+            h = start_tensor_digest(name, info.dtype, info.shape)
+            view = memoryview(maps[shard.path]) if info.nbytes else memoryview(b"")
+            try:
+                for pos in range(info.start, info.end, _CHUNK):
+                    end = min(pos + _CHUNK, info.end)
+                    h.update(view[pos:end])
+                    if progress:
+                        progress(end - pos)
+            finally:
+                view.release()
+            return name, h.hexdigest()
+
+        order = sorted(wanted, key=lambda n: -ck.locations[n][1].nbytes)
+        with ThreadPoolExecutor(max_workers=workers or os.cpu_count() or 1) as pool:
+            return dict(pool.map(one, order))
+    finally:
+        for m in maps.values():
+            m.close()
+
+
+def hash_base(
+    path: str | os.PathLike[str] | Checkpoint,
+    *,
+    use_cache: bool = True,
+    workers: int | None = None,
+    progress: Callable[[int], None] | None = None,
+) -> BaseHashes:
+    """Structure and content hashes of a base checkpoint, cached by (path, size, mtime, inode, header)."""
+    ck = path if isinstance(path, Checkpoint) else open_checkpoint(path)
+    key = _cache_key(ck) if use_cache else ""
+    if use_cache and (hit := _cache_load(key)) is not None:
+        if progress:
+            progress(ck.total_bytes)
+        return hit
+    t0 = time.perf_counter()
+    digests = hash_tensors(ck, workers=workers, progress=progress)
+    result = BaseHashes(
+        structure_hash=structure_hash(ck),
+        content_hash=content_hash_of(digests.values()),
+        tensor_digests=dict(sorted(digests.items())),
+        total_bytes=ck.total_bytes,
+        seconds=time.perf_counter() - t0,
+    )
+    if use_cache:
+        _cache_store(key, result)
+    return result

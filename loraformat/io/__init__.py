@@ -1,0 +1,1 @@
+"""File I/O: safetensors headers, adapters on disk (native and PEFT), base checkpoints, atomic writes. No math."""

@@ -1,0 +1,102 @@
+"""Base checkpoints on disk: one .safetensors file, a directory with model.safetensors, or shards with
+model.safetensors.index.json. Headers only; tensors are located, never loaded here."""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from loraformat.errors import HeaderError, InputNotFoundError, PickleRefusedError
+from loraformat.io.header import SafetensorsHeader, TensorInfo, read_header
+
+INDEX_NAME = "model.safetensors.index.json"
+SINGLE_NAME = "model.safetensors"
+PICKLE_NAMES = ("pytorch_model.bin", "pytorch_model.bin.index.json", "model.pt", "model.ckpt")
+_SKIP_DIRS = {".git", ".cache", "__pycache__", ".huggingface"}
+
+
+@dataclass
+class Checkpoint:
+    path: Path  # what the user gave
+    root: Path  # the directory holding the shards
+    shards: list[SafetensorsHeader]
+    index: dict[str, Any] | None = None
+    locations: dict[str, tuple[SafetensorsHeader, TensorInfo]] = field(default_factory=dict)
+    aux_files: list[Path] = field(default_factory=list)  # every non-weight file, relative to root
+
+    @property
+    def total_bytes(self) -> int:
+        return sum(s.data_size for s in self.shards)
+
+    def info(self, name: str) -> TensorInfo | None:
+        loc = self.locations.get(name)
+        return loc[1] if loc else None
+
+    def shard_of(self, name: str) -> SafetensorsHeader:
+        return self.locations[name][0]
+
+
+def open_checkpoint(path: str | os.PathLike[str]) -> Checkpoint:
+    p = Path(path)
+    if not p.exists():
+        raise InputNotFoundError("no such file or directory", path=p)
+    index = None
+    if p.is_file():
+        if p.suffix != ".safetensors":
+            if p.suffix in (".bin", ".pt", ".pth", ".ckpt"):
+                raise PickleRefusedError("base is a pickle checkpoint; convert it to safetensors first", path=p)
+            raise InputNotFoundError("is not a .safetensors file or a model directory", path=p)
+        root, files = p.parent, [p]
+    elif (p / INDEX_NAME).exists():
+        root = p
+        try:
+            index = json.loads((p / INDEX_NAME).read_text("utf-8"))
+            weight_map = index["weight_map"]
+            assert isinstance(weight_map, dict)
+        except (ValueError, KeyError, AssertionError, TypeError):
+            raise HeaderError("is not a valid safetensors index (needs a weight_map object)",
+                              path=p / INDEX_NAME) from None
+        names = sorted(set(weight_map.values()))
+        for n in names:
+            if not isinstance(n, str) or "/" in n or "\\" in n or n.startswith("."):
+                raise HeaderError(f"weight_map names a shard {n!r} outside the directory", path=p / INDEX_NAME)
+        files = [p / n for n in names]
+    elif (p / SINGLE_NAME).exists():
+        root, files = p, [p / SINGLE_NAME]
+    else:
+        found = sorted(p.glob("*.safetensors"))
+        if len(found) == 1:
+            root, files = p, found
+        elif any((p / n).exists() for n in PICKLE_NAMES):
+            raise PickleRefusedError("base has only pickle weights; convert it to safetensors first", path=p)
+        else:
+            raise InputNotFoundError(f"holds no {SINGLE_NAME} or {INDEX_NAME}", path=p)
+
+    shards = [read_header(f) for f in files]
+    locations: dict[str, tuple[SafetensorsHeader, TensorInfo]] = {}
+    for shard in shards:
+        for name, info in shard.tensors.items():
+            if name in locations:
+                raise HeaderError(f"tensor {name!r} appears in two shards", path=shard.path)
+            locations[name] = (shard, info)
+    if index is not None:
+        for name, shard_name in index["weight_map"].items():
+            loc = locations.get(name)
+            if loc is None or Path(loc[0].path).name != shard_name:
+                raise HeaderError(f"weight_map says {name!r} is in {shard_name} but it is not", path=p / INDEX_NAME)
+    aux: list[Path] = []
+    if p.is_dir():
+        weight_files = {f.name for f in files} | {INDEX_NAME}
+        for dirpath, dirnames, filenames in os.walk(root):
+            dirnames[:] = sorted(d for d in dirnames if d not in _SKIP_DIRS and not d.startswith(".tmp"))
+            rel = Path(dirpath).relative_to(root)
+            for fn in sorted(filenames):
+                if rel == Path(".") and fn in weight_files:
+                    continue
+                if fn.endswith(".safetensors") or fn.startswith(".") or fn in PICKLE_NAMES:
+                    continue
+                aux.append(rel / fn)
+    return Checkpoint(path=p, root=root, shards=shards, index=index, locations=locations, aux_files=aux)

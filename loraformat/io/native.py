@@ -1,0 +1,79 @@
+"""Write the native loraformat file: one safetensors file whose __metadata__ holds ``format: pt``, the
+loraformat document and the ModelSpec keys (spec/v1.md §Container, §Metadata)."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from collections.abc import Mapping
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from loraformat import __version__, spec
+from loraformat.io.atomic import atomic_file
+from loraformat.io.header import DTYPE_BITS, encode_header
+from loraformat.io.tensors import st_dtype, tensor_to_bytes
+from loraformat.metadata import AdapterMetadata
+
+if TYPE_CHECKING:
+    import torch
+
+
+def layout_order(items: Mapping[str, tuple[str, tuple[int, ...]]]) -> list[str]:
+    """safetensors' own order: larger dtypes first (keeps every tensor aligned), then by name."""
+    return sorted(items, key=lambda k: (-DTYPE_BITS[items[k][0]], k))
+
+
+def build_metadata(meta: AdapterMetadata, content_hash: str) -> dict[str, str]:
+    """The string-to-string __metadata__ map for a native file whose data section hashes to content_hash."""
+    meta.content_hash = content_hash
+    if not meta.created_by:
+        meta.created_by = {"tool": "loraformat", "version": __version__}
+    document = meta.to_dict()
+    arch = (meta.base_model.id or "unknown").split("/")[-1] + spec.MODELSPEC_ARCH_SUFFIX
+    return {
+        spec.FORMAT_KEY: spec.FORMAT_VALUE,
+        spec.METADATA_KEY: json.dumps(document, sort_keys=True, separators=(",", ":")),
+        "modelspec.sai_model_spec": spec.MODELSPEC_VERSION,
+        "modelspec.architecture": arch,
+        "modelspec.implementation": "https://github.com/huggingface/peft",
+        "modelspec.title": meta.name,
+        "modelspec.description": meta.description,
+        "modelspec.date": meta.created,
+        "modelspec.hash_sha256": "0x" + content_hash,
+    }
+
+
+def write_native(
+    path: str | os.PathLike[str],
+    meta: AdapterMetadata,
+    tensors: Mapping[str, torch.Tensor],
+    *,
+    overwrite: bool = False,
+) -> str:
+    """Write tensors + metadata atomically; returns the content hash (sha256 of the data section)."""
+    blobs = {k: tensor_to_bytes(t) for k, t in tensors.items()}
+    shapes = {k: (st_dtype(t.dtype), tuple(t.shape)) for k, t in tensors.items()}
+    order = layout_order(shapes)
+    digest = hashlib.sha256()
+    for k in order:
+        digest.update(blobs[k])
+    content_hash = digest.hexdigest()
+    metadata = build_metadata(meta, content_hash)
+    header, _ = encode_header([(k, *shapes[k]) for k in order], metadata)
+    with atomic_file(Path(path), overwrite=overwrite) as f:
+        f.write(header)
+        for k in order:
+            f.write(blobs[k])
+    return content_hash
+
+
+def data_section_hash(path: str | os.PathLike[str], data_start: int) -> str:
+    """sha256 of everything after the header: the adapter content hash (ModelSpec hash_sha256)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        f.seek(data_start)
+        while chunk := f.read(1 << 22):
+            digest.update(chunk)
+    return digest.hexdigest()

@@ -1,0 +1,100 @@
+"""Lazy tensor access behind one small interface: a safetensors file (mmap, per tensor) or tensors in memory.
+
+torch is imported only when a tensor is actually read, so header-only work never pays for it.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import TYPE_CHECKING, Any
+
+from loraformat.io.header import SafetensorsHeader, TensorInfo, read_header
+
+if TYPE_CHECKING:
+    import torch
+
+#: safetensors dtype name <-> torch dtype attribute name
+_ST_TO_TORCH = {
+    "BOOL": "bool", "U8": "uint8", "I8": "int8", "I16": "int16", "U16": "uint16", "I32": "int32",
+    "U32": "uint32", "I64": "int64", "U64": "uint64", "F16": "float16", "BF16": "bfloat16", "F32": "float32",
+    "F64": "float64", "F8_E4M3": "float8_e4m3fn", "F8_E5M2": "float8_e5m2", "C64": "complex64",
+}
+
+
+def torch_dtype(st_dtype: str) -> torch.dtype:
+    import torch
+
+    return getattr(torch, _ST_TO_TORCH[st_dtype])
+
+
+def st_dtype(dtype: torch.dtype) -> str:
+    name = str(dtype).removeprefix("torch.")
+    for st, tn in _ST_TO_TORCH.items():
+        if tn == name:
+            return st
+    raise ValueError(f"no safetensors dtype for {dtype}")
+
+
+def tensor_to_bytes(t: torch.Tensor) -> bytes:
+    """Raw little-endian bytes of a tensor, as safetensors stores them."""
+    import torch
+
+    t = t.detach().to("cpu").contiguous()
+    if t.numel() == 0:
+        return b""
+    return t.reshape(-1).view(torch.uint8).numpy().tobytes()
+
+
+def tensor_from_bytes(data: bytes | bytearray | memoryview, dtype: str, shape: tuple[int, ...]) -> torch.Tensor:
+    import torch
+
+    if len(data) == 0:
+        return torch.empty(shape, dtype=torch_dtype(dtype))
+    return torch.frombuffer(bytearray(data), dtype=torch.uint8).view(torch_dtype(dtype)).reshape(shape)
+
+
+class TensorSource:
+    """What an Adapter reads tensors from."""
+
+    path: str
+    infos: dict[str, TensorInfo]
+
+    def get(self, name: str) -> torch.Tensor:
+        raise NotImplementedError
+
+    def close(self) -> None:
+        pass
+
+
+class SafetensorsSource(TensorSource):
+    """One safetensors file, header checked strictly; tensors read one at a time through safe_open."""
+
+    def __init__(self, path: str | os.PathLike[str], header: SafetensorsHeader | None = None) -> None:
+        self.path = os.fspath(path)
+        self.header = header or read_header(self.path)
+        self.infos = self.header.tensors
+        self._handle: Any = None
+
+    def get(self, name: str) -> torch.Tensor:
+        if self._handle is None:
+            from safetensors import safe_open
+
+            self._handle = safe_open(self.path, framework="pt")
+        return self._handle.get_tensor(name)
+
+    def close(self) -> None:
+        self._handle = None
+
+
+class MemorySource(TensorSource):
+    """Tensors already in memory (a pickle loaded with weights_only=True, or a freshly composed adapter)."""
+
+    def __init__(self, tensors: dict[str, torch.Tensor], path: str = "<memory>") -> None:
+        self.path = path
+        self._tensors = tensors
+        self.infos = {
+            name: TensorInfo(name, st_dtype(t.dtype), tuple(t.shape), 0, 0) for name, t in tensors.items()
+        }
+
+    def get(self, name: str) -> torch.Tensor:
+        return self._tensors[name]

@@ -1,0 +1,52 @@
+"""Session-wide fixtures: small bases and real PEFT adapters, built once per test session."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from tests.fixtures import PEFT_VARIANTS, make_gpt2_base, make_llama_base, make_peft_adapter
+
+
+@pytest.fixture(scope="session")
+def llama_base(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A 2-layer bf16 Llama base in one model.safetensors."""
+    return make_llama_base(tmp_path_factory.mktemp("bases") / "llama")
+
+
+@pytest.fixture(scope="session")
+def llama_base_sharded(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The same architecture, sharded (model-0000x-of-0000n.safetensors + index.json)."""
+    return make_llama_base(tmp_path_factory.mktemp("bases") / "llama_sharded", max_shard_size="150KB")
+
+
+@pytest.fixture(scope="session")
+def gpt2_base(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A 2-layer fp32 GPT-2 base (Conv1D weights stored (in, out): fan_in_fan_out)."""
+    return make_gpt2_base(tmp_path_factory.mktemp("bases") / "gpt2")
+
+
+@pytest.fixture(scope="session")
+def peft_adapters(tmp_path_factory: pytest.TempPathFactory, llama_base: Path, gpt2_base: Path) -> dict[str, Path]:
+    """Every PEFT variant in PEFT_VARIANTS, as a real PEFT adapter directory."""
+    root = tmp_path_factory.mktemp("peft")
+    bases = {"llama": llama_base, "gpt2": gpt2_base}
+    return {
+        name: make_peft_adapter(bases[kind], root / name, **kwargs)
+        for name, (kind, kwargs) in PEFT_VARIANTS.items()
+    }
+
+
+@pytest.fixture(scope="session")
+def base_of(llama_base: Path, gpt2_base: Path):
+    """The base directory a PEFT variant was made for."""
+    bases = {"llama": llama_base, "gpt2": gpt2_base}
+    return lambda variant: bases[PEFT_VARIANTS[variant][0]]
+
+
+@pytest.fixture(autouse=True)
+def _isolated_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Keep the hash cache and HF cache of each test inside its tmp_path."""
+    monkeypatch.setenv("LORAFORMAT_CACHE", str(tmp_path / ".lfcache"))
+    monkeypatch.setenv("HF_HOME", str(tmp_path / ".hf"))
