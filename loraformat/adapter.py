@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Any
 
 from loraformat import spec
 from loraformat.errors import AdapterError, InputNotFoundError, PickleRefusedError, SchemaError
+from loraformat.io.header import FLOAT_DTYPES, TensorInfo
 from loraformat.io.tensors import MemorySource, SafetensorsSource, TensorSource
 from loraformat.metadata import AdapterMetadata, ModuleEntry
 from loraformat.schema import validate_document
@@ -106,30 +107,21 @@ class Adapter:
 
     # -- consistency ------------------------------------------------------------------------------------------
     def problems(self) -> list[tuple[str, str, str]]:
-        """Every disagreement between tensors and metadata as (code, location, message); header-only."""
+        """Every disagreement between tensors and metadata as (code, location, message); header-only.
+
+        Codes: missing-tensor, wrong-ndim, rank-mismatch (lora_A vs lora_B), metadata-rank (the rank the
+        metadata or PEFT config gives vs the tensors'), shape-mismatch, bad-dtype, unexpected-tensor.
+        """
         out: list[tuple[str, str, str]] = []
         infos = self.source.infos
         used: set[str] = set()
+        what = "config" if self.source_format != "loraformat" else "metadata"
         for module, entry in sorted(self.meta.modules.items()):
             keys = self.keys(module)
-            want_a, want_b = expected_shapes(entry)
-            for role, key, want in (("A", keys.A, want_a), ("B", keys.B, want_b)):
-                info = infos.get(key)
-                if info is None:
-                    out.append(("missing-tensor", module, f"lora_{role} tensor {key!r} is missing"))
-                    continue
-                used.add(key)
-                if len(info.shape) != len(want):
-                    out.append(("wrong-ndim", module, f"lora_{role} has {len(info.shape)} dims, expected {len(want)}"))
-                elif info.shape != want:
-                    out.append(
-                        ("shape-mismatch", module,
-                         f"lora_{role} shape {list(info.shape)} != {list(want)} from metadata (rank {entry.rank})")
-                    )
-                if info.dtype not in ("F16", "BF16", "F32", "F64"):
-                    out.append(("bad-dtype", module, f"lora_{role} dtype {info.dtype} is not floating point"))
-            for role, key, want in (("magnitude", keys.magnitude, (entry.out_features,)),
-                                    ("bias", keys.bias, (entry.out_features,))):
+            out.extend(_pair_problems(module, entry, keys, infos, what))
+            used.update(k for k in (keys.A, keys.B) if k in infos)
+            extra_shape = _vector_shape(entry)
+            for role, key in (("lora_magnitude_vector", keys.magnitude), ("lora_B.bias", keys.bias)):
                 if key is None:
                     continue
                 info = infos.get(key)
@@ -137,23 +129,69 @@ class Adapter:
                     out.append(("missing-tensor", module, f"{role} tensor {key!r} is missing"))
                     continue
                 used.add(key)
-                if info.shape != want:
+                want = extra_shape if role == "lora_magnitude_vector" else (entry.out_features,)
+                if entry.out_features and info.shape != want:
                     out.append(("shape-mismatch", module, f"{role} shape {list(info.shape)} != {list(want)}"))
-        for key in self.meta.saved_tensors:
+                if info.dtype not in FLOAT_DTYPES:
+                    out.append(("bad-dtype", module, f"{role} dtype {info.dtype} is not floating point"))
+        for key in sorted(self.meta.saved_tensors):
             if key not in infos:
-                out.append(("missing-tensor", key, "saved tensor listed in metadata is missing"))
+                out.append(("missing-tensor", key, "saved tensor listed in the metadata is missing"))
             used.add(key)
         for key in sorted(set(infos) - used):
             out.append(("unexpected-tensor", key, "tensor not described by the metadata"))
         return out
 
     def check(self) -> None:
-        """Raise AdapterError on the first problem."""
+        """Raise AdapterError on the first problem (with a count of the others)."""
         problems = self.problems()
         if problems:
             code, where, message = problems[0]
             more = f" (and {len(problems) - 1} more problems)" if len(problems) > 1 else ""
             raise AdapterError(f"{where}: {message}{more}", path=self.path)
+
+
+def _vector_shape(entry: ModuleEntry) -> tuple[int, ...]:
+    """Shape of a DoRA magnitude: (out,), or (1, out, 1, ...) for conv layers, as PEFT stores it."""
+    if entry.kind == spec.KIND_CONV:
+        return (1, entry.out_features, *(1 for _ in entry.kernel_size or ()))
+    return (entry.out_features,)
+
+
+def _pair_problems(module: str, entry: ModuleEntry, keys: ModuleKeys, infos: dict[str, TensorInfo],
+                   what: str) -> list[tuple[str, str, str]]:
+    """Findings for one module's lora_A/lora_B pair, most specific first."""
+    out: list[tuple[str, str, str]] = []
+    want_a, want_b = expected_shapes(entry)
+    a, b = infos.get(keys.A), infos.get(keys.B)
+    for role, key, info in (("A", keys.A, a), ("B", keys.B, b)):
+        if info is None:
+            out.append(("missing-tensor", module, f"lora_{role} tensor {key!r} is missing"))
+        elif info.dtype not in FLOAT_DTYPES:
+            out.append(("bad-dtype", module, f"lora_{role} dtype {info.dtype} is not floating point"))
+    ndim_ok = True
+    for role, info, want in (("A", a, want_a), ("B", b, want_b)):
+        if info is not None and len(info.shape) != len(want):
+            ndim_ok = False
+            out.append(("wrong-ndim", module,
+                        f"lora_{role} has {len(info.shape)} dims {list(info.shape)}, expected {len(want)} for a "
+                        f"{entry.kind} layer"))
+    if not ndim_ok:
+        return out
+    rank_a = a.shape[0] if a is not None else None
+    rank_b = b.shape[1] if b is not None else None
+    if rank_a is not None and rank_b is not None and rank_a != rank_b:
+        out.append(("rank-mismatch", module, f"lora_A rank {rank_a} != lora_B rank {rank_b}"))
+        return out
+    rank = rank_a if rank_a is not None else rank_b
+    if rank is not None and rank != entry.rank:
+        out.append(("metadata-rank", module, f"{what} says rank {entry.rank} but the tensors have rank {rank}"))
+        want_a, want_b = (rank, *want_a[1:]), (want_b[0], rank, *want_b[2:])
+    for role, info, want in (("A", a, want_a), ("B", b, want_b)):
+        if info is not None and info.shape != want:
+            out.append(("shape-mismatch", module,
+                        f"lora_{role} shape {list(info.shape)} != {list(want)} from the {what}"))
+    return out
 
 
 # --- opening ---------------------------------------------------------------------------------------------------
@@ -163,7 +201,7 @@ def parse_native_metadata(raw: dict[str, str], *, path: str) -> AdapterMetadata:
     """Parse and schema-check ``__metadata__["loraformat"]``, applying the versioning rule first."""
     try:
         document = json.loads(raw[spec.METADATA_KEY])
-    except ValueError as exc:
+    except (ValueError, RecursionError) as exc:
         raise SchemaError(f"__metadata__[{spec.METADATA_KEY!r}] is not valid JSON ({exc})", path=path) from None
     if not isinstance(document, dict):
         raise SchemaError(f"__metadata__[{spec.METADATA_KEY!r}] is not a JSON object", path=path)
@@ -177,20 +215,49 @@ def _load_json(path: Path) -> dict[str, Any]:
         data = json.loads(path.read_text("utf-8"))
     except FileNotFoundError:
         raise InputNotFoundError("no such file", path=path) from None
-    except (ValueError, UnicodeDecodeError) as exc:
+    except (ValueError, UnicodeDecodeError, RecursionError) as exc:
         raise AdapterError(f"not valid JSON ({exc})", path=path) from None
     if not isinstance(data, dict):
         raise AdapterError("is not a JSON object", path=path)
     return data
 
 
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
+
+
 def _pickle_refused(path: Path) -> PickleRefusedError:
+    src = path.parent if path.name == PEFT_PICKLE else path
     return PickleRefusedError(
-        "is a pickle checkpoint, which can run code when loaded; convert it with "
-        f"'loraformat convert {path.parent if path.name == PEFT_PICKLE else path} -o adapter.safetensors "
-        "--allow-pickle' if you trust it",
+        "is a pickle checkpoint, which can run arbitrary code when loaded, and is refused by default; if you "
+        f"trust it, convert it once with 'loraformat convert {src} -o adapter.safetensors --allow-pickle' "
+        "(loads with torch.load(weights_only=True))",
         path=path,
     )
+
+
+def _locate(p: Path, config_data: dict[str, Any] | None, allow_pickle: bool
+            ) -> tuple[Path, str, dict[str, Any] | None]:
+    """(weights file, adapter name, PEFT config or None) for what the user gave."""
+    if p.is_dir():
+        weights, pickle_file = p / PEFT_WEIGHTS, p / PEFT_PICKLE
+        if not weights.is_file():
+            if not pickle_file.is_file():
+                raise InputNotFoundError(
+                    f"is a directory without {PEFT_WEIGHTS} or {PEFT_PICKLE}: not a PEFT adapter directory", path=p
+                )
+            if not allow_pickle:
+                raise _pickle_refused(pickle_file)
+            weights = pickle_file
+        if config_data is None and (p / PEFT_CONFIG).is_file():
+            config_data = _load_json(p / PEFT_CONFIG)
+        return weights, p.resolve().name, config_data
+    if p.suffix in PICKLE_SUFFIXES and not allow_pickle:
+        raise _pickle_refused(p)
+    sibling = p.parent / PEFT_CONFIG
+    if config_data is None and p.name in (PEFT_WEIGHTS, PEFT_PICKLE) and sibling.is_file():
+        config_data = _load_json(sibling)
+    name = p.parent.resolve().name if p.name in (PEFT_WEIGHTS, PEFT_PICKLE) else p.stem
+    return p, name, config_data
 
 
 def open_adapter(
@@ -200,46 +267,29 @@ def open_adapter(
     allow_pickle: bool = False,
     check: bool = True,
 ) -> Adapter:
-    """Open an adapter of any supported layout. ``check`` raises AdapterError if tensors and metadata disagree."""
+    """Open an adapter of any supported layout. ``check`` raises AdapterError if tensors and metadata disagree.
+
+    A native file's own metadata always wins over a config; a PEFT-style file needs its adapter_config.json
+    (beside it as ``adapter_model.safetensors``, or given as ``config``). Pickles are refused unless
+    ``allow_pickle``, and then loaded with ``torch.load(weights_only=True)`` (no code runs).
+    """
     from loraformat.io import peft as peft_io
 
     p = Path(path)
     if not p.exists():
         raise InputNotFoundError("no such file or directory", path=p)
-    config_data: dict[str, Any] | None
     if isinstance(config, dict):
-        config_data = config
+        config_data: dict[str, Any] | None = config
     elif config is not None:
         config_data = _load_json(Path(config))
     else:
         config_data = None
 
-    if p.is_dir():
-        weights, pickle_file = p / PEFT_WEIGHTS, p / PEFT_PICKLE
-        if not weights.exists():
-            if pickle_file.exists():
-                if not allow_pickle:
-                    raise _pickle_refused(pickle_file)
-                weights = pickle_file
-            else:
-                raise InputNotFoundError(
-                    f"is a directory without {PEFT_WEIGHTS}: not a PEFT adapter directory", path=p
-                )
-        if config_data is None and (p / PEFT_CONFIG).exists():
-            config_data = _load_json(p / PEFT_CONFIG)
-        file, name = weights, p.name
-    else:
-        file, name = p, p.stem
-        if config_data is None and (p.parent / PEFT_CONFIG).exists() and p.suffix == ".safetensors":
-            sibling = p.parent / PEFT_CONFIG
-            config_data = _load_json(sibling) if p.name == PEFT_WEIGHTS else None
-
-    if file.suffix in (".bin", ".pt", ".pth", ".ckpt"):
-        if not allow_pickle:
-            raise _pickle_refused(file)
+    file, name, config_data = _locate(p, config_data, allow_pickle)
+    if file.suffix in PICKLE_SUFFIXES:
         if config_data is None:
-            raise AdapterError(f"a pickle adapter needs its {PEFT_CONFIG}", path=file)
-        adapter = _open_pickle(file, config_data, name)
+            raise AdapterError(f"a pickle adapter needs its {PEFT_CONFIG} (beside it, or --config)", path=file)
+        adapter = _open_pickle(file, config_data, name, str(p))
     else:
         source = SafetensorsSource(file)
         raw = source.header.metadata
@@ -251,8 +301,8 @@ def open_adapter(
             adapter = Adapter(meta, source, "peft", str(p), dict(raw), config_data)
         else:
             raise AdapterError(
-                f"has no loraformat metadata and no {PEFT_CONFIG} beside it; pass the PEFT config "
-                "(--config) or convert it first",
+                f"has no loraformat metadata and no {PEFT_CONFIG} beside it; give the PEFT config with "
+                "--config, or convert the adapter first",
                 path=file,
             )
     if check:
@@ -260,18 +310,25 @@ def open_adapter(
     return adapter
 
 
-def _open_pickle(file: Path, config_data: dict[str, Any], name: str) -> Adapter:
+def _open_pickle(file: Path, config_data: dict[str, Any], name: str, given: str) -> Adapter:
+    import pickle
+
     import torch
 
     from loraformat.io import peft as peft_io
 
     try:
         state = torch.load(file, map_location="cpu", weights_only=True)
-    except Exception as exc:  # torch raises many kinds here; each means the same thing to the user
-        raise AdapterError(f"could not load pickle with weights_only=True ({exc.__class__.__name__})",
-                           path=file) from None
-    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+    except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError, OSError, AttributeError) as exc:
+        first = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else exc.__class__.__name__
+        raise AdapterError(f"cannot be loaded with torch.load(weights_only=True): {first}", path=file) from None
+    if not isinstance(state, dict) or not all(
+        isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in state.items()
+    ):
         raise AdapterError("pickle does not hold a flat name -> tensor state dict", path=file)
-    source = MemorySource(dict(state), path=str(file))
+    try:
+        source = MemorySource(dict(state), path=str(file))
+    except ValueError as exc:
+        raise AdapterError(str(exc), path=file) from None
     meta = peft_io.metadata_from_peft(config_data, source.infos, name=name, path=str(file))
-    return Adapter(meta, source, "peft-pickle", str(file), {}, config_data)
+    return Adapter(meta, source, "peft-pickle", given, {}, config_data)

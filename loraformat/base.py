@@ -8,26 +8,39 @@ from __future__ import annotations
 from loraformat import spec
 from loraformat.hashing import BaseHashes, hash_tensors, structure_hash
 from loraformat.io.checkpoint import Checkpoint
-from loraformat.metadata import AdapterMetadata
+from loraformat.metadata import AdapterMetadata, ModuleEntry
 
 Problem = tuple[str, str, str]  # (code, location, message)
 
 
 def infer_fan_in_fan_out(meta: AdapterMetadata, ck: Checkpoint) -> None:
-    """Set fan_in_fan_out per linear module from the base's weight layout, as PEFT does by layer type
-    (GPT-2's Conv1D stores (in, out); nn.Linear stores (out, in))."""
+    """Set fan_in_fan_out per linear module from the base's weight layout, as PEFT does by layer type: it
+    forces True for GPT-2's Conv1D (weight stored (in, out)) and False for nn.Linear ((out, in)), whatever the
+    config said. A square weight does not show its layout; it follows the non-square linear targets of the
+    same base when they all agree, and keeps the recorded value otherwise."""
+    votes: set[bool] = set()
+    square: list[ModuleEntry] = []
     for entry in meta.modules.values():
         info = ck.info(entry.base_tensor)
-        if entry.kind != spec.KIND_LINEAR or info is None or entry.in_features == entry.out_features:
+        if entry.kind != spec.KIND_LINEAR or info is None or len(info.shape) != 2:
             continue
-        if info.shape == (entry.in_features, entry.out_features):
+        if entry.in_features == entry.out_features:
+            square.append(entry)
+        elif info.shape == (entry.in_features, entry.out_features):
             entry.fan_in_fan_out = True
+            votes.add(True)
         elif info.shape == (entry.out_features, entry.in_features):
             entry.fan_in_fan_out = False
+            votes.add(False)
+    if len(votes) == 1:
+        layout = votes.pop()
+        for entry in square:
+            entry.fan_in_fan_out = layout
 
 
 def base_problems(meta: AdapterMetadata, ck: Checkpoint) -> list[Problem]:
-    """Header-only checks: every target exists with the shape the adapter implies; recorded structure hash."""
+    """Header-only checks: every target exists with the shape the adapter implies, every saved tensor replaces
+    a base tensor of its own shape, and the recorded structure hash matches."""
     out: list[Problem] = []
     for module, entry in sorted(meta.modules.items()):
         info = ck.info(entry.base_tensor)
@@ -44,6 +57,18 @@ def base_problems(meta: AdapterMetadata, ck: Checkpoint) -> list[Problem]:
     if recorded and recorded != structure_hash(ck):
         out.append(("structure-hash", "base_model.structure_hash",
                     "base structure hash differs from the one recorded: this adapter was made for another base"))
+    return out
+
+
+def saved_shape_problems(meta: AdapterMetadata, ck: Checkpoint, shapes: dict[str, tuple[int, ...]]) -> list[Problem]:
+    """Saved whole tensors (modules_to_save, biases, embedding base layers) whose shape differs from the base
+    tensor they replace, e.g. an embedding resized during training; ``shapes`` maps tensor key -> shape."""
+    out: list[Problem] = []
+    for key, base_name in sorted(meta.saved_tensors.items()):
+        info = ck.info(base_name)
+        if info is not None and key in shapes and tuple(shapes[key]) != info.shape:
+            out.append(("saved-shape", key, f"replaces base tensor {base_name!r} of shape {list(info.shape)} "
+                                            f"but is {list(shapes[key])}"))
     return out
 
 

@@ -1,16 +1,21 @@
-"""``loraformat convert``: any supported adapter layout -> a native file or a PEFT directory."""
+"""``loraformat convert``: any supported adapter layout -> a native file or a PEFT directory.
+
+The input is only read; the output is checked (schema, tensors against metadata) before it is written and
+appears atomically: a failure leaves nothing under its name, and an existing output is kept unless --overwrite.
+"""
 
 from __future__ import annotations
 
 import copy
 import json
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from loraformat.adapter import PEFT_CONFIG, PEFT_WEIGHTS, Adapter, open_adapter
-from loraformat.base import base_problems, infer_fan_in_fan_out, stamp
+from loraformat.base import base_problems, infer_fan_in_fan_out, saved_shape_problems, stamp
 from loraformat.errors import BaseMismatchError, UsageError
 from loraformat.hashing import hash_base
 from loraformat.io.atomic import atomic_dir
@@ -29,24 +34,42 @@ class ConvertResult:
     content_hash: str
     modules: int
     base_stamped: bool
+    source_format: str = ""
 
     def to_json(self) -> dict[str, Any]:
         return dict(self.__dict__)
 
 
 def adapter_tensors(adapter: Adapter) -> dict[str, Any]:
-    """Every tensor of the adapter, in memory (adapters are small: ranks 4-32 over a few modules)."""
+    """Every tensor of the adapter, in memory (adapters are small: ranks 4-64 over a few hundred modules)."""
     return {k: adapter.tensor(k) for k in adapter.source.infos}
 
 
 def write_peft_dir(out: str | os.PathLike[str], meta: AdapterMetadata, tensors: dict[str, Any], *,
                    overwrite: bool = False) -> str:
-    """A PEFT adapter directory whose weights file is the native (self-describing) loraformat file."""
+    """A PEFT adapter directory whose weights file is the native (self-describing) loraformat file: PEFT reads
+    the tensors and the generated config, loraformat reads the full metadata."""
     with atomic_dir(out, overwrite=overwrite) as tmp:
         content_hash = write_native(tmp / PEFT_WEIGHTS, meta, tensors)
         config = peft_config_from_metadata(meta)
         (tmp / PEFT_CONFIG).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n", "utf-8")
     return content_hash
+
+
+def _inside(child: Path, parent: Path) -> bool:
+    return child == parent or parent in child.parents
+
+
+def _check_paths(src: Path, dst: Path, config: str | os.PathLike[str] | None) -> None:
+    """Refuse any output that would overwrite or delete an input (inputs are never modified)."""
+    out = dst.resolve()
+    for given in (src, Path(config) if config is not None else None):
+        if given is None:
+            continue
+        inp = given.resolve()
+        if _inside(out, inp) or _inside(inp, out):
+            raise UsageError(f"output {dst} would overwrite or contain the input {given}; inputs are never "
+                             "modified, choose another output", path=dst)
 
 
 def convert(
@@ -63,15 +86,21 @@ def convert(
     config: str | os.PathLike[str] | None = None,
     allow_pickle: bool = False,
     overwrite: bool = False,
+    use_cache: bool = True,
+    progress: Callable[[int], None] | None = None,
 ) -> ConvertResult:
+    """Convert ``src`` (native file, PEFT dir, PEFT .safetensors + ``config``, pickle with ``allow_pickle``) to
+    a native file or (``to="peft"``) a PEFT directory. ``base`` stamps the base identity, both hashes and the
+    digests of exactly the targeted tensors, after checking that every target fits."""
     if to not in TARGETS:
         raise UsageError(f"--to must be one of {', '.join(TARGETS)}, not {to!r}")
-    if Path(src).resolve() == Path(dst).resolve():
-        raise UsageError("output would overwrite the input; inputs are never modified", path=dst)
-    with open_adapter(src, config=config, allow_pickle=allow_pickle) as adapter:
+    src_p, dst_p = Path(src), Path(dst)
+    _check_paths(src_p, dst_p, config)
+    with open_adapter(src_p, config=config, allow_pickle=allow_pickle) as adapter:
         meta = copy.deepcopy(adapter.meta)
-        if adapter.source_format != "loraformat":
-            meta.provenance = Provenance(method="convert", source_format=adapter.source_format)
+        source_format = adapter.source_format
+        if source_format != "loraformat":
+            meta.provenance = Provenance(method="convert", source_format=source_format)
         for attr, value in (("name", name), ("description", description), ("task", task), ("license", license)):
             if value is not None:
                 setattr(meta, attr, value)
@@ -80,15 +109,17 @@ def convert(
         if base is not None:
             ck = open_checkpoint(base)
             infer_fan_in_fan_out(meta, ck)
-            problems = base_problems(meta, ck)
+            shapes = {k: info.shape for k, info in adapter.source.infos.items()}
+            problems = base_problems(meta, ck) + saved_shape_problems(meta, ck, shapes)
             if problems:
-                code, where, message = problems[0]
-                raise BaseMismatchError(f"{where}: {message}", path=src)
-            stamp(meta, ck, hash_base(ck), base_id=base_id)
+                _, where, message = problems[0]
+                more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
+                raise BaseMismatchError(f"does not fit base {base}: {where}: {message}{more}", path=src)
+            stamp(meta, ck, hash_base(ck, use_cache=use_cache, progress=progress), base_id=base_id)
         tensors = adapter_tensors(adapter)
     meta.created_by = {}
     if to == "peft":
-        content_hash = write_peft_dir(dst, meta, tensors, overwrite=overwrite)
+        content_hash = write_peft_dir(dst_p, meta, tensors, overwrite=overwrite)
     else:
-        content_hash = write_native(dst, meta, tensors, overwrite=overwrite)
-    return ConvertResult(str(dst), to, content_hash, len(meta.modules), base is not None)
+        content_hash = write_native(dst_p, meta, tensors, overwrite=overwrite)
+    return ConvertResult(str(dst), to, content_hash, len(meta.modules), base is not None, source_format)

@@ -5,7 +5,9 @@
 - structure hash = sha256 over the sorted lines "name\\tdtype\\tshape\\n" from the headers alone
 
 Both are independent of sharding, file names, tensor order and header padding. Hashing is one streaming pass
-over mmapped files; hashlib releases the GIL, so a thread pool uses every core.
+over mmapped files (bounded memory: the page cache, not our heap); hashlib releases the GIL, so a thread
+pool uses every core. A file truncated by another process *while* it is hashed can kill the process (SIGBUS):
+the headers were checked against the file sizes just before.
 """
 
 from __future__ import annotations
@@ -14,12 +16,15 @@ import hashlib
 import json
 import mmap
 import os
+import queue
+import threading
 import time
 from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from loraformat.errors import BaseMismatchError, InputNotFoundError, LoraformatError
 from loraformat.io.atomic import atomic_file
 from loraformat.io.checkpoint import Checkpoint, open_checkpoint
 from loraformat.io.header import TensorInfo
@@ -87,21 +92,33 @@ def _cache_dir() -> Path:
 
 
 def _cache_key(ck: Checkpoint) -> str:
+    """Identity of the checkpoint files: absolute path, size, mtime (ns), inode and the raw header bytes of
+    every shard. Rewriting a file changes at least its mtime; the header catches a changed layout."""
     h = hashlib.sha256(HASH_ALGORITHM.encode())
-    for shard in ck.shards:
-        st = os.stat(shard.path)
-        h.update(f"{os.path.abspath(shard.path)}\0{st.st_size}\0{st.st_mtime_ns}\0{st.st_ino}\0".encode())
+    for shard in sorted(ck.shards, key=lambda s: os.path.abspath(s.path)):
         with open(shard.path, "rb") as f:
+            st = os.fstat(f.fileno())
+            h.update(f"{os.path.abspath(shard.path)}\0{st.st_size}\0{st.st_mtime_ns}\0{st.st_ino}\0".encode())
             h.update(f.read(8 + shard.header_size))
     return h.hexdigest()
 
 
-def _cache_load(key: str) -> BaseHashes | None:
+def _cache_load(key: str, ck: Checkpoint) -> BaseHashes | None:
+    """A cached result, or None when absent, unreadable or not consistent with the headers at hand."""
     try:
         data = json.loads((_cache_dir() / "hashes" / f"{key}.json").read_text("utf-8"))
-        return BaseHashes(**{**data, "cached": True})
+        hit = BaseHashes(**{**data, "cached": True})
     except (OSError, ValueError, TypeError):
         return None
+    if (
+        hit.algorithm != HASH_ALGORITHM
+        or not isinstance(hit.tensor_digests, dict)
+        or set(hit.tensor_digests) != set(ck.locations)
+        or hit.structure_hash != structure_hash(ck)
+        or hit.content_hash != content_hash_of(hit.tensor_digests.values())
+    ):
+        return None
+    return hit
 
 
 def _cache_store(key: str, hashes: BaseHashes) -> None:
@@ -110,8 +127,19 @@ def _cache_store(key: str, hashes: BaseHashes) -> None:
         folder.mkdir(parents=True, exist_ok=True)
         with atomic_file(folder / f"{key}.json", overwrite=True) as f:
             f.write(json.dumps(hashes.to_json(with_digests=True)).encode())
-    except Exception:  # a cache that cannot be written is only a slower next run
+    except (OSError, LoraformatError):  # a cache that cannot be written only makes the next run slower
         pass
+
+
+def default_workers() -> int:
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except (AttributeError, OSError):
+        return os.cpu_count() or 1
+
+
+class _Cancelled(Exception):
+    pass
 
 
 def hash_tensors(
@@ -121,32 +149,71 @@ def hash_tensors(
     workers: int | None = None,
     progress: Callable[[int], None] | None = None,
 ) -> dict[str, str]:
-    """Digest the named tensors (all by default) with a thread pool over mmapped shards."""
-    wanted = list(names) if names is not None else list(ck.locations)
+    """Digest the named tensors (all by default), largest first, on a thread pool over mmapped shards.
+
+    One tensor's digest is a single sha256 stream, so tensors (not chunks of one) are the unit of parallel
+    work; largest-first keeps every core busy until the end. ``progress(n)`` is called on the calling thread
+    with the bytes done (summing to the bytes hashed). Ctrl-C stops the workers within one chunk.
+    """
+    wanted = list(dict.fromkeys(names)) if names is not None else list(ck.locations)
+    for name in wanted:
+        if name not in ck.locations:
+            raise BaseMismatchError(f"base has no tensor {name!r}", path=ck.path)
+    if not wanted:
+        return {}
+    stop = threading.Event()
+    events: queue.SimpleQueue[tuple[str, object, object]] = queue.SimpleQueue()
     maps: dict[str, mmap.mmap] = {}
     try:
-        for shard in ck.shards:
+        for shard in {ck.locations[n][0].path: ck.locations[n][0] for n in wanted}.values():
             with open(shard.path, "rb") as f:
-                if shard.file_size > 0:
-                    maps[shard.path] = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+                maps[shard.path] = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
 
-        def one(name: str) -> tuple[str, str]:
-            shard, info = ck.locations[name]
-            h = start_tensor_digest(name, info.dtype, info.shape)
-            view = memoryview(maps[shard.path]) if info.nbytes else memoryview(b"")
+        def one(name: str) -> None:
             try:
-                for pos in range(info.start, info.end, _CHUNK):
-                    end = min(pos + _CHUNK, info.end)
-                    h.update(view[pos:end])
-                    if progress:
-                        progress(end - pos)
-            finally:
-                view.release()
-            return name, h.hexdigest()
+                shard, info = ck.locations[name]
+                h = start_tensor_digest(name, info.dtype, info.shape)
+                if info.nbytes:
+                    with memoryview(maps[shard.path]) as view:
+                        for pos in range(info.start, info.end, _CHUNK):
+                            if stop.is_set():
+                                raise _Cancelled
+                            end = min(pos + _CHUNK, info.end)
+                            with view[pos:end] as chunk:
+                                h.update(chunk)
+                            events.put(("bytes", end - pos, None))
+                events.put(("done", name, h.hexdigest()))
+            except BaseException as exc:  # handed to the calling thread, which re-raises it
+                events.put(("error", exc, None))
 
-        order = sorted(wanted, key=lambda n: -ck.locations[n][1].nbytes)
-        with ThreadPoolExecutor(max_workers=workers or os.cpu_count() or 1) as pool:
-            return dict(pool.map(one, order))
+        order = sorted(wanted, key=lambda n: (-ck.locations[n][1].nbytes, n))
+        n_workers = max(1, min(workers or default_workers(), len(order)))
+        digests: dict[str, str] = {}
+        pool = ThreadPoolExecutor(max_workers=n_workers, thread_name_prefix="loraformat-hash")
+        try:
+            for name in order:
+                pool.submit(one, name)
+            while len(digests) < len(order):
+                try:
+                    kind, a, b = events.get(timeout=0.25)
+                except queue.Empty:
+                    continue
+                if kind == "bytes":
+                    if progress:
+                        progress(int(a))  # type: ignore[call-overload]
+                elif kind == "done":
+                    digests[str(a)] = str(b)
+                else:
+                    assert isinstance(a, BaseException)
+                    if isinstance(a, _Cancelled):
+                        continue
+                    if isinstance(a, OSError):
+                        raise InputNotFoundError(f"reading failed: {a.strerror or a}", path=ck.path) from None
+                    raise a
+        finally:
+            stop.set()
+            pool.shutdown(wait=True, cancel_futures=True)
+        return digests
     finally:
         for m in maps.values():
             m.close()
@@ -162,7 +229,7 @@ def hash_base(
     """Structure and content hashes of a base checkpoint, cached by (path, size, mtime, inode, header)."""
     ck = path if isinstance(path, Checkpoint) else open_checkpoint(path)
     key = _cache_key(ck) if use_cache else ""
-    if use_cache and (hit := _cache_load(key)) is not None:
+    if use_cache and (hit := _cache_load(key, ck)) is not None:
         if progress:
             progress(ck.total_bytes)
         return hit

@@ -6,6 +6,8 @@ of a newer minor version, and refuses a newer major version with a message namin
 
 from __future__ import annotations
 
+import math
+
 from loraformat.errors import SchemaError, UnsupportedVersionError
 
 SPEC_VERSION = "1.0"
@@ -62,5 +64,5 @@ def check_version(text: object, *, path: str | None = None) -> tuple[int, int]:
 def scale_for(rule: str, rank: int, alpha: float) -> float:
     """The LoRA scaling factor s of spec/v1.md §Scaling: alpha/r, or alpha/sqrt(r) for rsLoRA."""
     if rule == SCALING_RSLORA:
-        return alpha / rank**0.5
+        return alpha / math.sqrt(rank)  # as PEFT; rank**0.5 differs in the last bit for some ranks (2921, ...)
     return alpha / rank

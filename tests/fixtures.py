@@ -29,6 +29,9 @@ PEFT_VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
     "gpt2": ("gpt2", dict(r=4, lora_alpha=8, target_modules=["c_attn", "c_proj"], fan_in_fan_out=True)),
     "gpt2_bias_all": ("gpt2", dict(r=4, lora_alpha=8, target_modules=["c_attn"], fan_in_fan_out=True,
                                    bias="all")),
+    # lora_bias on layers that have a bias, so that PEFT itself can merge it (Llama's projections have none)
+    "gpt2_lora_bias": ("gpt2", dict(r=4, lora_alpha=8, target_modules=["c_attn", "c_proj"], fan_in_fan_out=True,
+                                    lora_bias=True)),
 }
 
 
@@ -71,12 +74,20 @@ def load_base(path: Path) -> Any:
     return AutoModelForCausalLM.from_pretrained(path)
 
 
-def make_peft_adapter(base: Path, out: Path, *, seed: int = 1, **lora_kwargs: Any) -> Path:
-    """A real PEFT adapter for ``base``; every LoRA weight random (B non-zero), trained-looking."""
+def make_peft_adapter(base: Path, out: Path, *, seed: int = 1, safe_serialization: bool = True,
+                      **lora_kwargs: Any) -> Path:
+    """A real PEFT adapter for ``base``; every LoRA weight random (B non-zero), trained-looking.
+    ``safe_serialization=False`` writes the legacy pickle ``adapter_model.bin``."""
+    model = load_base(base)
+    return peft_adapter_for_model(model, out, seed=seed, safe_serialization=safe_serialization, **lora_kwargs)
+
+
+def peft_adapter_for_model(model: Any, out: Path, *, seed: int = 1, safe_serialization: bool = True,
+                           **lora_kwargs: Any) -> Path:
+    """make_peft_adapter for a model already in memory (e.g. a :class:`ConvNet`)."""
     import torch
     from peft import LoraConfig, get_peft_model
 
-    model = load_base(base)
     kwargs = dict(init_lora_weights=False, lora_dropout=0.0)
     kwargs.update(lora_kwargs)
     torch.manual_seed(seed)
@@ -87,5 +98,46 @@ def make_peft_adapter(base: Path, out: Path, *, seed: int = 1, **lora_kwargs: An
                 p.normal_(0, 0.05)
             if "modules_to_save" in name or (name.endswith(".bias") and "lora" not in name and p.requires_grad):
                 p.add_(torch.randn_like(p) * 0.05)
-    peft_model.save_pretrained(out)
+    peft_model.save_pretrained(out, safe_serialization=safe_serialization)
     return out
+
+
+def conv_net_class() -> type:
+    """A tiny model with Conv1d/Conv2d (3x3 and 1x1) and Linear layers: PEFT's conv LoRA paths."""
+    import torch
+    from torch import nn
+
+    class ConvNet(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv = nn.Conv2d(3, 8, 3, padding=1)
+            self.pw = nn.Conv2d(8, 8, 1)
+            self.seq = nn.Conv1d(8, 6, 3)
+            self.head = nn.Linear(6, 5)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            x = self.pw(self.conv(x)).mean(dim=-1)
+            return self.head(self.seq(x).mean(dim=-1))
+
+    return ConvNet
+
+
+def make_conv_base(path: Path, *, seed: int = 0) -> Path:
+    """A ConvNet's weights as ``path/model.safetensors`` (load them with :func:`load_conv_base`)."""
+    import torch
+    from safetensors.torch import save_file
+
+    torch.manual_seed(seed)
+    model = conv_net_class()()
+    path.mkdir(parents=True, exist_ok=True)
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(path / "model.safetensors"),
+              metadata={"format": "pt"})
+    return path
+
+
+def load_conv_base(path: Path) -> Any:
+    from safetensors.torch import load_file
+
+    model = conv_net_class()()
+    model.load_state_dict(load_file(str(path / "model.safetensors")))
+    return model

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Callable
+
 import click
 
 from loraformat.cli.common import emit_json, human_bytes, info, progress
@@ -20,22 +23,36 @@ from loraformat.cli.common import emit_json, human_bytes, info, progress
 @click.option("--license", "license_", help="License identifier, e.g. apache-2.0.")
 @click.option("--config", type=click.Path(path_type=str), help="adapter_config.json for a bare PEFT .safetensors.")
 @click.option("--allow-pickle", is_flag=True, help="Load adapter_model.bin with torch.load(weights_only=True).")
-@click.option("--overwrite", is_flag=True, help="Replace an existing output.")
+@click.option("--overwrite", is_flag=True, help="Replace an existing output (only once the new one is complete).")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
 def convert_cmd(src: str, dst: str, to: str, base: str | None, name: str | None, base_id: str | None,
                 description: str | None, task: str | None, license_: str | None, config: str | None,
                 allow_pickle: bool, overwrite: bool, as_json: bool) -> None:
     """Convert an adapter (PEFT directory, PEFT .safetensors + config, pickle, native) to loraformat or PEFT.
 
+    The input is never modified; the output appears only when complete. Exit codes: 0 written, 1 invalid
+    input or base mismatch, 2 usage/I-O error (e.g. the output exists without --overwrite).
+
     \b
     Examples:
       loraformat convert ./peft-adapter -o adapter.safetensors --base ./base-model --base-id org/base
       loraformat convert adapter.safetensors --to peft -o ./peft-adapter
+      loraformat convert ./old-adapter -o adapter.safetensors --allow-pickle   # adapter_model.bin
+      loraformat convert weights.safetensors --config adapter_config.json -o adapter.safetensors
     """
     from loraformat.convert import convert
+    from loraformat.hub.resolve import resolve_adapter_arg
 
-    result = convert(src, dst, to=to, base=base, name=name, base_id=base_id, description=description, task=task,
-                     license=license_, config=config, allow_pickle=allow_pickle, overwrite=overwrite)
+    src = resolve_adapter_arg(src)
+    bar: contextlib.AbstractContextManager[Callable[[int], None] | None] = contextlib.nullcontext(None)
+    if base is not None:
+        from loraformat.io.checkpoint import open_checkpoint
+
+        bar = progress(open_checkpoint(base).total_bytes, "hashing base")
+    with bar as update:
+        result = convert(src, dst, to=to, base=base, name=name, base_id=base_id, description=description,
+                         task=task, license=license_, config=config, allow_pickle=allow_pickle,
+                         overwrite=overwrite, progress=update)
     if as_json:
         emit_json(result.to_json())
     else:

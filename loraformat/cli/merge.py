@@ -1,7 +1,93 @@
-"""CLI commands for merge (filled in by its issue)."""
+"""``loraformat merge``: a thin click layer over :func:`loraformat.merge.merge`."""
 
 from __future__ import annotations
 
+import contextlib
+import warnings
+
 import click
 
-COMMANDS: list[click.Command] = []
+from loraformat.cli.common import emit_json, human_bytes, info, progress, warn
+from loraformat.errors import UsageError
+
+
+def _parse_size(value: str | None) -> int | None:
+    if value is None:
+        return None
+    from huggingface_hub.serialization._base import parse_size_to_int
+
+    try:
+        size = int(value) if value.isdigit() else parse_size_to_int(value)
+    except ValueError:
+        raise UsageError(f"--max-shard-size {value!r} is not a size like 5GB, 500MB or 1000000") from None
+    if size <= 0:
+        raise UsageError("--max-shard-size must be positive")
+    return size
+
+
+@click.command("merge")
+@click.argument("base", type=click.Path(path_type=str))
+@click.argument("adapters", nargs=-1, required=True, metavar="ADAPTER...")
+@click.option("-o", "--output", "out", required=True, type=click.Path(path_type=str),
+              help="Output model directory (created atomically; loadable with from_pretrained).")
+@click.option("--weight", "weights", multiple=True, type=float,
+              help="Weight of each adapter, in order (repeat once per adapter; default 1).")
+@click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
+@click.option("--dtype", type=click.Choice(["keep", "bf16", "fp16", "fp32"]), default="keep", show_default=True,
+              help="Dtype of the floating-point output tensors.")
+@click.option("--max-shard-size", help="Re-shard the output (e.g. 5GB); default: keep the base's shards.")
+@click.option("--no-verify", is_flag=True, help="Skip checking base tensors against the adapters' digests.")
+@click.option("--overwrite", is_flag=True, help="Replace an existing output directory.")
+@click.option("--json", "as_json", is_flag=True, help="Print figures and what was verified as JSON.")
+def merge_cmd(base: str, adapters: tuple[str, ...], out: str, weights: tuple[float, ...], device: str, dtype: str,
+              max_shard_size: str | None, no_verify: bool, overwrite: bool, as_json: bool) -> None:
+    """Merge one or more LoRA adapters into BASE, streaming tensor by tensor, and write OUT.
+
+    W' = W + sum_i w_i * s_i * B_i A_i per module (as PEFT's merge_and_unload), computed in fp32 and rounded
+    once; untouched tensors are copied byte for byte. BASE is a model directory (model.safetensors or shards
+    with an index) or a .safetensors file; each ADAPTER a loraformat file, a PEFT directory or a hub reference.
+
+    \b
+    Examples:
+      loraformat merge ./Llama-3-8B adapter.safetensors -o ./merged
+      loraformat merge ./base a.safetensors b.safetensors --weight 0.7 --weight 0.3 -o ./blend --json
+    """
+    from loraformat.hub.resolve import resolve_adapter_arg
+    from loraformat.merge import merge
+
+    if weights and len(weights) != len(adapters):
+        raise UsageError(f"got {len(weights)} --weight for {len(adapters)} adapter(s); give one per adapter")
+    shard_size = _parse_size(max_shard_size)
+    paths = [resolve_adapter_arg(a) for a in adapters]
+    if no_verify:
+        warn("--no-verify: base tensors will not be checked against the adapters' recorded digests")
+    with contextlib.ExitStack() as stack, warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the --no-verify warning was printed above, once
+        tensors_bar = stack.enter_context(progress(None, "tensors", unit="tensor"))
+        bytes_bar = stack.enter_context(progress(None, "merging"))
+
+        def update(nbytes: int, tensors: int) -> None:
+            if nbytes:
+                bytes_bar(nbytes)
+            if tensors:
+                tensors_bar(tensors)
+
+        result = merge(base, paths, out, weights=list(weights) or None, device=device, dtype=dtype,
+                       max_shard_size=shard_size, verify=not no_verify, overwrite=overwrite, progress=update)
+    if as_json:
+        emit_json(result.to_json())
+        return
+    v = result.verified
+    if not v["enabled"]:
+        verified = "digests not checked (--no-verify)"
+    elif v["tensors"]:
+        verified = f"{v['tensors']} base tensors verified against recorded digests"
+    else:
+        verified = "no adapter records base digests (stamp one with 'loraformat convert --base')"
+    info(f"wrote {result.output}: {result.tensors} tensors ({result.tensors_merged} merged, "
+         f"{result.tensors_replaced} replaced, {result.tensors_copied} copied), "
+         f"{human_bytes(result.bytes_written)} in {result.seconds:.2f} s ({result.gb_per_s:.2f} GB/s) on "
+         f"{result.device}; peak RSS {human_bytes(result.peak_rss_bytes)}; {verified}")
+
+
+COMMANDS: list[click.Command] = [merge_cmd]

@@ -74,7 +74,7 @@ def parse_header_bytes(raw_json: bytes, *, path: str, file_size: int) -> Safeten
     n = len(raw_json)
     try:
         doc = json.loads(raw_json.decode("utf-8"))
-    except (UnicodeDecodeError, ValueError) as exc:
+    except (UnicodeDecodeError, ValueError, RecursionError) as exc:  # RecursionError: absurdly deep nesting
         raise _fail(path, f"header is not valid UTF-8 JSON ({exc.__class__.__name__})") from None
     if not isinstance(doc, dict):
         raise _fail(path, f"header is a JSON {type(doc).__name__}, not an object")

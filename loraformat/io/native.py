@@ -11,10 +11,12 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from loraformat import __version__, spec
+from loraformat.errors import AdapterError
 from loraformat.io.atomic import atomic_file
 from loraformat.io.header import DTYPE_BITS, encode_header
 from loraformat.io.tensors import st_dtype, tensor_to_bytes
 from loraformat.metadata import AdapterMetadata
+from loraformat.schema import validate_document
 
 if TYPE_CHECKING:
     import torch
@@ -51,22 +53,49 @@ def write_native(
     tensors: Mapping[str, torch.Tensor],
     *,
     overwrite: bool = False,
+    check: bool = True,
 ) -> str:
-    """Write tensors + metadata atomically; returns the content hash (sha256 of the data section)."""
-    blobs = {k: tensor_to_bytes(t) for k, t in tensors.items()}
+    """Write tensors + metadata atomically; returns the content hash (sha256 of the data section).
+
+    Sets ``meta.content_hash`` (and ``meta.created_by`` when empty). With ``check`` (the default) the document
+    must validate against the schema and the tensors must agree with it (Adapter.problems), so loraformat never
+    writes a file its own validate would reject.
+    """
     shapes = {k: (st_dtype(t.dtype), tuple(t.shape)) for k, t in tensors.items()}
+    if check:
+        _check_before_write(path, meta, shapes)
     order = layout_order(shapes)
+    blobs = {k: tensor_to_bytes(tensors[k]) for k in order}
     digest = hashlib.sha256()
     for k in order:
         digest.update(blobs[k])
     content_hash = digest.hexdigest()
     metadata = build_metadata(meta, content_hash)
+    if check:
+        validate_document(json.loads(metadata[spec.METADATA_KEY]), path=os.fspath(path))
     header, _ = encode_header([(k, *shapes[k]) for k in order], metadata)
     with atomic_file(Path(path), overwrite=overwrite) as f:
         f.write(header)
         for k in order:
             f.write(blobs[k])
+            blobs[k] = b""  # release as we go: peak memory stays near one copy
     return content_hash
+
+
+def _check_before_write(path: str | os.PathLike[str], meta: AdapterMetadata,
+                        shapes: Mapping[str, tuple[str, tuple[int, ...]]]) -> None:
+    from loraformat.adapter import Adapter
+    from loraformat.io.header import TensorInfo
+    from loraformat.io.tensors import TensorSource
+
+    source = TensorSource()
+    source.path = os.fspath(path)
+    source.infos = {k: TensorInfo(k, dt, shape, 0, 0) for k, (dt, shape) in shapes.items()}
+    problems = Adapter(meta, source, "loraformat", os.fspath(path)).problems()
+    if problems:
+        code, where, message = problems[0]
+        more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
+        raise AdapterError(f"refusing to write an inconsistent adapter: {where}: {message}{more}", path=path)
 
 
 def data_section_hash(path: str | os.PathLike[str], data_start: int) -> str:

@@ -1,8 +1,10 @@
 """PEFT interop: adapter_config.json <-> the resolved loraformat module table.
 
 Reading resolves rank_pattern/alpha_pattern exactly as PEFT does (``re.match(rf"(.*\\.)?({key})$", module)``,
-first matching key wins). Writing emits exact, anchored patterns only where ranks or alphas differ per module,
-so PEFT rebuilds the very same table.
+first matching key wins, else ``r`` / ``lora_alpha``). The module table comes from the tensors actually saved,
+so layers_to_transform/layers_pattern/target_modules need no re-implementation: PEFT only saves what it
+targeted. Writing emits a minimal config with exact, anchored patterns only where ranks or alphas differ per
+module, and only keys every LoraConfig since PEFT 0.7 accepts (older PEFT raises on unknown keys).
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from loraformat.errors import AdapterError
 from loraformat.io.header import TensorInfo
 from loraformat.metadata import AdapterMetadata, BaseModel, ModuleEntry, Provenance
 
+#: tensor-key suffix after the module path -> role
 _SUFFIXES = {
     ".lora_A.weight": "A",
     ".lora_B.weight": "B",
@@ -23,6 +26,19 @@ _SUFFIXES = {
     ".lora_embedding_B": "embB",
     ".lora_magnitude_vector": "magnitude",
     ".lora_B.bias": "bias",
+}
+
+#: LoraConfig fields that change what the saved tensors mean in ways loraformat 1.0 cannot describe
+_UNSUPPORTED = {
+    "alora_invocation_tokens": "activated LoRA (aLoRA) applies only after invocation tokens and cannot be merged",
+    "use_qalora": "QALoRA pools the input; its tensors are not a plain low-rank delta",
+    "layer_replication": "layer_replication changes the model structure",
+    "target_parameters": "target_parameters (LoRA on raw nn.Parameters, e.g. MoE experts)",
+    "trainable_token_indices": "trainable_token_indices (trainable tokens)",
+    "use_bdlora": "BD-LoRA block-diagonal factors",
+    "arrow_config": "Arrow routing",
+    "kasa_config": "KaSA singular-value adaptation",
+    "monteclora_config": "MonteCLoRA sampling",
 }
 
 
@@ -34,48 +50,84 @@ def resolve_pattern(patterns: dict[str, Any], module: str, default: Any) -> Any:
     return default
 
 
+def _cfg_error(path: str, message: str) -> AdapterError:
+    return AdapterError(f"adapter_config.json: {message}", path=path)
+
+
 def _typed(config: dict[str, Any], key: str, types: tuple[type, ...], default: Any, path: str) -> Any:
     value = config.get(key, default)
     if value is None:
         return default
-    if isinstance(value, bool) and bool not in types:
-        raise AdapterError(f"adapter_config.json: {key} must be {types[0].__name__}, got {value!r}", path=path)
-    if not isinstance(value, types):
-        raise AdapterError(f"adapter_config.json: {key} must be {types[0].__name__}, got {value!r}", path=path)
+    if (isinstance(value, bool) and bool not in types) or not isinstance(value, types):
+        raise _cfg_error(path, f"{key} must be {' or '.join(t.__name__ for t in types)}, got {value!r}")
     return value
+
+
+def saved_tensor_target(rest: str) -> str:
+    """The base tensor a PEFT whole-tensor key (prefix removed) replaces: PEFT stores targeted layers' own
+    parameters under ``<module>.base_layer.<param>`` and modules_to_save under ``<module>.<param>``
+    (older PEFT: ``<module>.modules_to_save.<adapter>.<param>``)."""
+    rest = re.sub(r"\.modules_to_save\.[^.]+\.", ".", rest)
+    return rest.replace(".base_layer.", ".")
 
 
 def split_tensor_keys(keys: list[str], *, path: str) -> tuple[dict[str, dict[str, str]], dict[str, str]]:
     """Group PEFT tensor keys per module ({module: {role: key}}) and collect whole saved tensors
-    ({key: base tensor name})."""
+    ({key: base tensor name}). Keys that fit neither (no PEFT prefix, an unknown ``lora_`` kind) are left out
+    so that :meth:`Adapter.problems` reports them as unexpected tensors."""
     modules: dict[str, dict[str, str]] = {}
     saved: dict[str, str] = {}
     for key in keys:
         if not key.startswith(spec.PEFT_PREFIX):
-            raise AdapterError(f"tensor {key!r} does not start with {spec.PEFT_PREFIX!r} (PEFT naming)", path=path)
+            continue
         rest = key[len(spec.PEFT_PREFIX):]
         for suffix, role in _SUFFIXES.items():
-            if rest.endswith(suffix):
+            if rest.endswith(suffix) and len(rest) > len(suffix):
                 modules.setdefault(rest[: -len(suffix)], {})[role] = key
                 break
         else:
-            if ".lora_" in rest:
-                raise AdapterError(f"tensor {key!r} is a LoRA tensor of an unknown kind", path=path)
-            saved[key] = rest.replace(".base_layer.", ".").replace(".modules_to_save.default.", ".")
+            if ".lora_" not in rest and not rest.startswith("lora_"):
+                saved[key] = saved_tensor_target(rest)
     return modules, saved
+
+
+def _check_patterns(name: str, patterns: dict[str, Any], path: str, *, integer: bool) -> None:
+    for key, value in patterns.items():
+        try:
+            re.compile(rf"(.*\.)?({key})$")
+        except re.error as exc:
+            raise _cfg_error(path, f"{name} key {key!r} is not a valid regex ({exc})") from None
+        bad = isinstance(value, bool) or not isinstance(value, int if integer else (int, float))
+        if bad or value <= 0:
+            kind = "a positive integer" if integer else "a positive number"
+            raise _cfg_error(path, f"{name}[{key!r}] must be {kind}, got {value!r}")
 
 
 def metadata_from_peft(
     config: dict[str, Any], infos: dict[str, TensorInfo], *, name: str, path: str
 ) -> AdapterMetadata:
-    """Resolve a PEFT config and the tensors' shapes into a fully explicit module table."""
+    """Resolve a PEFT config and the tensors' shapes into a fully explicit module table.
+
+    Config values of the wrong type raise AdapterError. Disagreements between tensors and config (a missing
+    B, ranks that differ) are *not* raised here: the table records what the config says and
+    :meth:`loraformat.adapter.Adapter.problems` reports every disagreement, so validate can list them all.
+    """
     peft_type = config.get("peft_type", "LORA")
     if peft_type != "LORA":
-        raise AdapterError(f"adapter_config.json: peft_type {peft_type!r} is not LORA", path=path)
+        raise _cfg_error(path, f"peft_type {peft_type!r} is not LORA; only LoRA adapters are supported")
+    for key, what in _UNSUPPORTED.items():
+        if config.get(key) not in (None, False, [], {}):
+            raise _cfg_error(path, f"{key} is set: {what}, which loraformat 1.0 does not support")
     r = _typed(config, "r", (int,), 8, path)
     lora_alpha = _typed(config, "lora_alpha", (int, float), 8, path)
+    if r <= 0:
+        raise _cfg_error(path, f"r must be a positive integer, got {r!r}")
+    if lora_alpha <= 0:
+        raise _cfg_error(path, f"lora_alpha must be positive, got {lora_alpha!r}")
     rank_pattern = _typed(config, "rank_pattern", (dict,), {}, path)
     alpha_pattern = _typed(config, "alpha_pattern", (dict,), {}, path)
+    _check_patterns("rank_pattern", rank_pattern, path, integer=True)
+    _check_patterns("alpha_pattern", alpha_pattern, path, integer=False)
     use_rslora = _typed(config, "use_rslora", (bool,), False, path)
     use_dora = _typed(config, "use_dora", (bool,), False, path)
     fan_in_fan_out = _typed(config, "fan_in_fan_out", (bool,), False, path)
@@ -83,59 +135,43 @@ def metadata_from_peft(
     bias = _typed(config, "bias", (str,), "none", path)
     modules_to_save = _typed(config, "modules_to_save", (list,), [], path)
     if bias not in spec.BIAS_MODES:
-        raise AdapterError(f"adapter_config.json: bias {bias!r} is not one of {spec.BIAS_MODES}", path=path)
-    for pname, pat in (("rank_pattern", rank_pattern), ("alpha_pattern", alpha_pattern)):
-        for key, value in pat.items():
-            try:
-                re.compile(key)
-            except re.error as exc:
-                raise AdapterError(f"adapter_config.json: {pname} key {key!r} is not a regex ({exc})",
-                                   path=path) from None
-            if isinstance(value, bool) or not isinstance(value, (int, float)):
-                raise AdapterError(f"adapter_config.json: {pname}[{key!r}] must be a number", path=path)
+        raise _cfg_error(path, f"bias {bias!r} is not one of {', '.join(spec.BIAS_MODES)}")
+    if not all(isinstance(m, str) for m in modules_to_save):
+        raise _cfg_error(path, f"modules_to_save must be a list of strings, got {modules_to_save!r}")
 
     grouped, saved = split_tensor_keys(list(infos), path=path)
     modules: dict[str, ModuleEntry] = {}
     for module, roles in sorted(grouped.items()):
         a_key = roles.get("A") or roles.get("embA")
         b_key = roles.get("B") or roles.get("embB")
-        if a_key is None or b_key is None:
-            missing = "lora_A" if a_key is None else "lora_B"
-            raise AdapterError(f"module {module!r}: {missing} tensor is missing", path=path)
-        a, b = infos[a_key].shape, infos[b_key].shape
-        if len(a) < 2 or len(b) < 2:
-            raise AdapterError(f"module {module!r}: lora_A {list(a)} / lora_B {list(b)} have too few dims", path=path)
-        rank = a[0]
-        if b[1] != rank:
-            raise AdapterError(f"module {module!r}: lora_A rank {rank} != lora_B rank {b[1]}", path=path)
-        want_rank = resolve_pattern(rank_pattern, module, r)
-        if want_rank != rank:
-            raise AdapterError(
-                f"module {module!r}: config says rank {want_rank} but the tensors have rank {rank}", path=path
-            )
-        alpha = resolve_pattern(alpha_pattern, module, lora_alpha)
-        if "embA" in roles:
+        if a_key is None and b_key is None:
+            continue  # a stray magnitude/bias: reported as unexpected by Adapter.problems
+        a = infos[a_key].shape if a_key else ()
+        b = infos[b_key].shape if b_key else ()
+        if "embA" in roles or "embB" in roles:
             kind, kernel = spec.KIND_EMBEDDING, None
         elif len(a) > 2:
             kind, kernel = spec.KIND_CONV, list(a[2:])
+        elif len(b) > 2:
+            kind, kernel = spec.KIND_CONV, [1] * (len(b) - 2)
         else:
             kind, kernel = spec.KIND_LINEAR, None
-        if use_dora and "magnitude" not in roles:
-            raise AdapterError(f"module {module!r}: use_dora is set but lora_magnitude_vector is missing", path=path)
-        if lora_bias and "bias" not in roles:
-            raise AdapterError(f"module {module!r}: lora_bias is set but lora_B.bias is missing", path=path)
         modules[module] = ModuleEntry(
             kind=kind,
-            rank=rank,
-            alpha=alpha,
-            in_features=a[1],
-            out_features=b[0],
+            rank=resolve_pattern(rank_pattern, module, r),
+            alpha=resolve_pattern(alpha_pattern, module, lora_alpha),
+            in_features=a[1] if len(a) > 1 else 0,  # 0: unknown, A is missing or malformed (a problem)
+            out_features=b[0] if len(b) > 0 else 0,
             base_tensor=f"{module}.weight",
+            # PEFT applies fan_in_fan_out to (Conv1D-)linear layers only; convert --base corrects it per layer
             fan_in_fan_out=fan_in_fan_out and kind == spec.KIND_LINEAR,
             kernel_size=kernel,
         )
     if not modules:
-        raise AdapterError("no LoRA tensors (lora_A/lora_B) found", path=path)
+        raise AdapterError("no LoRA tensors (lora_A/lora_B or lora_embedding_A/B) found", path=path)
+    task = config.get("task_type")
+    base_id = config.get("base_model_name_or_path")
+    revision = config.get("revision")
     return AdapterMetadata(
         modules=modules,
         scaling=spec.SCALING_RSLORA if use_rslora else spec.SCALING_STANDARD,
@@ -144,40 +180,50 @@ def metadata_from_peft(
         lora_bias=lora_bias,
         modules_to_save=list(modules_to_save),
         saved_tensors=saved,
-        name=name,
-        task=config.get("task_type") if isinstance(config.get("task_type"), str) else None,
+        name=name or "adapter",
+        task=task if isinstance(task, str) else None,
         created_by={"tool": "peft", "version": str(config.get("peft_version") or "unknown")},
         base_model=BaseModel(
-            id=config.get("base_model_name_or_path") if isinstance(config.get("base_model_name_or_path"), str)
-            else None,
-            revision=config.get("revision") if isinstance(config.get("revision"), str) else None,
+            id=base_id if isinstance(base_id, str) and base_id else None,
+            revision=revision if isinstance(revision, str) and revision else None,
         ),
         provenance=Provenance(method="convert", source_format="peft"),
     )
 
 
+# --- writing -------------------------------------------------------------------------------------------------
+
+
 def _anchored(module: str, others: list[str]) -> str:
-    """A pattern key that PEFT's ``(.*\\.)?(KEY)$`` matches for ``module`` alone."""
+    """A pattern key that PEFT's ``(.*\\.)?(KEY)$`` matches for ``module`` and no other module of ``others``."""
     key = re.escape(module)
     if any(o != module and re.match(rf"(.*\.)?({key})$", o) for o in others):
-        key = r"(?<!.)" + key  # forbid a dotted prefix: match the full path only
+        key = "^" + key  # nothing may precede: the full path only, no dotted prefix
     return key
 
 
+def _default(counter: Counter[Any]) -> Any:
+    """The most common value; ties go to the smallest so the choice does not depend on dict order."""
+    top = max(counter.values())
+    return min(v for v, n in counter.items() if n == top)
+
+
 def peft_config_from_metadata(meta: AdapterMetadata) -> dict[str, Any]:
-    """An adapter_config.json that makes PEFT rebuild exactly this module table."""
-    ranks = Counter(m.rank for m in meta.modules.values())
-    alphas = Counter(m.alpha for m in meta.modules.values())
-    r = ranks.most_common(1)[0][0]
-    alpha = alphas.most_common(1)[0][0]
+    """An adapter_config.json that makes PEFT rebuild exactly this module table.
+
+    target_modules lists full module paths (PEFT matches a list entry exactly or as a dotted suffix; a full
+    path only matches itself). Keys newer than PEFT 0.7 (use_dora, lora_bias) are written only when set, so
+    the config also loads in older PEFT, which raises on keys it does not know.
+    """
     names = sorted(meta.modules)
-    rank_pattern = {_anchored(n, names): m.rank for n, m in sorted(meta.modules.items()) if m.rank != r}
-    alpha_pattern = {
-        _anchored(n, names): _num(m.alpha) for n, m in sorted(meta.modules.items()) if m.alpha != alpha
-    }
-    return {
+    r = _default(Counter(m.rank for m in meta.modules.values()))
+    alpha = _default(Counter(m.alpha for m in meta.modules.values()))
+    rank_pattern = {_anchored(n, names): meta.modules[n].rank for n in names if meta.modules[n].rank != r}
+    alpha_pattern = {_anchored(n, names): _num(meta.modules[n].alpha) for n in names
+                     if meta.modules[n].alpha != alpha}
+    config: dict[str, Any] = {
         "peft_type": "LORA",
-        "task_type": meta.task if meta.task in _PEFT_TASKS else None,
+        "task_type": meta.task if meta.task in PEFT_TASKS else None,
         "base_model_name_or_path": meta.base_model.id,
         "revision": meta.base_model.revision,
         "r": r,
@@ -186,20 +232,24 @@ def peft_config_from_metadata(meta: AdapterMetadata) -> dict[str, Any]:
         "alpha_pattern": alpha_pattern,
         "target_modules": names,
         "use_rslora": meta.scaling == spec.SCALING_RSLORA,
-        "use_dora": meta.dora,
+        # PEFT corrects this per layer anyway (True for GPT-2 Conv1D, False for nn.Linear)
         "fan_in_fan_out": any(m.fan_in_fan_out for m in meta.modules.values()),
         "bias": meta.bias,
-        "lora_bias": meta.lora_bias,
         "modules_to_save": list(meta.modules_to_save) or None,
         "lora_dropout": 0.0,
         "inference_mode": True,
         "init_lora_weights": True,
-        "layers_to_transform": None,
-        "layers_pattern": None,
     }
+    if meta.dora:
+        config["use_dora"] = True
+    if meta.lora_bias:
+        config["lora_bias"] = True
+    return config
 
 
-_PEFT_TASKS = {"CAUSAL_LM", "SEQ_CLS", "SEQ_2_SEQ_LM", "TOKEN_CLS", "QUESTION_ANS", "FEATURE_EXTRACTION"}
+#: PEFT TaskType values (a loraformat task outside these is free text and not passed to PEFT)
+PEFT_TASKS = frozenset({"CAUSAL_LM", "SEQ_CLS", "SEQ_2_SEQ_LM", "TOKEN_CLS", "QUESTION_ANS", "FEATURE_EXTRACTION"})
+_PEFT_TASKS = PEFT_TASKS  # backwards-compatible alias
 
 
 def _num(x: float) -> float | int:

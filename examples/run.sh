@@ -1,0 +1,32 @@
+#!/usr/bin/env bash
+# The main job end to end on the bundled example, on a machine with no network but the package registries:
+# build a small base and two PEFT adapters, convert and stamp them, validate, inspect, merge, compose,
+# rescale, then push and pull through the embedded local hub.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+export PIP_DISABLE_PIP_VERSION_CHECK=1 PIP_ROOT_USER_ACTION=ignore
+python3 -m pip install -q torch==2.13.0          # the CPU build first; an unpinned torch pulls CUDA
+python3 -m pip install -q -e ".[test]"           # transformers and peft build the example inputs
+out=examples/out
+rm -rf "$out" && mkdir -p "$out"
+export LORAFORMAT_HUB="$PWD/$out/hub" LORAFORMAT_CACHE="$PWD/$out/cache" HF_HUB_OFFLINE=1
+step() { printf '\n\033[1m$ %s\033[0m\n' "$*"; "$@"; }
+
+step python3 examples/build_example.py "$out"
+step loraformat convert "$out/peft-summarise" -o "$out/summarise.safetensors" --base "$out/base" \
+     --base-id example/tiny-llama --name summarise --license apache-2.0
+step loraformat convert "$out/peft-translate" -o "$out/translate.safetensors" --base "$out/base" \
+     --base-id example/tiny-llama --name translate
+step loraformat validate "$out/summarise.safetensors" "$out/translate.safetensors" --base "$out/base"
+step loraformat inspect "$out/summarise.safetensors"
+step loraformat hash "$out/base"
+step loraformat merge "$out/base" "$out/summarise.safetensors" -o "$out/merged"
+step loraformat compose "$out/summarise.safetensors" "$out/translate.safetensors" -o "$out/mix.safetensors" \
+     --method svd --weights 0.7,0.3 --rank 16
+step loraformat rescale "$out/mix.safetensors" -o "$out/mix-r8.safetensors" --rank 8
+step loraformat push "$out/summarise.safetensors" example/summarise --tag v1
+step loraformat pull example/summarise -o "$out/pulled" --revision v1
+step loraformat list
+step loraformat validate "$out/pulled" --base "$out/base" --strict
+step python3 examples/check_example.py "$out"
+printf '\nexample finished: outputs in %s\n' "$out"

@@ -1,0 +1,269 @@
+"""``loraformat merge``: stream one or more LoRA adapters into a base checkpoint, at about the speed of copying it.
+
+W' = W + sum_i w_i * s_i * B_i A_i per module (PEFT's merge_and_unload semantics: fan_in_fan_out, embeddings,
+conv, DoRA, lora_bias, modules_to_save), computed in fp32 and rounded once; untouched tensors are copied as raw
+bytes. Every input is checked from headers before any data is read (plan.py); targets are verified against the
+adapters' recorded digests while they stream (engine.py); the output directory appears atomically.
+
+The module is callable (``loraformat.merge(...)``) because ``import loraformat.merge`` binds this module, not the
+function, as the ``merge`` attribute of the package.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import math
+import os
+import resource
+import shutil
+import sys
+import threading
+import time
+import types
+import warnings
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from loraformat.adapter import Adapter, open_adapter
+from loraformat.errors import UsageError, WriteError
+from loraformat.io.atomic import atomic_dir, check_output, write_error
+from loraformat.io.checkpoint import INDEX_NAME, open_checkpoint
+from loraformat.merge.engine import Pipeline, Progress
+from loraformat.merge.plan import Plan, build_plan, check_paths, resolve_dtype
+
+__all__ = ["MergeResult", "merge", "resolve_device"]
+
+_GPU_NODES = ("/dev/nvidiactl", "/dev/nvidia0", "/dev/dxg", "/dev/kfd")
+
+
+@dataclass
+class MergeResult:
+    output: str
+    device: str
+    dtype: str
+    adapters: list[dict[str, Any]]
+    shards: list[str]
+    tensors: int
+    tensors_merged: int  # received at least one LoRA delta (or lora_bias)
+    tensors_replaced: int  # replaced by an adapter's saved tensor (modules_to_save, bias)
+    tensors_converted: int  # only converted to --dtype
+    tensors_copied: int  # copied as raw bytes
+    bytes_read: int
+    bytes_written: int
+    seconds: float
+    gb_per_s: float
+    peak_rss_bytes: int
+    peak_gpu_bytes: int
+    verified: dict[str, Any] = field(default_factory=dict)
+    warnings: list[str] = field(default_factory=list)
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def _import_torch_in_background() -> None:
+    """Importing torch takes 1-2 s of one core; start it now so that it overlaps opening and checking the
+    inputs and the first copies. The merge's own ``import torch`` waits for this one to finish."""
+    if "torch" in sys.modules:
+        return
+    threading.Thread(target=_import_torch, name="loraformat-import-torch", daemon=True).start()
+
+
+def _import_torch() -> None:
+    try:
+        importlib.import_module("torch")
+    except Exception:  # the merge's own import reports it
+        pass
+
+
+def _gpu_may_exist() -> bool:
+    """False only when no GPU device node exists, so that CPU-only machines never wait for torch to import
+    before the I/O starts."""
+    return any(os.path.exists(p) for p in _GPU_NODES)
+
+
+def resolve_device(device: str) -> str:
+    """'auto' -> 'cuda' when CUDA is usable, else 'cpu'; 'cuda' / 'cuda:N' checked; anything else refused."""
+    d = device.strip().lower()
+    if d == "cpu":
+        return "cpu"
+    if d == "auto":
+        if not _gpu_may_exist():
+            return "cpu"
+        import torch
+
+        return f"cuda:{torch.cuda.current_device()}" if torch.cuda.is_available() else "cpu"
+    if d == "cuda" or d.startswith("cuda:"):
+        import torch
+
+        if not torch.cuda.is_available():
+            raise UsageError(f"--device {device}: CUDA is not available on this machine (use --device cpu)")
+        if d != "cuda":
+            try:
+                n = int(d.split(":", 1)[1])
+            except ValueError:
+                raise UsageError(f"--device {device}: expected cuda:N") from None
+            if not 0 <= n < torch.cuda.device_count():
+                raise UsageError(f"--device {device}: only {torch.cuda.device_count()} CUDA device(s)")
+            return d
+        return f"cuda:{torch.cuda.current_device()}"
+    raise UsageError(f"--device must be auto, cpu, cuda or cuda:N, not {device!r}")
+
+
+def _open_adapters(adapters: list[Any]) -> tuple[list[Adapter], list[Adapter]]:
+    opened, owned = [], []
+    for a in adapters:
+        if isinstance(a, Adapter):
+            opened.append(a)
+        else:
+            adapter = open_adapter(a)
+            opened.append(adapter)
+            owned.append(adapter)
+    return opened, owned
+
+
+def _weights(weights: list[float] | None, n: int) -> list[float]:
+    if weights is None:
+        return [1.0] * n
+    ws = [float(w) for w in weights]
+    if len(ws) != n:
+        raise UsageError(f"got {len(ws)} weight(s) for {n} adapter(s); give one --weight per adapter or none")
+    if not all(math.isfinite(w) for w in ws):
+        raise UsageError("weights must be finite numbers")
+    return ws
+
+
+def _check_space(plan: Plan, out: Path) -> None:
+    need = plan.total_bytes + sum((plan.ck.root / f).stat().st_size for f in plan.aux_files)
+    try:
+        free = shutil.disk_usage(out.resolve().parent).free
+    except OSError:
+        return
+    if need > free:
+        raise WriteError(f"needs {need / 1e9:.2f} GB but only {free / 1e9:.2f} GB is free; nothing was written",
+                         path=out)
+
+
+def _write_extras(plan: Plan, tmp: Path) -> int:
+    """The index (when sharded) and every non-weight file of the base; config.json's dtype follows --dtype."""
+    written = 0
+    if plan.index is not None:
+        data = (json.dumps(plan.index, indent=2, sort_keys=True) + "\n").encode()
+        (tmp / INDEX_NAME).write_bytes(data)
+        written += len(data)
+    patch = plan.config_patch()
+    for rel in plan.aux_files:
+        src, dst = plan.ck.root / rel, tmp / rel
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        if rel == Path("config.json") and patch:
+            try:
+                config = json.loads(src.read_text("utf-8"))
+            except (OSError, ValueError):
+                config = None
+            if isinstance(config, dict):
+                for key, value in patch.items():
+                    if key in config:
+                        config[key] = value
+                data = (json.dumps(config, indent=2, sort_keys=True) + "\n").encode()
+                dst.write_bytes(data)
+                written += len(data)
+                continue
+        shutil.copyfile(src, dst)
+        written += dst.stat().st_size
+    return written
+
+
+def _peak_rss() -> int:
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return int(peak if sys.platform == "darwin" else peak * 1024)
+
+
+def merge(
+    base: str | os.PathLike[str],
+    adapters: list[str | os.PathLike[str] | Adapter],
+    out: str | os.PathLike[str],
+    *,
+    weights: list[float] | None = None,
+    device: str = "auto",
+    dtype: str = "keep",
+    max_shard_size: int | str | None = None,
+    verify: bool = True,
+    overwrite: bool = False,
+    progress: Progress | None = None,
+) -> MergeResult:
+    """Merge ``adapters`` (paths or opened Adapters) into ``base`` and write a loadable model directory to ``out``.
+
+    ``progress(bytes, tensors)`` receives increments as the output is written. Raises a LoraformatError subclass
+    for every refusal (exit codes in loraformat.errors); nothing is ever left under ``out`` on failure.
+    """
+    t0 = time.perf_counter()
+    _import_torch_in_background()
+    out = Path(out)
+    if not adapters:
+        raise UsageError("give at least one adapter to merge")
+    ws = _weights(weights, len(adapters))
+    out_dtype = resolve_dtype(dtype)
+    opened, owned = _open_adapters(list(adapters))
+    try:
+        ck = open_checkpoint(base)
+        check_paths(ck, opened, out)
+        check_output(out, overwrite=overwrite)
+        dev = resolve_device(device)
+        plan = build_plan(ck, opened, ws, out_dtype=out_dtype, max_shard_size=max_shard_size, verify=verify)
+        notes = []
+        if not verify:
+            notes.append("--no-verify: base tensors were not checked against the adapters' recorded digests")
+            warnings.warn(notes[-1], stacklevel=2)
+        _check_space(plan, out)
+        with atomic_dir(out, overwrite=overwrite) as tmp:
+            pipeline = Pipeline(plan, tmp, out, dev, progress)
+            stats = pipeline.run()
+            try:
+                stats.bytes_written += _write_extras(plan, tmp)
+            except OSError as exc:
+                raise write_error(exc, out) from None
+        seconds = time.perf_counter() - t0
+    finally:
+        for a in owned:
+            a.close()
+    actions = [t.action for t in plan.tasks]
+    return MergeResult(
+        output=str(out),
+        device=dev,
+        dtype=dtype,
+        adapters=[{"path": a.path, "name": a.meta.name, "weight": w, "modules": len(a.meta.modules),
+                   "content_hash": a.meta.content_hash, "source_format": a.source_format}
+                  for a, w in zip(opened, ws, strict=True)],
+        shards=[s.name for s in plan.shards],
+        tensors=len(plan.tasks),
+        tensors_merged=sum(1 for t in plan.tasks if t.terms),
+        tensors_replaced=sum(1 for t in plan.tasks if t.replacement is not None),
+        tensors_converted=sum(1 for t, a in zip(plan.tasks, actions, strict=True)
+                              if a == "compute" and not t.terms and t.replacement is None),
+        tensors_copied=sum(1 for a in actions if a in ("copy", "copy-replacement")),
+        bytes_read=stats.bytes_read,
+        bytes_written=stats.bytes_written,
+        seconds=round(seconds, 4),
+        gb_per_s=round(stats.bytes_written / seconds / 1e9, 4) if seconds > 0 else 0.0,
+        peak_rss_bytes=_peak_rss(),
+        peak_gpu_bytes=stats.peak_gpu_bytes,
+        verified={
+            "enabled": verify,
+            "tensors": stats.tensors_verified,
+            "bytes_hashed": stats.bytes_hashed,
+            "adapters_without_digests": plan.unverified_adapters,
+            "structure_hash_checked": [lbl for lbl, m in zip(plan.labels, plan.metas, strict=True)
+                                       if m.base_model.structure_hash],
+        },
+        warnings=notes,
+    )
+
+
+class _CallableModule(types.ModuleType):
+    def __call__(self, *args: Any, **kwargs: Any) -> MergeResult:
+        return merge(*args, **kwargs)
+
+
+sys.modules[__name__].__class__ = _CallableModule

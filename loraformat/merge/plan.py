@@ -1,0 +1,342 @@
+"""Plan a merge from headers alone: check every input, then decide for each base tensor what happens to it and
+where its bytes go in the output. No tensor data is read and torch is not imported here, so every refusal
+(missing target, wrong shape, structure hash, dtype, conflicting adapters) comes before any work is done.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from loraformat import __version__, spec
+from loraformat.adapter import Adapter
+from loraformat.base import base_problems, infer_fan_in_fan_out
+from loraformat.errors import BaseMismatchError, UnsupportedDtypeError, UsageError
+from loraformat.io.checkpoint import INDEX_NAME, Checkpoint
+from loraformat.io.header import DTYPE_BITS, FLOAT_DTYPES, TensorInfo, encode_header
+from loraformat.io.tensors import SafetensorsSource
+from loraformat.metadata import AdapterMetadata
+
+#: --dtype choices -> safetensors dtype (None: keep each tensor's dtype)
+DTYPES: dict[str, str | None] = {"keep": None, "bf16": "BF16", "fp16": "F16", "fp32": "F32",
+                                 "bfloat16": "BF16", "float16": "F16", "float32": "F32"}
+#: safetensors dtype -> the name transformers writes into config.json
+_CONFIG_DTYPE = {"BF16": "bfloat16", "F16": "float16", "F32": "float32"}
+
+
+@dataclass(frozen=True)
+class Bytes:
+    """Where a tensor's raw bytes lie in a file."""
+
+    path: str
+    start: int
+    nbytes: int
+    dtype: str
+
+
+@dataclass(frozen=True)
+class TermSpec:
+    """One adapter's contribution to one base tensor; the tensors are loaded when the tensor is merged."""
+
+    adapter: int
+    module: str
+    kind: str  # linear | embedding | conv | bias (lora_bias)
+    a_key: str | None
+    b_key: str
+    scale: float  # s * weight
+    fan_in_fan_out: bool = False
+    magnitude_key: str | None = None
+
+
+@dataclass
+class TensorTask:
+    """One output tensor."""
+
+    name: str
+    shape: tuple[int, ...]
+    src_dtype: str  # dtype of the bytes the merge starts from (the base, or the replacement)
+    out_dtype: str
+    base: Bytes
+    replacement: tuple[int, str] | None = None  # (adapter index, tensor key) of a saved tensor replacing it
+    replacement_bytes: Bytes | None = None  # its bytes in the adapter file (None: in memory only)
+    terms: list[TermSpec] = field(default_factory=list)
+    digests: list[tuple[str, str]] = field(default_factory=list)  # (expected hex digest, adapter label)
+    shard: int = 0  # index into Plan.shards
+    offset: int = 0  # absolute offset in the output shard
+
+    @property
+    def out_nbytes(self) -> int:
+        return math.prod(self.shape) * DTYPE_BITS[self.out_dtype] // 8
+
+    @property
+    def whole(self) -> bool:
+        """Must be merged in one block: DoRA with per-column channels (Conv1D, embedding) needs column norms
+        over every row (mirrors loraformat.ops.delta.channel_axis, without importing torch)."""
+        return any(t.magnitude_key is not None and (t.kind == "embedding" or (t.kind == "linear" and t.fan_in_fan_out))
+                   for t in self.terms)
+
+    @property
+    def action(self) -> str:
+        """copy: raw bytes of the base; copy-replacement: raw bytes of a saved tensor; compute: decode + merge."""
+        if self.terms or self.src_dtype != self.out_dtype:
+            return "compute"
+        if self.replacement is not None:
+            return "copy-replacement" if self.replacement_bytes is not None else "compute"
+        return "copy"
+
+
+@dataclass
+class OutShard:
+    name: str
+    header: bytes
+    size: int  # total file size
+    tensors: list[str]
+    metadata: dict[str, str]
+
+
+@dataclass
+class CopyRun:
+    """A byte range copied verbatim (coalesced over neighbouring untouched tensors)."""
+
+    src: str
+    src_offset: int
+    shard: int
+    dst_offset: int
+    nbytes: int
+
+
+@dataclass
+class Plan:
+    ck: Checkpoint
+    adapters: list[Adapter]
+    metas: list[AdapterMetadata]  # per adapter, fan_in_fan_out inferred against this base
+    weights: list[float]
+    labels: list[str]
+    tasks: list[TensorTask]
+    shards: list[OutShard]
+    copy_runs: list[CopyRun]
+    index: dict[str, Any] | None  # the output index.json, when sharded
+    aux_files: list[Path]
+    out_dtype: str | None
+    verify: bool
+    unverified_adapters: list[str]
+
+    @property
+    def data_bytes(self) -> int:
+        return sum(t.out_nbytes for t in self.tasks)
+
+    @property
+    def total_bytes(self) -> int:
+        return sum(s.size for s in self.shards)
+
+    def config_patch(self) -> dict[str, str]:
+        """config.json keys to rewrite when --dtype changed the weights' dtype."""
+        if self.out_dtype is None:
+            return {}
+        return {"torch_dtype": _CONFIG_DTYPE[self.out_dtype], "dtype": _CONFIG_DTYPE[self.out_dtype]}
+
+
+def resolve_dtype(dtype: str) -> str | None:
+    key = dtype.lower()
+    if key not in DTYPES:
+        raise UsageError(f"--dtype must be one of keep, bf16, fp16, fp32, not {dtype!r}")
+    return DTYPES[key]
+
+
+def check_paths(ck: Checkpoint, adapters: list[Adapter], out: Path) -> None:
+    """Inputs are never written: OUT may not be an input, contain one (--overwrite would delete it), or lie
+    inside an input directory."""
+    out_r = out.resolve()
+    inputs = [ck.root if ck.path.is_dir() else ck.path, *(Path(s.path) for s in ck.shards),
+              *(Path(a.path) for a in adapters)]
+    for inp in inputs:
+        inp = inp.resolve()
+        if out_r == inp or inp.is_relative_to(out_r) or (inp.is_dir() and out_r.is_relative_to(inp)):
+            raise UsageError(f"output would overwrite, contain or sit inside the input {inp}; inputs are never "
+                             "modified", path=out)
+
+
+def _base_order(ck: Checkpoint) -> list[tuple[str, TensorInfo, str]]:
+    order = []
+    for shard in ck.shards:
+        for info in sorted(shard.tensors.values(), key=lambda i: i.start):
+            order.append((info.name, info, shard.path))
+    return order
+
+
+def _terms_for(index: int, adapter: Adapter, meta: AdapterMetadata, weight: float,
+               ck: Checkpoint) -> dict[str, list[TermSpec]]:
+    out: dict[str, list[TermSpec]] = {}
+    for module, entry in sorted(meta.modules.items()):
+        keys = adapter.keys(module)
+        s = spec.scale_for(meta.scaling, entry.rank, entry.alpha) * weight
+        out.setdefault(entry.base_tensor, []).append(TermSpec(
+            adapter=index, module=module, kind=entry.kind, a_key=keys.A, b_key=keys.B, scale=s,
+            fan_in_fan_out=entry.fan_in_fan_out, magnitude_key=keys.magnitude))
+        if keys.bias is not None:
+            bias_name = entry.base_tensor[: -len(".weight")] + ".bias" if entry.base_tensor.endswith(".weight") \
+                else entry.base_tensor + ".bias"
+            info = ck.info(bias_name)
+            if info is None or info.shape != (entry.out_features,):
+                found = "missing" if info is None else f"{list(info.shape)}"
+                raise BaseMismatchError(f"{module}: lora_bias needs a base bias {bias_name!r} of shape "
+                                        f"[{entry.out_features}] ({found})", path=adapter.path)
+            out.setdefault(bias_name, []).append(TermSpec(
+                adapter=index, module=module, kind="bias", a_key=None, b_key=keys.bias, scale=s))
+    return out
+
+
+def _label(adapter: Adapter, i: int) -> str:
+    return f"#{i + 1} {adapter.path}"
+
+
+def build_plan(
+    ck: Checkpoint,
+    adapters: list[Adapter],
+    weights: list[float],
+    *,
+    out_dtype: str | None,
+    max_shard_size: int | str | None,
+    verify: bool,
+) -> Plan:
+    labels = [_label(a, i) for i, a in enumerate(adapters)]
+    metas: list[AdapterMetadata] = []
+    terms: dict[str, list[TermSpec]] = {}
+    replacements: dict[str, tuple[int, str]] = {}
+    digests: dict[str, list[tuple[str, str]]] = {}
+    unverified: list[str] = []
+    for i, (adapter, w) in enumerate(zip(adapters, weights, strict=True)):
+        meta = copy.deepcopy(adapter.meta)
+        infer_fan_in_fan_out(meta, ck)
+        problems = base_problems(meta, ck)
+        if problems:
+            _, where, message = problems[0]
+            more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
+            raise BaseMismatchError(f"{where}: {message}{more}", path=adapter.path)
+        if meta.dora and w != 1.0:
+            raise UsageError(f"adapter {labels[i]} uses DoRA, whose magnitude vector cannot be weighted "
+                             f"(weight {w:g}); merge it with weight 1")
+        metas.append(meta)
+        for name, specs in _terms_for(i, adapter, meta, w, ck).items():
+            terms.setdefault(name, []).extend(specs)
+        for key, base_name in sorted(meta.saved_tensors.items()):
+            if base_name in replacements:
+                other = replacements[base_name][0]
+                raise UsageError(f"adapters {labels[other]} and {labels[i]} both replace base tensor "
+                                 f"{base_name!r}; merge them one at a time")
+            info, rep = ck.info(base_name), adapter.source.infos[key]
+            assert info is not None  # base_problems checked it
+            if rep.shape != info.shape:
+                raise BaseMismatchError(f"{key}: saved tensor is {list(rep.shape)} but base tensor {base_name!r} "
+                                        f"is {list(info.shape)}", path=adapter.path)
+            replacements[base_name] = (i, key)
+        recorded = meta.base_model.target_digests
+        if verify:
+            if not recorded:
+                unverified.append(labels[i])
+            for name, hexdigest in sorted(recorded.items()):
+                if ck.info(name) is not None:
+                    digests.setdefault(name, []).append((hexdigest, labels[i]))
+
+    tasks: list[TensorTask] = []
+    for name, info, path in _base_order(ck):
+        rep = replacements.get(name)
+        src_dtype, rep_bytes = info.dtype, None
+        if rep is not None:
+            adapter = adapters[rep[0]]
+            rinfo = adapter.source.infos[rep[1]]
+            src_dtype = rinfo.dtype
+            if isinstance(adapter.source, SafetensorsSource):
+                rep_bytes = Bytes(adapter.source.path, rinfo.start, rinfo.nbytes, rinfo.dtype)
+        task_terms = terms.get(name, [])
+        out = info.dtype if out_dtype is None or info.dtype not in FLOAT_DTYPES else out_dtype
+        if task_terms or src_dtype != out:
+            for dt, what in ((info.dtype, "base tensor"), (src_dtype, "replacement for")):
+                if dt not in FLOAT_DTYPES:
+                    raise UnsupportedDtypeError(
+                        f"{what} {name!r} is {dt}: cannot merge into {dt} weights (quantized or integer "
+                        "checkpoints need dequantizing first); supported: BF16, F16, F32, F64", path=path)
+        tasks.append(TensorTask(name=name, shape=info.shape, src_dtype=src_dtype, out_dtype=out,
+                                base=Bytes(path, info.start, info.nbytes, info.dtype), replacement=rep,
+                                replacement_bytes=rep_bytes, terms=task_terms, digests=digests.get(name, [])))
+
+    shards, index = _layout(ck, tasks, max_shard_size, out_dtype, adapters, weights)
+    return Plan(ck=ck, adapters=adapters, metas=metas, weights=weights, labels=labels, tasks=tasks,
+                shards=shards, copy_runs=_copy_runs(tasks), index=index,
+                aux_files=list(ck.aux_files), out_dtype=out_dtype, verify=verify, unverified_adapters=unverified)
+
+
+def _merge_metadata(adapters: list[Adapter], weights: list[float]) -> str:
+    return json.dumps({
+        "tool": f"loraformat {__version__}",
+        "adapters": [{"name": a.meta.name, "content_hash": a.meta.content_hash, "weight": w}
+                     for a, w in zip(adapters, weights, strict=True)],
+    }, sort_keys=True, separators=(",", ":"))
+
+
+def _layout(ck: Checkpoint, tasks: list[TensorTask], max_shard_size: int | str | None, out_dtype: str | None,
+            adapters: list[Adapter], weights: list[float]) -> tuple[list[OutShard], dict[str, Any] | None]:
+    """Shard names and tensor placement: the base's own, or huggingface_hub's plan for --max-shard-size."""
+    by_name = {t.name: t for t in tasks}
+    if max_shard_size is None:
+        groups = [(Path(s.path).name, [n for n, _, p in _base_order(ck) if p == s.path], dict(s.metadata))
+                  for s in ck.shards]
+        sharded = ck.index is not None
+    else:
+        from huggingface_hub.serialization import split_state_dict_into_shards_factory
+
+        try:
+            split = split_state_dict_into_shards_factory(
+                {t.name: t for t in tasks}, get_storage_size=lambda t: t.out_nbytes,
+                filename_pattern="model{suffix}.safetensors", max_shard_size=max_shard_size)
+        except ValueError as exc:
+            raise UsageError(f"--max-shard-size: {exc}") from None
+        meta0 = dict(ck.shards[0].metadata) if ck.shards else {}
+        groups = [(fname, names, dict(meta0)) for fname, names in split.filename_to_tensors.items()]
+        sharded = split.is_sharded
+    merged_from = _merge_metadata(adapters, weights)
+    shards: list[OutShard] = []
+    for shard_index, (fname, names, metadata) in enumerate(groups):
+        if out_dtype is not None:  # keep tensors aligned after a dtype change: wider dtypes first, as safetensors
+            position = {n: k for k, n in enumerate(names)}
+            names = sorted(names, key=lambda n: (-DTYPE_BITS[by_name[n].out_dtype], position[n]))
+        metadata[spec.FORMAT_KEY] = spec.FORMAT_VALUE
+        metadata["loraformat.merge"] = merged_from
+        header, offsets = encode_header([(n, by_name[n].out_dtype, by_name[n].shape) for n in names], metadata)
+        for n, (begin, _end) in zip(names, offsets, strict=True):
+            by_name[n].shard, by_name[n].offset = shard_index, len(header) + begin
+        size = len(header) + (offsets[-1][1] if offsets else 0)
+        shards.append(OutShard(fname, header, size, names, metadata))
+    index = None
+    if sharded:
+        extra = dict((ck.index or {}).get("metadata") or {})
+        extra["total_size"] = sum(t.out_nbytes for t in tasks)
+        index = {"metadata": extra,
+                 "weight_map": {n: shards[by_name[n].shard].name for n in sorted(by_name)}}
+    names_seen = [s.name for s in shards]
+    if len(set(names_seen)) != len(names_seen) or INDEX_NAME in names_seen:
+        raise UsageError("the output shard names collide")  # pragma: no cover - defensive
+    return shards, index
+
+
+def _copy_runs(tasks: list[TensorTask]) -> list[CopyRun]:
+    runs: list[CopyRun] = []
+    for t in tasks:
+        action = t.action
+        if action == "compute":
+            continue
+        src = t.base if action == "copy" else t.replacement_bytes
+        assert src is not None
+        if src.nbytes == 0:
+            continue
+        last = runs[-1] if runs else None
+        if (last is not None and last.src == src.path and last.shard == t.shard
+                and last.src_offset + last.nbytes == src.start and last.dst_offset + last.nbytes == t.offset):
+            last.nbytes += src.nbytes
+        else:
+            runs.append(CopyRun(src.path, src.start, t.shard, t.offset, src.nbytes))
+    return runs
