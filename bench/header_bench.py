@@ -33,7 +33,7 @@ def build_adapter(folder: Path, layers: int = 22, hidden: int = 2048, inter: int
     import torch
     from safetensors.torch import save_file
 
-    from loraformat.convert import convert
+    from loraformat.conversion import convert
 
     shapes = {"self_attn.q_proj": (hidden, hidden), "self_attn.k_proj": (kv, hidden),
               "self_attn.v_proj": (kv, hidden), "self_attn.o_proj": (hidden, hidden),

@@ -46,7 +46,7 @@ def build_adapter(folder: Path, rank: int, layers: int = 22, hidden: int = 2048,
     import torch
     from safetensors.torch import save_file
 
-    from loraformat.convert import convert
+    from loraformat.conversion import convert
 
     shapes = {"self_attn.q_proj": (hidden, hidden), "self_attn.k_proj": (kv, hidden),
               "self_attn.v_proj": (kv, hidden), "self_attn.o_proj": (hidden, hidden),

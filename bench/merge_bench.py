@@ -175,7 +175,7 @@ def build_adapters(size: str, base: Path, root: Path) -> tuple[Path, Path]:
         (tmp / "adapter_config.json").write_text(json.dumps(config, indent=2))
         os.replace(tmp, peft_dir)
     if not native.exists():
-        from loraformat.convert import convert
+        from loraformat.conversion import convert
 
         convert(peft_dir, native, base=base)
     return peft_dir, native

@@ -15,14 +15,14 @@ _LAZY = {
     "open_adapter": "loraformat.adapter",
     "AdapterMetadata": "loraformat.metadata",
     "ModuleEntry": "loraformat.metadata",
-    "validate": "loraformat.validate",
-    "inspect": "loraformat.inspect",
-    "convert": "loraformat.convert",
+    "validate": "loraformat.validation",
+    "inspect": "loraformat.inspection",
+    "convert": "loraformat.conversion",
     "hash_base": "loraformat.hashing",
-    "merge": "loraformat.merge",
-    "compose": "loraformat.compose",
-    "rescale": "loraformat.compose",
-    "spectrum": "loraformat.compose",
+    "merge": "loraformat.merging",
+    "compose": "loraformat.composition",
+    "rescale": "loraformat.composition",
+    "spectrum": "loraformat.composition",
     "push": "loraformat.hub",
     "pull": "loraformat.hub",
 }
@@ -34,4 +34,6 @@ def __getattr__(name: str) -> Any:
     module = _LAZY.get(name)
     if module is None:
         raise AttributeError(f"module 'loraformat' has no attribute {name!r}")
-    return getattr(importlib.import_module(module), name)
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value  # resolve once; implementation modules have other names, so nothing shadows it
+    return value

@@ -12,7 +12,7 @@ from typing import Any
 
 import torch
 
-from loraformat.convert import convert
+from loraformat.conversion import convert
 from tests.fixtures import load_base
 
 PREFIX = "base_model.model."

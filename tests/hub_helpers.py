@@ -64,7 +64,7 @@ def closed_port_url() -> str:
 
 
 def make_native(peft_dir: Path, out: Path, base: Path | None = None, **kwargs: Any) -> Path:
-    from loraformat.convert import convert
+    from loraformat.conversion import convert
 
     convert(peft_dir, out, base=base, **kwargs)
     return out
@@ -76,7 +76,7 @@ def make_nan_adapter(native: Path, out: Path) -> Path:
     import torch
 
     from loraformat.adapter import open_adapter
-    from loraformat.convert import adapter_tensors
+    from loraformat.conversion import adapter_tensors
     from loraformat.io.native import write_native
 
     with open_adapter(native) as adapter:

@@ -13,7 +13,7 @@ from safetensors.torch import load_file, save_file
 
 from loraformat import spec
 from loraformat.adapter import PEFT_CONFIG, PEFT_WEIGHTS, expected_shapes, open_adapter
-from loraformat.convert import adapter_tensors, convert
+from loraformat.conversion import adapter_tensors, convert
 from loraformat.errors import AdapterError, InputNotFoundError, SchemaError, UnsupportedVersionError
 from loraformat.io.native import write_native
 

@@ -11,7 +11,7 @@ import torch
 
 from loraformat.adapter import open_adapter
 from loraformat.cli.main import main
-from loraformat.convert import convert
+from loraformat.conversion import convert
 from tests.compose_helpers import listing
 
 

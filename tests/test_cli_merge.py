@@ -16,15 +16,15 @@ import pytest
 import torch
 
 from loraformat.cli.main import main
-from loraformat.convert import convert
+from loraformat.conversion import convert
 from loraformat.io.checkpoint import open_checkpoint
 from tests.merge_helpers import load_dir
 
 #: runs the CLI with every block written slowly, so that a signal surely lands mid-merge (test-only wrapper)
 SLOW_CLI = """
 import sys, time
-import loraformat.merge.engine as engine
-import loraformat.merge.files as files
+import loraformat.merging.engine as engine
+import loraformat.merging.files as files
 engine.BLOCK_BYTES = 2048
 _write = files.pwrite_all
 def slow(fd, mem, offset):

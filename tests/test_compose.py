@@ -12,8 +12,8 @@ import torch
 from safetensors.torch import load_file
 
 from loraformat.adapter import open_adapter
-from loraformat.compose import compose, rescale, spectrum
-from loraformat.convert import convert
+from loraformat.composition import compose, rescale, spectrum
+from loraformat.conversion import convert
 from loraformat.errors import ComposeError, UsageError
 from tests.compose_helpers import as_peft_dir, listing, peft_deltas, rel_err, weighted_sum
 from tests.fixtures import LLAMA_TARGETS, load_base, make_llama_base, make_peft_adapter

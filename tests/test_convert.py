@@ -17,7 +17,7 @@ from loraformat import spec
 from loraformat.adapter import PEFT_CONFIG, PEFT_WEIGHTS, open_adapter
 from loraformat.base import target_tensors
 from loraformat.cli.main import cli
-from loraformat.convert import convert
+from loraformat.conversion import convert
 from loraformat.errors import BaseMismatchError, OutputExistsError, UsageError
 from loraformat.hashing import hash_base
 from loraformat.io.header import read_header

@@ -280,7 +280,7 @@ def test_concurrent_pushes_from_processes_leave_a_consistent_registry(native: Pa
                                                                       tmp_path: Path) -> None:
     """Six processes publish different adapters to the same branch at once: every revision complete, every
     ref valid, no update lost (the branch history holds all six, in some order)."""
-    from loraformat.convert import convert
+    from loraformat.conversion import convert
 
     adapters = []
     for i in range(6):

@@ -9,9 +9,9 @@ from pathlib import Path
 import pytest
 
 from loraformat.cli.main import main
-from loraformat.convert import convert
+from loraformat.conversion import convert
 from loraformat.errors import AdapterError
-from loraformat.inspect import format_text, inspect, reduction_text
+from loraformat.inspection import format_text, inspect, reduction_text
 from tests.spec_helpers import one_module_adapter, rewrite
 
 

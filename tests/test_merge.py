@@ -13,7 +13,7 @@ import torch
 
 import loraformat
 from loraformat.adapter import open_adapter
-from loraformat.convert import convert
+from loraformat.conversion import convert
 from loraformat.errors import (
     BaseMismatchError,
     HashMismatchError,
@@ -22,8 +22,8 @@ from loraformat.errors import (
     UsageError,
 )
 from loraformat.io.checkpoint import INDEX_NAME, open_checkpoint
-from loraformat.merge import engine
-from loraformat.merge import merge as merge_fn
+from loraformat.merging import engine
+from loraformat.merging import merge as merge_fn
 from tests.fixtures import PEFT_VARIANTS, make_peft_adapter
 from tests.merge_helpers import (
     assert_close_to,

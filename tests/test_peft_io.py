@@ -18,7 +18,7 @@ from peft.utils import load_peft_weights, set_peft_model_state_dict
 
 from loraformat.adapter import PEFT_CONFIG, PEFT_WEIGHTS, open_adapter
 from loraformat.cli.main import cli
-from loraformat.convert import convert
+from loraformat.conversion import convert
 from loraformat.errors import AdapterError, PickleRefusedError
 from loraformat.io.peft import metadata_from_peft, peft_config_from_metadata, resolve_pattern
 from loraformat.io.tensors import SafetensorsSource

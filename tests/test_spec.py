@@ -16,7 +16,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from loraformat import spec
-from loraformat.convert import convert
+from loraformat.conversion import convert
 from loraformat.hashing import content_hash_of, structure_hash_of, tensor_digest
 from loraformat.io.header import TensorInfo, read_header
 from loraformat.metadata import AdapterMetadata, BaseModel, ModuleEntry, Parent, Provenance
@@ -120,7 +120,7 @@ def test_converted_adapters_validate_against_the_schema(peft_adapters, base_of, 
 
 
 def test_worked_example_numbers(tmp_path: Path) -> None:
-    from loraformat.inspect import inspect
+    from loraformat.inspection import inspect
 
     d = inspect(one_module_adapter(tmp_path / "ex.safetensors", out_features=512, in_features=64, rank=8))
     assert d["parameters"]["summary"] == "4,608 vs 32,768: 86% fewer"
@@ -192,7 +192,7 @@ def test_import_and_header_commands_do_not_import_torch(peft_adapters, tmp_path:
                 "print('TORCH=' + str('torch' in sys.modules), file=sys.stderr)")
         assert not _torch_imported(code), args
     # the check can fail: the data level does import torch
-    code = ("import sys\nfrom loraformat.validate import validate\n"
+    code = ("import sys\nfrom loraformat.validation import validate\n"
             f"validate({str(native)!r}, level='data')\nprint('TORCH=' + str('torch' in sys.modules), file=sys.stderr)")
     assert _torch_imported(code)
 

@@ -11,9 +11,9 @@ import pytest
 
 from loraformat.adapter import PEFT_CONFIG, PEFT_PICKLE, PEFT_WEIGHTS
 from loraformat.cli.main import main
-from loraformat.convert import convert
+from loraformat.conversion import convert
 from loraformat.errors import InputNotFoundError, UsageError
-from loraformat.validate import ValidationReport, expand_paths, validate, validate_many
+from loraformat.validation import ValidationReport, expand_paths, validate, validate_many
 from tests.fixtures import make_llama_base
 from tests.spec_helpers import document, one_module_adapter, rewrite
 
@@ -368,7 +368,7 @@ def test_cli_help_has_an_example(capsys) -> None:
 def test_all_finite_bit_test_catches_nan_and_inf_in_16_bit_floats():
     import torch
 
-    from loraformat.validate import _all_finite
+    from loraformat.validation import _all_finite
 
     for dtype in (torch.bfloat16, torch.float16, torch.float32, torch.float64):
         t = torch.randn(64, 8).to(dtype)

@@ -40,7 +40,7 @@ def convert_cmd(src: str, dst: str, to: str, base: str | None, name: str | None,
       loraformat convert ./old-adapter -o adapter.safetensors --allow-pickle   # adapter_model.bin
       loraformat convert weights.safetensors --config adapter_config.json -o adapter.safetensors
     """
-    from loraformat.convert import convert
+    from loraformat.conversion import convert
     from loraformat.hub.resolve import resolve_adapter_arg
 
     src = resolve_adapter_arg(src)

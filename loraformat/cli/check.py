@@ -1,4 +1,4 @@
-"""``validate`` and ``inspect``: thin click layers over loraformat.validate and loraformat.inspect.
+"""``validate`` and ``inspect``: thin click layers over loraformat.validation and loraformat.inspection.
 
 Both stay header-only by default, so neither imports torch (validate imports it at --level data or base).
 """
@@ -40,7 +40,7 @@ def validate_cmd(paths: tuple[str, ...], base: str | None, level: str | None, st
       loraformat validate ./adapters/ --level data --strict --json
       loraformat validate adapter.safetensors --base ./base-model
     """
-    from loraformat.validate import summarize, validate_many
+    from loraformat.validation import summarize, validate_many
 
     resolved = [_resolve(p) for p in paths]
     reports = validate_many(resolved, base=base, level=level, config=config, allow_pickle=allow_pickle)
@@ -83,13 +83,13 @@ def inspect_cmd(path: str, as_json: bool, spectrum: bool, config: str | None, al
       loraformat inspect ./peft-adapter --json
       loraformat inspect adapter.safetensors --spectrum
     """
-    from loraformat.inspect import format_text, inspect
+    from loraformat.inspection import format_text, inspect
 
     local = _resolve(path)
     described = inspect(local, config=config, allow_pickle=allow_pickle)
     spec_result = None
     if spectrum:
-        from loraformat.compose import spectrum as compute_spectrum
+        from loraformat.composition import spectrum as compute_spectrum
 
         spec_result = compute_spectrum(local)
     if as_json:

@@ -1,4 +1,4 @@
-"""``compose`` and ``rescale``: thin click commands over loraformat.compose."""
+"""``compose`` and ``rescale``: thin click commands over loraformat.composition."""
 
 from __future__ import annotations
 
@@ -72,7 +72,7 @@ def compose_cmd(adapters: tuple[str, ...], out: str, method: str, weights: str |
       loraformat compose task.safetensors bias.safetensors -o clean.safetensors --method svd --weights 1,-1 --rank 16
       loraformat compose a/ b/ c/ -o abc.safetensors --method ties --density 0.5 --rank 16
     """
-    from loraformat.compose import compose
+    from loraformat.composition import compose
 
     paths = [_resolve(a) for a in adapters]
     w = _weights(weights)
@@ -119,7 +119,7 @@ def rescale_cmd(adapter: str, out: str, scale: float | None, alpha: float | None
       loraformat rescale ./peft-adapter -o small.safetensors --rank 8
       loraformat rescale adapter.safetensors -o lean.safetensors --rank auto:0.95 --json
     """
-    from loraformat.compose import rescale
+    from loraformat.composition import rescale
 
     with progress(None, "rescaling", unit="module") as update:
         result = rescale(_resolve(adapter), out, scale=scale, alpha=alpha, rank=rank, device=device,

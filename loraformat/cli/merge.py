@@ -1,4 +1,4 @@
-"""``loraformat merge``: a thin click layer over :func:`loraformat.merge.merge`."""
+"""``loraformat merge``: a thin click layer over :func:`loraformat.merging.merge`."""
 
 from __future__ import annotations
 
@@ -53,7 +53,7 @@ def merge_cmd(base: str, adapters: tuple[str, ...], out: str, weights: tuple[flo
       loraformat merge ./base a.safetensors b.safetensors --weight 0.7 --weight 0.3 -o ./blend --json
     """
     from loraformat.hub.resolve import resolve_adapter_arg
-    from loraformat.merge import merge
+    from loraformat.merging import merge
 
     if weights and len(weights) != len(adapters):
         raise UsageError(f"got {len(weights)} --weight for {len(adapters)} adapter(s); give one per adapter")

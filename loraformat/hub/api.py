@@ -84,7 +84,7 @@ class _Upload:
 
 def _validate(path: Path) -> list[str]:
     """Data-level validation (structure, schema, shapes, NaN/Inf, content hash); refuse on any error."""
-    from loraformat.validate import validate as run_validate
+    from loraformat.validation import validate as run_validate
 
     report = run_validate(path, level="data")
     if report.errors:
@@ -109,7 +109,7 @@ def _prepare(adapter: Path, tmp: Path, *, repo_id: str, ref: str, validate: bool
         weights = os.fspath(opened.source.path) if native else None
         meta = opened.meta
     if weights is None:
-        from loraformat.convert import convert
+        from loraformat.conversion import convert
 
         weights = os.fspath(tmp / WEIGHTS_FILE)
         convert(adapter, weights)

@@ -4,9 +4,6 @@ W' = W + sum_i w_i * s_i * B_i A_i per module (PEFT's merge_and_unload semantics
 conv, DoRA, lora_bias, modules_to_save), computed in fp32 and rounded once; untouched tensors are copied as raw
 bytes. Every input is checked from headers before any data is read (plan.py); targets are verified against the
 adapters' recorded digests while they stream (engine.py); the output directory appears atomically.
-
-The module is callable (``loraformat.merge(...)``) because ``import loraformat.merge`` binds this module, not the
-function, as the ``merge`` attribute of the package.
 """
 
 from __future__ import annotations
@@ -20,7 +17,6 @@ import shutil
 import sys
 import threading
 import time
-import types
 import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -30,8 +26,8 @@ from loraformat.adapter import Adapter, open_adapter
 from loraformat.errors import UsageError, WriteError
 from loraformat.io.atomic import atomic_dir, check_output, write_error
 from loraformat.io.checkpoint import INDEX_NAME, open_checkpoint
-from loraformat.merge.engine import Pipeline, Progress
-from loraformat.merge.plan import Plan, build_plan, check_paths, resolve_dtype
+from loraformat.merging.engine import Pipeline, Progress
+from loraformat.merging.plan import Plan, build_plan, check_paths, resolve_dtype
 
 __all__ = ["MergeResult", "merge", "resolve_device"]
 
@@ -259,11 +255,3 @@ def merge(
         },
         warnings=notes,
     )
-
-
-class _CallableModule(types.ModuleType):
-    def __call__(self, *args: Any, **kwargs: Any) -> MergeResult:
-        return merge(*args, **kwargs)
-
-
-sys.modules[__name__].__class__ = _CallableModule

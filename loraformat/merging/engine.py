@@ -27,8 +27,8 @@ from typing import Any
 from loraformat.errors import HashMismatchError
 from loraformat.hashing import start_tensor_digest
 from loraformat.io.header import DTYPE_BITS
-from loraformat.merge.files import Buffer, Outputs, Pool, Sources, Stop, get, pread_into, put
-from loraformat.merge.plan import Plan, TensorTask
+from loraformat.merging.files import Buffer, Outputs, Pool, Sources, Stop, get, pread_into, put
+from loraformat.merging.plan import Plan, TensorTask
 
 MiB = 1 << 20
 BLOCK_BYTES = 32 * MiB  # the unit of merge and write
