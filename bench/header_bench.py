@@ -11,7 +11,6 @@ modules, 308 tensors, like a TinyLlama adapter) from random tensors and converts
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import shutil
@@ -22,38 +21,11 @@ import tempfile
 import time
 from pathlib import Path
 
+from bench_common import build_tinyllama_adapter
+
 ROOT = Path(__file__).resolve().parent.parent
 DOCS = ROOT / "docs" / "benchmarks.md"
 SUBHEADING = "### validate and inspect"
-
-
-def build_adapter(folder: Path, layers: int = 22, hidden: int = 2048, inter: int = 5632, kv: int = 256,
-                  rank: int = 16) -> Path:
-    """A PEFT directory written with safetensors directly (no model needed), then converted to loraformat."""
-    import torch
-    from safetensors.torch import save_file
-
-    from loraformat.conversion import convert
-
-    shapes = {"self_attn.q_proj": (hidden, hidden), "self_attn.k_proj": (kv, hidden),
-              "self_attn.v_proj": (kv, hidden), "self_attn.o_proj": (hidden, hidden),
-              "mlp.gate_proj": (inter, hidden), "mlp.up_proj": (inter, hidden), "mlp.down_proj": (hidden, inter)}
-    tensors = {}
-    for layer in range(layers):
-        for name, (out, inp) in shapes.items():
-            key = f"base_model.model.model.layers.{layer}.{name}"
-            tensors[f"{key}.lora_A.weight"] = torch.randn(rank, inp, dtype=torch.bfloat16) * 0.01
-            tensors[f"{key}.lora_B.weight"] = torch.randn(out, rank, dtype=torch.bfloat16) * 0.01
-    peft_dir = folder / "peft"
-    peft_dir.mkdir()
-    save_file(tensors, str(peft_dir / "adapter_model.safetensors"), {"format": "pt"})
-    config = {"peft_type": "LORA", "r": rank, "lora_alpha": 2 * rank, "task_type": "CAUSAL_LM",
-              "target_modules": sorted({n.split(".")[-1] for n in shapes}), "base_model_name_or_path":
-              "TinyLlama/TinyLlama-1.1B-Chat-v1.0"}
-    (peft_dir / "adapter_config.json").write_text(json.dumps(config))
-    out = folder / "adapter.safetensors"
-    convert(peft_dir, out)
-    return out
 
 
 def time_command(args: list[str], runs: int) -> tuple[float, float]:
@@ -84,7 +56,7 @@ def main() -> None:
     ap.add_argument("--write-docs", action="store_true")
     opts = ap.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
-        adapter = opts.adapter or build_adapter(Path(tmp))
+        adapter = opts.adapter or build_tinyllama_adapter(Path(tmp))
         size = os.path.getsize(adapter)
         cli = entry_point()
         baseline = time_command([sys.executable, "-c", "pass"], opts.runs)

@@ -24,6 +24,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from bench_common import build_tinyllama_adapter
+
 ROOT = Path(__file__).resolve().parent.parent
 DOCS = ROOT / "docs" / "benchmarks.md"
 HEADING = "## Hub"
@@ -38,35 +40,6 @@ print(srv.url, flush=True)
 sys.stdin.read()
 srv.stop()
 """
-
-
-def build_adapter(folder: Path, rank: int, layers: int = 22, hidden: int = 2048, inter: int = 5632,
-                  kv: int = 256) -> Path:
-    """A TinyLlama-shaped PEFT adapter from random bf16 tensors, converted to loraformat (rank 64: ~100 MB)."""
-    import torch
-    from safetensors.torch import save_file
-
-    from loraformat.conversion import convert
-
-    shapes = {"self_attn.q_proj": (hidden, hidden), "self_attn.k_proj": (kv, hidden),
-              "self_attn.v_proj": (kv, hidden), "self_attn.o_proj": (hidden, hidden),
-              "mlp.gate_proj": (inter, hidden), "mlp.up_proj": (inter, hidden), "mlp.down_proj": (hidden, inter)}
-    tensors = {}
-    for layer in range(layers):
-        for name, (out, inp) in shapes.items():
-            key = f"base_model.model.model.layers.{layer}.{name}"
-            tensors[f"{key}.lora_A.weight"] = torch.randn(rank, inp, dtype=torch.bfloat16) * 0.01
-            tensors[f"{key}.lora_B.weight"] = torch.randn(out, rank, dtype=torch.bfloat16) * 0.01
-    peft_dir = folder / "peft"
-    peft_dir.mkdir()
-    save_file(tensors, str(peft_dir / "adapter_model.safetensors"), {"format": "pt"})
-    config = {"peft_type": "LORA", "r": rank, "lora_alpha": 2 * rank, "task_type": "CAUSAL_LM",
-              "target_modules": sorted({n.split(".")[-1] for n in shapes}),
-              "base_model_name_or_path": "TinyLlama/TinyLlama-1.1B-Chat-v1.0"}
-    (peft_dir / "adapter_config.json").write_text(json.dumps(config))
-    out = folder / "adapter.safetensors"
-    convert(peft_dir, out)
-    return out
 
 
 def stats(seconds: list[float], size: int | None = None) -> dict[str, float]:
@@ -165,8 +138,8 @@ def markdown(results: dict[str, dict[str, float]], size: int, small_size: int, r
         return f"| {name} | {r['best_s']:.3f} / {r['median_s']:.3f} s | {rate} | {target} |"
 
     lines = [
-        f"Machine: {platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}, shared with "
-        "other engineers running tests: figures are **best / median** of "
+        f"Machine: {platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}: figures "
+        "are **best / median** of "
         f"{runs} runs (`python bench/hub_bench.py --runs {runs}`). Adapter: {mb:.1f} MB loraformat file "
         "(TinyLlama-shaped, rank 64, 154 modules). Hugging Face Hub rows use the real huggingface_hub client "
         "over loopback HTTP against tests/hub_server.py in its own process, HF_HUB_DISABLE_XET=1 (plain LFS).",
@@ -186,9 +159,11 @@ def markdown(results: dict[str, dict[str, float]], size: int, small_size: int, r
         "",
         "A pull writes every byte once, into the cache entry (fsynced while it is being verified: sizes, sha256 "
         "or git ids, content hash, schema); the output directory gets hard links to it, so a cached pull is a "
-        "process start, a few stats and links. The validated push is dominated by `validate --level data`'s "
-        "NaN/Inf scan (torch.isnan/isinf + sum on bf16 tensors, 4-8 s for 100 MB here), not by "
-        "the transfer. " + "The Hugging Face Hub rows are bounded by the client: huggingface_hub's own download (httpx2/h11 parsing 64 KB reads in Python) takes 0.4-0.7 s per 100 MB here by itself, against 0.2 s for curl from the same server; pulls also hash the file twice (LFS sha256 and the content hash, in parallel). The targets are met on this machine by the local hub and the cached pull, not yet by the HTTP rows under this load.",
+        "process start, a few stats and links. The validated push adds `validate --level data` (a NaN/Inf scan "
+        "of every tensor and the content hash) before the transfer. The Hugging Face Hub rows are bounded by the "
+        "client: huggingface_hub's own download (httpx2/h11 parsing 64 KB reads in Python) takes 0.4-0.7 s per "
+        "100 MB here by itself, against 0.2 s for curl from the same server; pulls also hash the file twice (LFS "
+        "sha256 and the content hash, in parallel).",
     ]
     return "\n".join(lines)
 
@@ -212,9 +187,9 @@ def main() -> None:
     os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
     work = Path(tempfile.mkdtemp(prefix="hub-bench-"))
     try:
-        adapter = build_adapter(work, args.rank)
+        adapter = build_tinyllama_adapter(work, args.rank)
         (work / "small").mkdir()
-        small = build_adapter(work / "small", rank=4, layers=4)
+        small = build_tinyllama_adapter(work / "small", rank=4, layers=4)
         size = adapter.stat().st_size
         results = {**bench_hf(adapter, work, args.runs), **bench_local(adapter, work, args.runs),
                    "cached_big": bench_cached_process(adapter, work, args.runs, "big"),

@@ -281,7 +281,8 @@ def main() -> None:
         print(f"| {name} | {best:.2f} s | {med:.2f} s | {best / floor_best:.2f}x | {med / floor_med:.2f}x | "
               f"{rss / 2**30:.2f} GiB |")
     for name, d in details.items():
-        print(f"\n{name}: {d['tensors_merged']} tensors merged, {d['tensors_copied']} copied; "
+        print(f"\n{name}: {d.get('backend', '?')} backend; {d['tensors_merged']} tensors merged, "
+              f"{d['tensors_copied']} copied; "
               f"{d['bytes_read'] / 1e9:.2f} GB read, {d['bytes_written'] / 1e9:.2f} GB written; in-process "
               f"{d['seconds']:.2f} s; verified {d['verified']['tensors']} tensors; peak GPU "
               f"{d['peak_gpu_bytes'] / 2**30:.2f} GiB")

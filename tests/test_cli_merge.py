@@ -173,3 +173,46 @@ def test_file_size_limit_is_a_clean_write_error(tmp_path, peft_adapters, llama_b
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error:") and "write failed" in lines[0], proc.stderr
     assert not out.exists() and not _leftovers(out)
+
+
+#: runs the CLI, then reports on stderr whether torch was imported (the numpy CPU backend must not import it)
+NO_TORCH_CLI = """
+import sys
+from loraformat.cli.main import main
+try:
+    main(sys.argv[1:])
+except SystemExit as exc:
+    code = exc.code
+print("torch imported:", "torch" in sys.modules, file=sys.stderr)
+sys.exit(code)
+"""
+
+
+@pytest.mark.parametrize("device", [
+    "cpu",
+    pytest.param("auto", marks=pytest.mark.skipif(
+        any(Path(p).exists() for p in ("/dev/nvidiactl", "/dev/nvidia0", "/dev/dxg", "/dev/kfd")),
+        reason="a GPU device node exists: auto asks torch about CUDA")),
+])
+def test_cpu_merge_never_imports_torch(device, tmp_path, peft_adapters, llama_base):
+    stamped = tmp_path / "stamped.safetensors"
+    convert(peft_adapters["patterns"], stamped, base=llama_base)  # verified while streaming
+    for adapters, extra in (([peft_adapters["plain"]], []),
+                            ([stamped, peft_adapters["embedding"]], ["--weight", "0.5", "--weight", "2"]),
+                            ([peft_adapters["modules_to_save"]], ["--dtype", "fp32", "--max-shard-size", "100KB"])):
+        out = tmp_path / f"m{len(list(tmp_path.iterdir()))}"
+        proc = subprocess.run([sys.executable, "-c", NO_TORCH_CLI, "merge", str(llama_base), *map(str, adapters),
+                               "-o", str(out), "--device", device, "--json", *extra],
+                              capture_output=True, text=True, timeout=120,
+                              env={**os.environ, "PYTHONWARNINGS": "ignore"})
+        assert proc.returncode == 0, proc.stderr
+        assert "torch imported: False" in proc.stderr, (adapters, proc.stderr)
+        data = json.loads(proc.stdout)
+        assert data["backend"] == "numpy" and data["device"] == "cpu" and data["tensors_merged"] > 0
+    assert data["tensors_replaced"] == 1
+    # DoRA stays on torch, and says so
+    proc = subprocess.run([sys.executable, "-c", NO_TORCH_CLI, "merge", str(llama_base), str(peft_adapters["dora"]),
+                           "-o", str(tmp_path / "dora"), "--device", device, "--json"],
+                          capture_output=True, text=True, timeout=120, env={**os.environ, "PYTHONWARNINGS": "ignore"})
+    assert proc.returncode == 0 and "torch imported: True" in proc.stderr
+    assert json.loads(proc.stdout)["backend"] == "torch"

@@ -4,9 +4,11 @@ on CUDA a reader thread.
 - hasher: digests each base tensor an adapter recorded a digest for, from the same mapping the merge reads, and
   stops the run at the first mismatch; the output is committed only after every digest matched. It needs no
   torch, so it starts at once and runs ahead while torch imports.
-- merge: per block of rows: decode to fp32 (fp64 for fp64), ``merge_rows_`` from :mod:`loraformat.ops.delta`,
-  round once into a reused output buffer. CPU: straight from the mapped input, in L2-sized sub-blocks. CUDA:
-  pinned staging buffers filled by the reader, two streams so host<->device copies overlap compute.
+- merge: per block of rows: decode to fp32 (fp64 for fp64), add the LoRA terms, round once into a reused
+  output buffer. CPU: straight from the mapped input, in L2-sized sub-blocks, with numpy
+  (:mod:`loraformat.ops.delta_np`: no ``import torch``, which costs seconds) unless a term is DoRA or a dtype is
+  not BF16/F16/F32/F64, then with torch (``merge_rows_`` from :mod:`loraformat.ops.delta`). CUDA: torch, pinned
+  staging buffers filled by the reader, two streams so host<->device copies overlap compute.
 - writer: untouched tensors first, as raw byte ranges copied in the kernel, then each merged block at its
   planned offset.
 
@@ -97,8 +99,9 @@ def _source(task: TensorTask) -> tuple[str, int] | None:
 
 class Pipeline:
     def __init__(self, plan: Plan, out_dir: Path, out: Path, device: str,
-                 progress: Progress | None = None) -> None:
+                 progress: Progress | None = None, backend: str = "torch") -> None:
         self.plan, self.out_dir, self.out, self.device = plan, out_dir, out, device
+        self.backend = backend  # "numpy" (CPU only) or "torch", from choose_backend
         self.progress = progress or (lambda nbytes, tensors: None)
         self.cuda = device.startswith("cuda")
         self.abort = threading.Event()
@@ -293,6 +296,11 @@ class Pipeline:
         put(self.to_write, job, self.abort)
 
     def _merge_cpu(self) -> None:
+        if self.backend == "numpy":
+            from loraformat.merging.numpy_cpu import merge_cpu_numpy
+
+            merge_cpu_numpy(self)
+            return
         import torch
 
         # The hasher and the writer each keep a core busy: leave them theirs, or OpenMP's spinning threads and

@@ -71,6 +71,12 @@ class Buffer:
             self._raw = mmap.mmap(-1, max(nbytes, 1))
             self.mem = memoryview(self._raw)[:nbytes]
 
+    def array(self) -> Any:
+        """A numpy uint8 view of the buffer (the numpy CPU backend: no torch)."""
+        import numpy as np
+
+        return np.frombuffer(self.mem, dtype=np.uint8)
+
     def tensor(self) -> Any:
         if self._tensor is None:
             import torch
@@ -113,6 +119,23 @@ def pread_into(fd: int, mem: memoryview, offset: int, path: str) -> None:
             raise HeaderError("file is shorter than its header says (truncated or changed while merging)",
                               path=path)
         got += k
+
+
+def read_array(path: str, start: int, nbytes: int) -> Any:
+    """``nbytes`` raw bytes at absolute offset ``start`` of a file, as a new numpy uint8 array (small tensors
+    such as LoRA factors, read without torch)."""
+    import numpy as np
+
+    buf = np.empty(nbytes, dtype=np.uint8)
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError as exc:
+        raise InputNotFoundError(f"cannot open: {exc.strerror}", path=path) from None
+    try:
+        pread_into(fd, memoryview(buf), start, path)
+    finally:
+        os.close(fd)
+    return buf
 
 
 def pwrite_all(fd: int, mem: memoryview, offset: int) -> None:
@@ -163,6 +186,15 @@ class Sources:
         if n == 0:
             return torch.empty(0, dtype=torch.uint8)
         return torch.frombuffer(self.maps[path], dtype=torch.uint8, count=n, offset=start)
+
+    def array(self, path: str, start: int, n: int) -> Any:
+        """A numpy uint8 array over the mapped bytes (no copy, no torch)."""
+        import numpy as np
+
+        self._check(path, start, n)
+        if n == 0:
+            return np.empty(0, dtype=np.uint8)
+        return np.frombuffer(self.maps[path], dtype=np.uint8, count=n, offset=start)
 
     def _advise(self, path: str, start: int, n: int, advice: int) -> None:
         m = self.maps.get(path)

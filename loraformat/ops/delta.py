@@ -23,6 +23,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from loraformat.ops.delta_np import lora_factors
+
 KIND_LINEAR, KIND_EMBEDDING, KIND_CONV = "linear", "embedding", "conv"
 KIND_BIAS = "bias"  # lora_bias: s * lora_B.bias added to the base bias
 
@@ -189,15 +191,7 @@ def lora_term(
     R = B^T. conv (out, in, k...): L = B (out, r), R = A (r, in*k...) -- PEFT's conv of A^T with the 1x1 kernel
     B is exactly this product. The factors are made contiguous once, in the compute dtype, on ``device``.
     """
-    r = A.shape[0]
-    if kind == KIND_LINEAR and not fan_in_fan_out:
-        L, R = B, A
-    elif kind in (KIND_LINEAR, KIND_EMBEDDING):
-        L, R = A.T, B.T
-    elif kind == KIND_CONV:
-        L, R = B.reshape(B.shape[0], r), A.reshape(r, -1)
-    else:
-        raise ValueError(f"unknown layer kind {kind!r}")
+    L, R = lora_factors(A, B, kind, fan_in_fan_out)  # shared with the numpy backend
     mag = None if magnitude is None else magnitude.reshape(-1).to(device=device, dtype=dtype).contiguous()
     return LoraTerm(
         L=L.to(device=device, dtype=dtype).contiguous(),
