@@ -21,8 +21,8 @@ _LAZY = {
     "hash_base": "loraformat.hashing",
     "merge": "loraformat.merging",
     "compose": "loraformat.composition",
-    "rescale": "loraformat.composition",
-    "spectrum": "loraformat.composition",
+    "rescale": "loraformat.rescaling",
+    "spectrum": "loraformat.rescaling",
     "push": "loraformat.hub",
     "pull": "loraformat.hub",
 }

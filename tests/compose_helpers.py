@@ -6,7 +6,9 @@ compares our output with these deltas checks us against PEFT, not against oursel
 
 from __future__ import annotations
 
+import hashlib
 import shutil
+import struct
 from pathlib import Path
 from typing import Any
 
@@ -64,3 +66,16 @@ def rel_err(x: torch.Tensor, ref: torch.Tensor) -> float:
 def listing(directory: Path) -> list[str]:
     """Every entry of a directory, hidden temporaries included (to prove nothing was left behind)."""
     return sorted(p.name for p in directory.iterdir())
+
+
+VARIANTS = ["plain", "rslora", "patterns"]  # ranks 8 / 8 rsLoRA / 2-4-8 with per-module alphas
+
+
+def parents(peft_adapters, names=VARIANTS) -> list[Path]:
+    return [peft_adapters[n] for n in names]
+
+
+def data_hash(path: Path) -> str:
+    raw = path.read_bytes()
+    (n,) = struct.unpack("<Q", raw[:8])
+    return hashlib.sha256(raw[8 + n:]).hexdigest()

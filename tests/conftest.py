@@ -3,8 +3,12 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pytest
+
+if TYPE_CHECKING:
+    import torch
 
 from tests.fixtures import PEFT_VARIANTS, make_gpt2_base, make_llama_base, make_peft_adapter
 
@@ -50,3 +54,24 @@ def _isolated_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Keep the hash cache and HF cache of each test inside its tmp_path."""
     monkeypatch.setenv("LORAFORMAT_CACHE", str(tmp_path / ".lfcache"))
     monkeypatch.setenv("HF_HOME", str(tmp_path / ".hf"))
+
+
+@pytest.fixture(scope="session")
+def llama32(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """An fp32 base of the same architecture as llama_base, so merges compare at fp32 precision."""
+    return make_llama_base(tmp_path_factory.mktemp("bases32") / "llama32", dtype="float32")
+
+
+@pytest.fixture(scope="session")
+def deltas_of(llama32: Path):
+    """PEFT's own fp64 deltas of an adapter on the fp32 base, per module, cached for the session."""
+    cache: dict[str, dict[str, torch.Tensor]] = {}
+
+    def get(path: Path) -> dict[str, torch.Tensor]:
+        from tests.compose_helpers import peft_deltas
+
+        if str(path) not in cache:
+            cache[str(path)] = peft_deltas(Path(path), llama32)
+        return cache[str(path)]
+
+    return get

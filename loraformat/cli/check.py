@@ -89,7 +89,7 @@ def inspect_cmd(path: str, as_json: bool, spectrum: bool, config: str | None, al
     described = inspect(local, config=config, allow_pickle=allow_pickle)
     spec_result = None
     if spectrum:
-        from loraformat.composition import spectrum as compute_spectrum
+        from loraformat.rescaling import spectrum as compute_spectrum
 
         spec_result = compute_spectrum(local)
     if as_json:

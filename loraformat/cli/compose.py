@@ -119,7 +119,7 @@ def rescale_cmd(adapter: str, out: str, scale: float | None, alpha: float | None
       loraformat rescale ./peft-adapter -o small.safetensors --rank 8
       loraformat rescale adapter.safetensors -o lean.safetensors --rank auto:0.95 --json
     """
-    from loraformat.composition import rescale
+    from loraformat.rescaling import rescale
 
     with progress(None, "rescaling", unit="module") as update:
         result = rescale(_resolve(adapter), out, scale=scale, alpha=alpha, rank=rank, device=device,

@@ -94,7 +94,7 @@ def merge_cmd(base: str, adapters: tuple[str, ...], out: str, weights: tuple[flo
         verified = "no adapter records base digests (stamp one with 'loraformat convert --base')"
     info(f"wrote {result.output}: {result.tensors} tensors ({result.tensors_merged} merged, "
          f"{result.tensors_replaced} replaced, {result.tensors_copied} copied), "
-         f"{human_bytes(result.bytes_written)} in {result.seconds:.2f} s ({result.gb_per_s:.2f} GB/s) on "
+         f"{human_bytes(result.bytes_written)} in {result.seconds:.2f} s ({human_bytes(result.gb_per_s * 1e9)}/s) on "
          f"{result.device} ({result.backend}); peak RSS {human_bytes(result.peak_rss_bytes)}; {verified}")
 
 
