@@ -7,13 +7,15 @@
 from __future__ import annotations
 
 import json
+import math
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from loraformat import spec
-from loraformat.errors import AdapterError, InputNotFoundError, PickleRefusedError, SchemaError
+from loraformat.errors import AdapterError, InputNotFoundError, PickleRefusedError, SchemaError, UsageError
 from loraformat.io.header import FLOAT_DTYPES, TensorInfo
 from loraformat.io.tensors import MemorySource, SafetensorsSource, TensorSource
 from loraformat.metadata import AdapterMetadata, ModuleEntry
@@ -332,3 +334,16 @@ def _open_pickle(file: Path, config_data: dict[str, Any], name: str, given: str)
         raise AdapterError(str(exc), path=file) from None
     meta = peft_io.metadata_from_peft(config_data, source.infos, name=name, path=str(file))
     return Adapter(meta, source, "peft-pickle", given, {}, config_data)
+
+
+def adapter_weights(weights: Sequence[float] | None, n: int) -> list[float]:
+    """The per-adapter weights of a merge or compose: one finite number per adapter, 1.0 each by default."""
+    if weights is None:
+        return [1.0] * n
+    ws = [float(w) for w in weights]
+    if len(ws) != n:
+        raise UsageError(f"{len(ws)} weights for {n} adapters: give one weight per adapter")
+    if not all(math.isfinite(w) for w in ws):
+        raise UsageError("weights must be finite numbers")
+    return ws
+

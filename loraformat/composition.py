@@ -16,7 +16,6 @@ factors carry all the weight. Module paths and tensor keys stay PEFT's, so PEFT 
 from __future__ import annotations
 
 import contextlib
-import math
 import os
 import time
 from collections.abc import Callable, Sequence
@@ -25,7 +24,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from loraformat import spec as fmt
-from loraformat.adapter import Adapter, module_keys, open_adapter
+from loraformat.adapter import Adapter, adapter_weights, module_keys, open_adapter
 from loraformat.errors import ComposeError, UsageError
 from loraformat.io.atomic import check_output
 from loraformat.io.native import data_section_hash, write_native
@@ -100,17 +99,6 @@ def factor_dtype(*dtypes: torch.dtype) -> torch.dtype:
     for d in dtypes:
         out = torch.promote_types(out, d)
     return out
-
-
-def _check_weights(weights: Sequence[float] | None, n: int) -> list[float]:
-    if weights is None:
-        return [1.0] * n
-    weights = [float(w) for w in weights]
-    if len(weights) != n:
-        raise UsageError(f"{len(weights)} weights for {n} adapters: give one weight per adapter")
-    if not all(math.isfinite(w) for w in weights):
-        raise UsageError("weights must be finite numbers")
-    return weights
 
 
 def check_output_path(out: PathLike, inputs: Sequence[Adapter], overwrite: bool) -> Path:
@@ -257,7 +245,7 @@ def compose(
         raise UsageError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
     if not adapters:
         raise UsageError("give at least one adapter to compose")
-    w = _check_weights(weights, len(adapters))
+    w = adapter_weights(weights, len(adapters))
     spec = parse_rank_spec(rank)
     if spec is not None and method not in LOWRANK_METHODS:
         raise UsageError(f"--rank does not apply to {method} (it is exact); use --method svd to reduce the rank")

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import importlib
 import json
-import math
 import os
 import resource
 import shutil
@@ -22,7 +21,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from loraformat.adapter import Adapter, open_adapter
+from loraformat.adapter import Adapter, adapter_weights, open_adapter
 from loraformat.errors import UsageError, WriteError
 from loraformat.io.atomic import atomic_dir, check_output, write_error
 from loraformat.io.checkpoint import INDEX_NAME, open_checkpoint
@@ -122,17 +121,6 @@ def _open_adapters(adapters: list[Any]) -> tuple[list[Adapter], list[Adapter]]:
     return opened, owned
 
 
-def _weights(weights: list[float] | None, n: int) -> list[float]:
-    if weights is None:
-        return [1.0] * n
-    ws = [float(w) for w in weights]
-    if len(ws) != n:
-        raise UsageError(f"got {len(ws)} weight(s) for {n} adapter(s); give one --weight per adapter or none")
-    if not all(math.isfinite(w) for w in ws):
-        raise UsageError("weights must be finite numbers")
-    return ws
-
-
 def _check_space(plan: Plan, out: Path) -> None:
     need = plan.total_bytes + sum((plan.ck.root / f).stat().st_size for f in plan.aux_files)
     try:
@@ -205,7 +193,7 @@ def merge(
     out = Path(out)
     if not adapters:
         raise UsageError("give at least one adapter to merge")
-    ws = _weights(weights, len(adapters))
+    ws = adapter_weights(weights, len(adapters))
     out_dtype = resolve_dtype(dtype)
     opened, owned = _open_adapters(list(adapters))
     try:
