@@ -85,3 +85,6 @@ def make_nan_adapter(native: Path, out: Path) -> Path:
     tensors[first].view(-1)[0] = torch.nan
     write_native(out, meta, tensors)
     return out
+
+#: the files a push publishes and a pull brings back
+ADAPTER_FILES = {"adapter_model.safetensors", "adapter_config.json", "README.md"}

@@ -186,22 +186,20 @@ class _Handler(BaseHTTPRequestHandler):
                     while self.rfile.readline() not in (b"\r\n", b"\n", b""):
                         pass
                     return
-                left = size
-                while left:
-                    piece = self.rfile.read(min(left, 1 << 20))
-                    if not piece:
-                        return
-                    left -= len(piece)
-                    yield piece
+                yield from self._read_exactly(size)
                 self.rfile.readline()
         else:
-            left = int(self.headers.get("Content-Length") or 0)
-            while left:
-                piece = self.rfile.read(min(left, 1 << 20))
-                if not piece:
-                    return
-                left -= len(piece)
-                yield piece
+            yield from self._read_exactly(int(self.headers.get("Content-Length") or 0))
+
+    def _read_exactly(self, size: int) -> Any:
+        """``size`` bytes of the body in pieces of at most 1 MiB (fewer if the client hangs up)."""
+        left = size
+        while left:
+            piece = self.rfile.read(min(left, 1 << 20))
+            if not piece:
+                return
+            left -= len(piece)
+            yield piece
 
     def _json_body(self) -> Any:
         raw = self._read_body()

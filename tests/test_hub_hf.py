@@ -20,6 +20,7 @@ from loraformat.errors import (
 from loraformat.hub import pull, push
 from loraformat.hub.resolve import resolve_adapter_arg
 from tests.hub_helpers import (
+    ADAPTER_FILES,
     BAD_TOKEN,
     BASE_ID,
     READ_TOKEN,
@@ -30,7 +31,7 @@ from tests.hub_helpers import (
 )
 from tests.hub_server import HubServer
 
-FILES = {"adapter_model.safetensors", "adapter_config.json", "README.md"}
+FILES = ADAPTER_FILES
 
 
 @pytest.fixture(scope="module")

@@ -26,9 +26,9 @@ from loraformat.hub import list_repos, pull, push, select_hub
 from loraformat.hub.local import LocalHub, canonical_json, check_consistency
 from loraformat.hub.refs import HubSpec, parse_hub_ref, safe_relpath
 from loraformat.hub.resolve import is_hub_ref, resolve_adapter_arg
-from tests.hub_helpers import BASE_ID, make_nan_adapter, make_native
+from tests.hub_helpers import ADAPTER_FILES, BASE_ID, make_nan_adapter, make_native
 
-FILES = {"adapter_model.safetensors", "adapter_config.json", "README.md"}
+FILES = ADAPTER_FILES
 
 
 @pytest.fixture(scope="module")

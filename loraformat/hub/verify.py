@@ -8,7 +8,6 @@ Hashing reads the weights once per digest in parallel threads (hashlib and file 
 
 from __future__ import annotations
 
-import hashlib
 import os
 from collections.abc import Mapping
 from concurrent.futures import ThreadPoolExecutor
@@ -17,8 +16,7 @@ from pathlib import Path
 
 from loraformat.errors import LoraformatError, VerificationError
 from loraformat.hub.refs import WEIGHTS_FILE, safe_relpath
-
-CHUNK = 1 << 22
+from loraformat.io.native import file_digest
 
 
 @dataclass(frozen=True)
@@ -37,19 +35,9 @@ class Verified:
     native: bool
 
 
-def _hash_range(path: Path, start: int, prefix: bytes = b"", algo: str = "sha256") -> str:
-    digest = hashlib.new(algo)
-    digest.update(prefix)
-    with open(path, "rb") as f:
-        f.seek(start)
-        while chunk := f.read(CHUNK):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def git_blob_id(path: Path) -> str:
     """The git object id of a file (what the Hub reports as ``oid`` for non-LFS files)."""
-    return _hash_range(path, 0, f"blob {path.stat().st_size}\0".encode(), "sha1")
+    return file_digest(path, 0, prefix=f"blob {path.stat().st_size}\0".encode(), algo="sha1")
 
 
 def verify_download(dest: Path, expected: Mapping[str, Expected], *, where: str) -> Verified:
@@ -82,7 +70,8 @@ def verify_download(dest: Path, expected: Mapping[str, Expected], *, where: str)
         elif want.git_oid:
             jobs[f"git:{name}"] = (path, 0, f"blob {want.size}\0".encode(), "sha1")
     with ThreadPoolExecutor(max_workers=min(4, len(jobs))) as pool:
-        futures = {key: pool.submit(_hash_range, *args) for key, args in jobs.items()}
+        futures = {key: pool.submit(file_digest, path, start, prefix=prefix, algo=algo)
+                   for key, (path, start, prefix, algo) in jobs.items()}
         digests = {key: f.result() for key, f in futures.items()}
     for name, want in expected.items():
         got = digests.get(f"sha256:{name}") or digests.get(f"git:{name}")

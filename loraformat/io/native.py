@@ -98,11 +98,17 @@ def _check_before_write(path: str | os.PathLike[str], meta: AdapterMetadata,
         raise AdapterError(f"refusing to write an inconsistent adapter: {where}: {message}{more}", path=path)
 
 
-def data_section_hash(path: str | os.PathLike[str], data_start: int) -> str:
-    """sha256 of everything after the header: the adapter content hash (ModelSpec hash_sha256)."""
-    digest = hashlib.sha256()
+def file_digest(path: str | os.PathLike[str], start: int = 0, *, prefix: bytes = b"", algo: str = "sha256") -> str:
+    """Hex digest of ``prefix`` + the file's bytes from ``start`` to EOF, read in 4 MiB chunks."""
+    digest = hashlib.new(algo)
+    digest.update(prefix)
     with open(path, "rb") as f:
-        f.seek(data_start)
+        f.seek(start)
         while chunk := f.read(1 << 22):
             digest.update(chunk)
     return digest.hexdigest()
+
+
+def data_section_hash(path: str | os.PathLike[str], data_start: int) -> str:
+    """sha256 of everything after the header: the adapter content hash (ModelSpec hash_sha256)."""
+    return file_digest(path, data_start)
