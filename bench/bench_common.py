@@ -6,8 +6,9 @@ import json
 from pathlib import Path
 
 
-def build_tinyllama_adapter(folder: Path, rank: int = 16, layers: int = 22, hidden: int = 2048,
-                            inter: int = 5632, kv: int = 256) -> Path:
+def build_tinyllama_adapter(
+    folder: Path, rank: int = 16, layers: int = 22, hidden: int = 2048, inter: int = 5632, kv: int = 256
+) -> Path:
     """A TinyLlama-shaped PEFT adapter on q,k,v,o,gate,up,down written with safetensors directly from random bf16
     tensors (no model needed), then converted to loraformat (rank 16: ~25 MB; rank 64: ~100 MB)."""
     import torch
@@ -15,9 +16,15 @@ def build_tinyllama_adapter(folder: Path, rank: int = 16, layers: int = 22, hidd
 
     from loraformat.conversion import convert
 
-    shapes = {"self_attn.q_proj": (hidden, hidden), "self_attn.k_proj": (kv, hidden),
-              "self_attn.v_proj": (kv, hidden), "self_attn.o_proj": (hidden, hidden),
-              "mlp.gate_proj": (inter, hidden), "mlp.up_proj": (inter, hidden), "mlp.down_proj": (hidden, inter)}
+    shapes = {
+        "self_attn.q_proj": (hidden, hidden),
+        "self_attn.k_proj": (kv, hidden),
+        "self_attn.v_proj": (kv, hidden),
+        "self_attn.o_proj": (hidden, hidden),
+        "mlp.gate_proj": (inter, hidden),
+        "mlp.up_proj": (inter, hidden),
+        "mlp.down_proj": (hidden, inter),
+    }
     tensors = {}
     for layer in range(layers):
         for name, (out, inp) in shapes.items():
@@ -27,9 +34,14 @@ def build_tinyllama_adapter(folder: Path, rank: int = 16, layers: int = 22, hidd
     peft_dir = folder / "peft"
     peft_dir.mkdir()
     save_file(tensors, str(peft_dir / "adapter_model.safetensors"), {"format": "pt"})
-    config = {"peft_type": "LORA", "r": rank, "lora_alpha": 2 * rank, "task_type": "CAUSAL_LM",
-              "target_modules": sorted({n.split(".")[-1] for n in shapes}), "base_model_name_or_path":
-              "TinyLlama/TinyLlama-1.1B-Chat-v1.0"}
+    config = {
+        "peft_type": "LORA",
+        "r": rank,
+        "lora_alpha": 2 * rank,
+        "task_type": "CAUSAL_LM",
+        "target_modules": sorted({n.split(".")[-1] for n in shapes}),
+        "base_model_name_or_path": "TinyLlama/TinyLlama-1.1B-Chat-v1.0",
+    }
     (peft_dir / "adapter_config.json").write_text(json.dumps(config))
     out = folder / "adapter.safetensors"
     convert(peft_dir, out)

@@ -38,8 +38,14 @@ LORA_SCALE = 2.0
 
 def make_terms(out: int, inp: int, rank: int, seed: int) -> list[Term]:
     g = torch.Generator().manual_seed(seed)
-    return [Term(torch.randn(rank, inp, generator=g) / inp**0.5, torch.randn(out, rank, generator=g) / rank**0.5,
-                 w * LORA_SCALE) for w in WEIGHTS]
+    return [
+        Term(
+            torch.randn(rank, inp, generator=g) / inp**0.5,
+            torch.randn(out, rank, generator=g) / rank**0.5,
+            w * LORA_SCALE,
+        )
+        for w in WEIGHTS
+    ]
 
 
 def qr_core(terms: list[Term], rank: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
@@ -65,8 +71,13 @@ def bench_shape(name: str, rank: int, repeat: int, seed: int, full: bool = True)
     A64, B64 = stack([Term(t.A.double(), t.B.double(), t.coef) for t in terms])
     S = qr_core_svd(A64, B64).S
     optimal = float(S[rank:].square().sum().sqrt() / S.square().sum().sqrt())
-    row: dict = {"module": name, "parents": len(terms), "parent_rank": rank, "target_rank": rank,
-                 "optimal_rel_error": optimal}
+    row: dict = {
+        "module": name,
+        "parents": len(terms),
+        "parent_rank": rank,
+        "target_rank": rank,
+        "optimal_rel_error": optimal,
+    }
     for label, dtype in (("qr_core_fp32", torch.float32), ("qr_core_fp64", torch.float64)):
         times, cpu = [], []
         for _ in range(repeat):
@@ -91,10 +102,16 @@ def bench_shape(name: str, rank: int, repeat: int, seed: int, full: bool = True)
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--modules", default=",".join(SHAPES), help=f"comma-separated subset of {list(SHAPES)}")
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "--modules", default=",".join(SHAPES), help=f"comma-separated subset of {list(SHAPES)}"
+    )
     parser.add_argument("--rank", type=int, default=64)
-    parser.add_argument("--repeat", type=int, default=7, help="runs of the QR-core path (median and min reported)")
+    parser.add_argument(
+        "--repeat", type=int, default=7, help="runs of the QR-core path (median and min reported)"
+    )
     parser.add_argument("--no-full-svd", action="store_true", help="time only the QR-core path")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json", action="store_true", help="print one JSON document instead of a table")
@@ -103,22 +120,30 @@ def main() -> None:
     unknown = [m for m in names if m not in SHAPES]
     if unknown:
         parser.error(f"unknown module shape(s) {unknown}; choose from {list(SHAPES)}")
-    machine = {"cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(), "torch": torch.__version__,
-               "processor": platform.processor() or platform.machine()}
+    machine = {
+        "cpu_count": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "processor": platform.processor() or platform.machine(),
+    }
     rows = []
     for name in names:
         rows.append(bench_shape(name, args.rank, args.repeat, args.seed, full=not args.no_full_svd))
         if not args.json:
             r = rows[-1]
             opt = r["optimal_rel_error"]
-            line = (f"{name:>11}: optimal rel. error {opt:.6f}; [excess over optimal]; load {r['load_average_1min']:.1f}\n"
-                    f"{'':>13}QR-core fp32 {r['qr_core_fp32_s'] * 1e3:7.1f} ms (min {r['qr_core_fp32_min_s'] * 1e3:.1f})"
-                    f" [{r['qr_core_fp32_rel_error'] - opt:+.1e}] | QR-core fp64 {r['qr_core_fp64_s'] * 1e3:7.1f} ms"
-                    f" (min {r['qr_core_fp64_min_s'] * 1e3:.1f}) [{r['qr_core_fp64_rel_error'] - opt:+.1e}]")
+            line = (
+                f"{name:>11}: optimal rel. error {opt:.6f}; [excess over optimal]; load {r['load_average_1min']:.1f}\n"
+                f"{'':>13}QR-core fp32 {r['qr_core_fp32_s'] * 1e3:7.1f} ms (min {r['qr_core_fp32_min_s'] * 1e3:.1f})"
+                f" [{r['qr_core_fp32_rel_error'] - opt:+.1e}] | QR-core fp64 {r['qr_core_fp64_s'] * 1e3:7.1f} ms"
+                f" (min {r['qr_core_fp64_min_s'] * 1e3:.1f}) [{r['qr_core_fp64_rel_error'] - opt:+.1e}]"
+            )
             if "full_svd_fp32_s" in r:
-                line += (f" | full SVD fp32 {r['full_svd_fp32_s']:.2f} s [{r['full_svd_fp32_rel_error'] - opt:+.1e}]"
-                         f" | speedup {r['speedup_fp32']:.0f}x wall (fp32 median), "
-                         f"{r['full_svd_fp32_cpu_s'] / r['qr_core_fp32_cpu_s']:.0f}x CPU time")
+                line += (
+                    f" | full SVD fp32 {r['full_svd_fp32_s']:.2f} s [{r['full_svd_fp32_rel_error'] - opt:+.1e}]"
+                    f" | speedup {r['speedup_fp32']:.0f}x wall (fp32 median), "
+                    f"{r['full_svd_fp32_cpu_s'] / r['qr_core_fp32_cpu_s']:.0f}x CPU time"
+                )
             print(line, flush=True)
     if args.json:
         print(json.dumps({"machine": machine, "results": rows}, indent=2))

@@ -39,9 +39,15 @@ def layout() -> list[tuple[str, tuple[int, ...]]]:
     for i in range(LAYERS):
         p = f"model.layers.{i}."
         tensors += [(p + f"self_attn.{n}_proj.weight", (HIDDEN, HIDDEN)) for n in "qkvo"]
-        tensors += [(p + "mlp.gate_proj.weight", (INTER, HIDDEN)), (p + "mlp.up_proj.weight", (INTER, HIDDEN)),
-                    (p + "mlp.down_proj.weight", (HIDDEN, INTER))]
-        tensors += [(p + "input_layernorm.weight", (HIDDEN,)), (p + "post_attention_layernorm.weight", (HIDDEN,))]
+        tensors += [
+            (p + "mlp.gate_proj.weight", (INTER, HIDDEN)),
+            (p + "mlp.up_proj.weight", (INTER, HIDDEN)),
+            (p + "mlp.down_proj.weight", (HIDDEN, INTER)),
+        ]
+        tensors += [
+            (p + "input_layernorm.weight", (HIDDEN,)),
+            (p + "post_attention_layernorm.weight", (HIDDEN,)),
+        ]
     tensors += [("model.norm.weight", (HIDDEN,)), ("lm_head.weight", (VOCAB, HIDDEN))]
     return tensors
 
@@ -93,16 +99,19 @@ def children_cpu() -> float:
 
 def cli(args: list[str], env: dict[str, str]) -> tuple[float, dict]:
     t0 = time.perf_counter()
-    exe = shutil.which("loraformat") or sys.exit("the loraformat console script is not on PATH (pip install -e .)")
-    proc = subprocess.run([exe, *args], capture_output=True, text=True,
-                          env=env, check=True)
+    exe = shutil.which("loraformat") or sys.exit(
+        "the loraformat console script is not on PATH (pip install -e .)"
+    )
+    proc = subprocess.run([exe, *args], capture_output=True, text=True, env=env, check=True)
     return time.perf_counter() - t0, json.loads(proc.stdout)
 
 
 def summary(label: str, nbytes: int, seconds: list[float]) -> str:
     best, med = min(seconds), statistics.median(seconds)
-    return (f"{label:<34} best {best:6.3f} s ({nbytes / best / 1e9:5.2f} GB/s)   "
-            f"median {med:6.3f} s ({nbytes / med / 1e9:5.2f} GB/s)   n={len(seconds)}")
+    return (
+        f"{label:<34} best {best:6.3f} s ({nbytes / best / 1e9:5.2f} GB/s)   "
+        f"median {med:6.3f} s ({nbytes / med / 1e9:5.2f} GB/s)   n={len(seconds)}"
+    )
 
 
 def main() -> None:
@@ -117,8 +126,10 @@ def main() -> None:
     nbytes = warm(path)
     cache = tempfile.mkdtemp(prefix="lf-hash-bench-")
     env = {**os.environ, "LORAFORMAT_CACHE": cache}
-    print(f"checkpoint {path}: {nbytes / 1e9:.2f} GB in {len(list(path.glob('*.safetensors')))} shards, "
-          f"{os.cpu_count()} CPUs")
+    print(
+        f"checkpoint {path}: {nbytes / 1e9:.2f} GB in {len(list(path.glob('*.safetensors')))} shards, "
+        f"{os.cpu_count()} CPUs"
+    )
 
     proc_s, lib_s, proc_cpu, lib_cpu = [], [], [], []
     for _ in range(args.repeat):
@@ -140,14 +151,18 @@ def main() -> None:
         cached_s.append(s)
     print(summary("loraformat hash --no-cache (process)", nbytes, proc_s))
     print(summary("hash_base(use_cache=False) (library)", nbytes, lib_s))
-    print(f"{'loraformat hash, cached (process)':<34} best {min(cached_s):6.3f} s   "
-          f"median {statistics.median(cached_s):6.3f} s")
+    print(
+        f"{'loraformat hash, cached (process)':<34} best {min(cached_s):6.3f} s   "
+        f"median {statistics.median(cached_s):6.3f} s"
+    )
     # CPU time does not depend on what else runs on the machine: bytes per CPU-second times the cores is
     # the rate on an idle machine (hashing is CPU-bound once the files are in the page cache)
     for label, cpu in (("process", proc_cpu), ("library", lib_cpu)):
         med = statistics.median(cpu)
-        print(f"CPU time ({label}): median {med:.3f} CPU-s = {nbytes / med / 1e9:.2f} GB per CPU-second "
-              f"-> {nbytes / med * (os.cpu_count() or 1) / 1e9:.2f} GB/s on {os.cpu_count()} idle cores")
+        print(
+            f"CPU time ({label}): median {med:.3f} CPU-s = {nbytes / med / 1e9:.2f} GB per CPU-second "
+            f"-> {nbytes / med * (os.cpu_count() or 1) / 1e9:.2f} GB/s on {os.cpu_count()} idle cores"
+        )
 
 
 if __name__ == "__main__":

@@ -61,7 +61,9 @@ def main() -> None:
         cli = entry_point()
         baseline = time_command([sys.executable, "-c", "pass"], opts.runs)
         results = {
-            "validate --level header": time_command([*cli, "validate", "--level", "header", str(adapter)], opts.runs),
+            "validate --level header": time_command(
+                [*cli, "validate", "--level", "header", str(adapter)], opts.runs
+            ),
             "inspect": time_command([*cli, "inspect", str(adapter)], opts.runs),
             "inspect --json": time_command([*cli, "inspect", "--json", str(adapter)], opts.runs),
         }

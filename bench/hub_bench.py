@@ -71,8 +71,12 @@ def bench_hf(adapter: Path, work: Path, runs: int) -> dict[str, dict[str, float]
     constants.HF_HUB_DISABLE_XET = True
     disable_progress_bars()
     store = work / "server"
-    proc = subprocess.Popen([sys.executable, "-c", _SERVER.format(root=str(ROOT), store=str(store), token=TOKEN)],
-                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-c", _SERVER.format(root=str(ROOT), store=str(store), token=TOKEN)],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
     try:
         url = proc.stdout.readline().strip()  # type: ignore[union-attr]
         size = adapter.stat().st_size
@@ -81,16 +85,22 @@ def bench_hf(adapter: Path, work: Path, runs: int) -> dict[str, dict[str, float]
             for blob in (store / "lfs").iterdir():
                 blob.unlink()
 
-        push_s = timed(lambda i: push(adapter, f"bench/a{i}", hub=url, token=TOKEN, validate=False), runs,
-                       empty_store)
+        push_s = timed(
+            lambda i: push(adapter, f"bench/a{i}", hub=url, token=TOKEN, validate=False), runs, empty_store
+        )
         validated = timed(lambda i: push(adapter, f"bench/v{i}", hub=url, token=TOKEN), 1, empty_store)
 
         def fresh_cache(i: int) -> None:
             os.environ["LORAFORMAT_CACHE"] = str(work / f"hf-cache-{i}")
 
-        pull_s = timed(lambda i: pull("bench/a0", work / f"hf-out-{i}", hub=url, token=TOKEN), runs, fresh_cache)
-        return {"hf_push": stats(push_s, size), "hf_push_validated": stats(validated, size),
-                "hf_pull": stats(pull_s, size)}
+        pull_s = timed(
+            lambda i: pull("bench/a0", work / f"hf-out-{i}", hub=url, token=TOKEN), runs, fresh_cache
+        )
+        return {
+            "hf_push": stats(push_s, size),
+            "hf_push_validated": stats(validated, size),
+            "hf_pull": stats(pull_s, size),
+        }
     finally:
         proc.stdin.close()  # type: ignore[union-attr]
         proc.wait(timeout=30)
@@ -118,8 +128,19 @@ def bench_cached_process(adapter: Path, work: Path, runs: int, label: str) -> di
     env = {**os.environ, "LORAFORMAT_CACHE": str(work / f"cache-{label}")}
     os.environ["LORAFORMAT_CACHE"] = env["LORAFORMAT_CACHE"]
     pull("bench/c", work / f"warm-{label}", hub=hub, revision="v1")
-    cmd = [sys.executable, "-c", "from loraformat.cli.main import main; main()", "--quiet", "pull", "bench/c",
-           "--hub", str(hub), "-r", "v1", "-o"]
+    cmd = [
+        sys.executable,
+        "-c",
+        "from loraformat.cli.main import main; main()",
+        "--quiet",
+        "pull",
+        "bench/c",
+        "--hub",
+        str(hub),
+        "-r",
+        "v1",
+        "-o",
+    ]
     seconds = []
     for i in range(runs):
         out = work / f"cached-{label}-{i}"
@@ -147,15 +168,26 @@ def markdown(results: dict[str, dict[str, float]], size: int, small_size: int, r
         "| operation | time (best / median) | throughput (best / median) | target |",
         "|---|---|---|---|",
         row("push to the Hub-protocol server (no validation)", "hf_push", ">= 200 MB/s"),
-        row("push to the Hub-protocol server, validated (data level, warm process)", "hf_push_validated", "—"),
-        row("pull from the Hub-protocol server (download, verify, cache, link into DIR)", "hf_pull",
-            ">= 200 MB/s"),
+        row(
+            "push to the Hub-protocol server, validated (data level, warm process)", "hf_push_validated", "—"
+        ),
+        row(
+            "pull from the Hub-protocol server (download, verify, cache, link into DIR)",
+            "hf_pull",
+            ">= 200 MB/s",
+        ),
         row("push to the local hub (no validation)", "local_push", ">= 200 MB/s"),
         row("pull from the local hub (copy, verify, cache, link into DIR)", "local_pull", ">= 200 MB/s"),
-        row(f"`loraformat pull` of a cached local-hub revision, whole process, {mb:.0f} MB", "cached_big",
-            "< 0.5 s"),
-        row(f"`loraformat pull` of a cached local-hub revision, whole process, {small_size / 1e6:.1f} MB",
-            "cached_small", "< 0.5 s"),
+        row(
+            f"`loraformat pull` of a cached local-hub revision, whole process, {mb:.0f} MB",
+            "cached_big",
+            "< 0.5 s",
+        ),
+        row(
+            f"`loraformat pull` of a cached local-hub revision, whole process, {small_size / 1e6:.1f} MB",
+            "cached_small",
+            "< 0.5 s",
+        ),
         "",
         "A pull writes every byte once, into the cache entry (fsynced while it is being verified: sizes, sha256 "
         "or git ids, content hash, schema); the output directory gets hard links to it, so a cached pull is a "
@@ -175,7 +207,9 @@ def write_docs(text: str) -> None:
     nxt = doc.find("\n## ", body_start)
     end = len(doc) if nxt == -1 else nxt + 1
     keep = [line for line in doc[body_start:end].splitlines() if line.startswith("<!-- section:")]
-    DOCS.write_text(doc[:body_start] + "\n".join(keep + [text]) + "\n" + ("\n" if nxt != -1 else "") + doc[end:])
+    DOCS.write_text(
+        doc[:body_start] + "\n".join(keep + [text]) + "\n" + ("\n" if nxt != -1 else "") + doc[end:]
+    )
 
 
 def main() -> None:
@@ -191,9 +225,12 @@ def main() -> None:
         (work / "small").mkdir()
         small = build_tinyllama_adapter(work / "small", rank=4, layers=4)
         size = adapter.stat().st_size
-        results = {**bench_hf(adapter, work, args.runs), **bench_local(adapter, work, args.runs),
-                   "cached_big": bench_cached_process(adapter, work, args.runs, "big"),
-                   "cached_small": bench_cached_process(small, work, args.runs, "small")}
+        results = {
+            **bench_hf(adapter, work, args.runs),
+            **bench_local(adapter, work, args.runs),
+            "cached_big": bench_cached_process(adapter, work, args.runs, "big"),
+            "cached_small": bench_cached_process(small, work, args.runs, "small"),
+        }
         print(json.dumps({"adapter_bytes": size, **results}, indent=1))
         text = markdown(results, size, small.stat().st_size, args.runs)
         print(text)

@@ -102,11 +102,17 @@ def shapes(size: str) -> list[tuple[str, tuple[int, ...]]]:
     out = [("model.embed_tokens.weight", (vocab, hidden))]
     for i in range(layers):
         p = f"model.layers.{i}."
-        out += [(p + "self_attn.q_proj.weight", (hidden, hidden)), (p + "self_attn.k_proj.weight", (kv_dim, hidden)),
-                (p + "self_attn.v_proj.weight", (kv_dim, hidden)), (p + "self_attn.o_proj.weight", (hidden, hidden)),
-                (p + "mlp.gate_proj.weight", (inter, hidden)), (p + "mlp.up_proj.weight", (inter, hidden)),
-                (p + "mlp.down_proj.weight", (hidden, inter)),
-                (p + "input_layernorm.weight", (hidden,)), (p + "post_attention_layernorm.weight", (hidden,))]
+        out += [
+            (p + "self_attn.q_proj.weight", (hidden, hidden)),
+            (p + "self_attn.k_proj.weight", (kv_dim, hidden)),
+            (p + "self_attn.v_proj.weight", (kv_dim, hidden)),
+            (p + "self_attn.o_proj.weight", (hidden, hidden)),
+            (p + "mlp.gate_proj.weight", (inter, hidden)),
+            (p + "mlp.up_proj.weight", (inter, hidden)),
+            (p + "mlp.down_proj.weight", (hidden, inter)),
+            (p + "input_layernorm.weight", (hidden,)),
+            (p + "post_attention_layernorm.weight", (hidden,)),
+        ]
     return out + [("model.norm.weight", (hidden,)), ("lm_head.weight", (vocab, hidden))]
 
 
@@ -124,20 +130,33 @@ def build_base(size: str, path: Path) -> Path:
     tmp.mkdir(parents=True)
     hidden, inter, layers, vocab, heads, kv, shard = SIZES[size]
     layout = dict(shapes(size))
-    split = split_state_dict_into_shards_factory(layout, get_storage_size=lambda s: 2 * _numel(s),
-                                                 filename_pattern="model{suffix}.safetensors", max_shard_size=shard)
+    split = split_state_dict_into_shards_factory(
+        layout,
+        get_storage_size=lambda s: 2 * _numel(s),
+        filename_pattern="model{suffix}.safetensors",
+        max_shard_size=shard,
+    )
     g = torch.Generator().manual_seed(0)
     for fname, names in split.filename_to_tensors.items():
         state = {n: (torch.randn(layout[n], generator=g) * 0.02).to(torch.bfloat16) for n in names}
         save_file(state, tmp / fname, metadata={"format": "pt"})
         del state
     if split.is_sharded:
-        index = {"metadata": {"total_size": sum(2 * _numel(s) for s in layout.values())},
-                 "weight_map": split.tensor_to_filename}
+        index = {
+            "metadata": {"total_size": sum(2 * _numel(s) for s in layout.values())},
+            "weight_map": split.tensor_to_filename,
+        }
         (tmp / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
-    LlamaConfig(hidden_size=hidden, intermediate_size=inter, num_hidden_layers=layers, vocab_size=vocab,
-                num_attention_heads=heads, num_key_value_heads=kv, tie_word_embeddings=False,
-                dtype="bfloat16").save_pretrained(tmp)
+    LlamaConfig(
+        hidden_size=hidden,
+        intermediate_size=inter,
+        num_hidden_layers=layers,
+        vocab_size=vocab,
+        num_attention_heads=heads,
+        num_key_value_heads=kv,
+        tie_word_embeddings=False,
+        dtype="bfloat16",
+    ).save_pretrained(tmp)
     os.replace(tmp, path)
     return path
 
@@ -169,9 +188,19 @@ def build_adapters(size: str, base: Path, root: Path) -> tuple[Path, Path]:
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir()
         save_file(tensors, tmp / "adapter_model.safetensors", metadata={"format": "pt"})
-        config = {"peft_type": "LORA", "task_type": "CAUSAL_LM", "r": RANK, "lora_alpha": ALPHA,
-                  "target_modules": TARGETS, "lora_dropout": 0.0, "bias": "none", "fan_in_fan_out": False,
-                  "base_model_name_or_path": str(base), "inference_mode": True, "init_lora_weights": True}
+        config = {
+            "peft_type": "LORA",
+            "task_type": "CAUSAL_LM",
+            "r": RANK,
+            "lora_alpha": ALPHA,
+            "target_modules": TARGETS,
+            "lora_dropout": 0.0,
+            "bias": "none",
+            "fan_in_fan_out": False,
+            "base_model_name_or_path": str(base),
+            "inference_mode": True,
+            "init_lora_weights": True,
+        }
         (tmp / "adapter_config.json").write_text(json.dumps(config, indent=2))
         os.replace(tmp, peft_dir)
     if not native.exists():
@@ -187,7 +216,9 @@ def drop_or_warm(base: Path, drop: bool) -> None:
         try:
             Path("/proc/sys/vm/drop_caches").write_text("3\n")
         except OSError as exc:
-            raise SystemExit(f"--drop-cache needs root and a writable /proc/sys/vm/drop_caches ({exc})") from None
+            raise SystemExit(
+                f"--drop-cache needs root and a writable /proc/sys/vm/drop_caches ({exc})"
+            ) from None
         return
     for f in sorted(base.iterdir()):
         with open(f, "rb") as fh:
@@ -213,7 +244,9 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--size", choices=sorted(SIZES), default="tinyllama")
     ap.add_argument("--device", default="cpu", help="device for loraformat merge (auto, cpu, cuda)")
-    ap.add_argument("--skip-peft", action="store_true", help="skip PEFT (slow, needs RAM for the whole model)")
+    ap.add_argument(
+        "--skip-peft", action="store_true", help="skip PEFT (slow, needs RAM for the whole model)"
+    )
     ap.add_argument("--skip-naive", action="store_true")
     ap.add_argument("--repeat", type=int, default=3)
     ap.add_argument("--drop-cache", action="store_true", help="drop the page cache before each method (root)")
@@ -224,8 +257,13 @@ def main() -> None:
 
     root = args.out / f"merge-{args.size}"
     root.mkdir(parents=True, exist_ok=True)
-    env = {**os.environ, "LORAFORMAT_CACHE": str(args.out / "cache"), "HF_HUB_OFFLINE": "1",
-           "TRANSFORMERS_VERBOSITY": "error", "PYTHONWARNINGS": "ignore"}
+    env = {
+        **os.environ,
+        "LORAFORMAT_CACHE": str(args.out / "cache"),
+        "HF_HUB_OFFLINE": "1",
+        "TRANSFORMERS_VERBOSITY": "error",
+        "PYTHONWARNINGS": "ignore",
+    }
     os.environ["LORAFORMAT_CACHE"] = env["LORAFORMAT_CACHE"]
     base, peft_dir, native = root / "base", root / "adapter-peft", root / "adapter.safetensors"
     if args.build:
@@ -234,8 +272,11 @@ def main() -> None:
     if not native.exists():
         # in a child: this process must stay small, because a child's ru_maxrss starts from its parent's RSS
         t0 = time.perf_counter()
-        subprocess.run([sys.executable, __file__, "--build", "--size", args.size, "--out", str(args.out)],
-                       check=True, env=env)
+        subprocess.run(
+            [sys.executable, __file__, "--build", "--size", args.size, "--out", str(args.out)],
+            check=True,
+            env=env,
+        )
         print(f"inputs ready in {time.perf_counter() - t0:.1f} s: {base}", file=sys.stderr)
     shard = SIZES[args.size][6]
     out = root / "merged"
@@ -262,33 +303,44 @@ def main() -> None:
             results[name].append((seconds, rss))
             if name.startswith("lf-") and stdout.strip().startswith("{"):
                 details[name] = json.loads(stdout)
-            print(f"[{rep + 1}/{args.repeat}] {name:9s} {seconds:7.2f} s  peak RSS {rss / 2**30:.2f} GiB",
-                  file=sys.stderr)
+            print(
+                f"[{rep + 1}/{args.repeat}] {name:9s} {seconds:7.2f} s  peak RSS {rss / 2**30:.2f} GiB",
+                file=sys.stderr,
+            )
     shutil.rmtree(out, ignore_errors=True)
 
     size_gb = sum(f.stat().st_size for f in base.iterdir()) / 1e9
     floor_med = statistics.median(s for s, _ in results["copy"])
     floor_best = min(s for s, _ in results["copy"])
-    print(f"\n{args.size}: {size_gb:.2f} GB base, {len(list(base.glob('*.safetensors')))} shards; "
-          f"{platform.machine()}, {os.cpu_count()} CPUs; device {args.device}; {args.repeat} runs; "
-          f"{'cold' if args.drop_cache else 'warm'} page cache\n")
+    print(
+        f"\n{args.size}: {size_gb:.2f} GB base, {len(list(base.glob('*.safetensors')))} shards; "
+        f"{platform.machine()}, {os.cpu_count()} CPUs; device {args.device}; {args.repeat} runs; "
+        f"{'cold' if args.drop_cache else 'warm'} page cache\n"
+    )
     print("| method | best | median | best / copy best | median / copy median | peak RSS (max) |")
     print("|---|---|---|---|---|---|")
     for name, runs in results.items():
         times = [s for s, _ in runs]
         best, med = min(times), statistics.median(times)
         rss = max(r for _, r in runs)
-        print(f"| {name} | {best:.2f} s | {med:.2f} s | {best / floor_best:.2f}x | {med / floor_med:.2f}x | "
-              f"{rss / 2**30:.2f} GiB |")
+        print(
+            f"| {name} | {best:.2f} s | {med:.2f} s | {best / floor_best:.2f}x | {med / floor_med:.2f}x | "
+            f"{rss / 2**30:.2f} GiB |"
+        )
     for name, d in details.items():
-        print(f"\n{name}: {d.get('backend', '?')} backend; {d['tensors_merged']} tensors merged, "
-              f"{d['tensors_copied']} copied; "
-              f"{d['bytes_read'] / 1e9:.2f} GB read, {d['bytes_written'] / 1e9:.2f} GB written; in-process "
-              f"{d['seconds']:.2f} s; verified {d['verified']['tensors']} tensors; peak GPU "
-              f"{d['peak_gpu_bytes'] / 2**30:.2f} GiB")
+        print(
+            f"\n{name}: {d.get('backend', '?')} backend; {d['tensors_merged']} tensors merged, "
+            f"{d['tensors_copied']} copied; "
+            f"{d['bytes_read'] / 1e9:.2f} GB read, {d['bytes_written'] / 1e9:.2f} GB written; in-process "
+            f"{d['seconds']:.2f} s; verified {d['verified']['tensors']} tensors; peak GPU "
+            f"{d['peak_gpu_bytes'] / 2**30:.2f} GiB"
+        )
     if args.json:
-        args.json.write_text(json.dumps({"size": args.size, "device": args.device, "results": results,
-                                         "details": details}, indent=2))
+        args.json.write_text(
+            json.dumps(
+                {"size": args.size, "device": args.device, "results": results, "details": details}, indent=2
+            )
+        )
 
 
 if __name__ == "__main__":

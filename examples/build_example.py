@@ -20,16 +20,30 @@ def main(out: Path) -> None:
     from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(0)
-    config = LlamaConfig(hidden_size=256, intermediate_size=688, num_hidden_layers=4, num_attention_heads=8,
-                         num_key_value_heads=4, vocab_size=1024, max_position_embeddings=256,
-                         tie_word_embeddings=False)
+    config = LlamaConfig(
+        hidden_size=256,
+        intermediate_size=688,
+        num_hidden_layers=4,
+        num_attention_heads=8,
+        num_key_value_heads=4,
+        vocab_size=1024,
+        max_position_embeddings=256,
+        tie_word_embeddings=False,
+    )
     LlamaForCausalLM(config).to(torch.bfloat16).save_pretrained(out / "base", max_shard_size="2MB")
-    for name, seed, targets, rank in (("peft-summarise", 1, ["q_proj", "v_proj", "o_proj"], 8),
-                                      ("peft-translate", 2, ["q_proj", "k_proj", "v_proj", "up_proj"], 16)):
+    for name, seed, targets, rank in (
+        ("peft-summarise", 1, ["q_proj", "v_proj", "o_proj"], 8),
+        ("peft-translate", 2, ["q_proj", "k_proj", "v_proj", "up_proj"], 16),
+    ):
         torch.manual_seed(seed)
         base = AutoModelForCausalLM.from_pretrained(out / "base")
-        lora = LoraConfig(r=rank, lora_alpha=2 * rank, target_modules=targets, init_lora_weights=False,
-                          task_type="CAUSAL_LM")
+        lora = LoraConfig(
+            r=rank,
+            lora_alpha=2 * rank,
+            target_modules=targets,
+            init_lora_weights=False,
+            task_type="CAUSAL_LM",
+        )
         get_peft_model(base, lora).save_pretrained(out / name)
     print(f"built {out}/base (4 layers, bf16, sharded) and two PEFT adapters")
 

@@ -39,7 +39,9 @@ class ModuleKeys:
     bias: str | None = None
 
 
-def module_keys(module: str, entry: ModuleEntry, *, dora: bool = False, lora_bias: bool = False) -> ModuleKeys:
+def module_keys(
+    module: str, entry: ModuleEntry, *, dora: bool = False, lora_bias: bool = False
+) -> ModuleKeys:
     prefix = spec.PEFT_PREFIX + module
     if entry.kind == spec.KIND_EMBEDDING:
         a, b = f"{prefix}.lora_embedding_A", f"{prefix}.lora_embedding_B"
@@ -73,7 +75,9 @@ class Adapter:
 
     # -- keys and tensors -------------------------------------------------------------------------------------
     def keys(self, module: str) -> ModuleKeys:
-        return module_keys(module, self.meta.modules[module], dora=self.meta.dora, lora_bias=self.meta.lora_bias)
+        return module_keys(
+            module, self.meta.modules[module], dora=self.meta.dora, lora_bias=self.meta.lora_bias
+        )
 
     def tensor(self, key: str) -> torch.Tensor:
         return self.source.get(key)
@@ -160,8 +164,9 @@ def _vector_shape(entry: ModuleEntry) -> tuple[int, ...]:
     return (entry.out_features,)
 
 
-def _pair_problems(module: str, entry: ModuleEntry, keys: ModuleKeys, infos: dict[str, TensorInfo],
-                   what: str) -> list[tuple[str, str, str]]:
+def _pair_problems(
+    module: str, entry: ModuleEntry, keys: ModuleKeys, infos: dict[str, TensorInfo], what: str
+) -> list[tuple[str, str, str]]:
     """Findings for one module's lora_A/lora_B pair, most specific first."""
     out: list[tuple[str, str, str]] = []
     want_a, want_b = expected_shapes(entry)
@@ -175,9 +180,14 @@ def _pair_problems(module: str, entry: ModuleEntry, keys: ModuleKeys, infos: dic
     for role, info, want in (("A", a, want_a), ("B", b, want_b)):
         if info is not None and len(info.shape) != len(want):
             ndim_ok = False
-            out.append(("wrong-ndim", module,
-                        f"lora_{role} has {len(info.shape)} dims {list(info.shape)}, expected {len(want)} for a "
-                        f"{entry.kind} layer"))
+            out.append(
+                (
+                    "wrong-ndim",
+                    module,
+                    f"lora_{role} has {len(info.shape)} dims {list(info.shape)}, expected {len(want)} for a "
+                    f"{entry.kind} layer",
+                )
+            )
     if not ndim_ok:
         return out
     rank_a = a.shape[0] if a is not None else None
@@ -187,12 +197,19 @@ def _pair_problems(module: str, entry: ModuleEntry, keys: ModuleKeys, infos: dic
         return out
     rank = rank_a if rank_a is not None else rank_b
     if rank is not None and rank != entry.rank:
-        out.append(("metadata-rank", module, f"{what} says rank {entry.rank} but the tensors have rank {rank}"))
+        out.append(
+            ("metadata-rank", module, f"{what} says rank {entry.rank} but the tensors have rank {rank}")
+        )
         want_a, want_b = (rank, *want_a[1:]), (want_b[0], rank, *want_b[2:])
     for role, info, want in (("A", a, want_a), ("B", b, want_b)):
         if info is not None and info.shape != want:
-            out.append(("shape-mismatch", module,
-                        f"lora_{role} shape {list(info.shape)} != {list(want)} from the {what}"))
+            out.append(
+                (
+                    "shape-mismatch",
+                    module,
+                    f"lora_{role} shape {list(info.shape)} != {list(want)} from the {what}",
+                )
+            )
     return out
 
 
@@ -204,7 +221,9 @@ def parse_native_metadata(raw: dict[str, str], *, path: str) -> AdapterMetadata:
     try:
         document = json.loads(raw[spec.METADATA_KEY])
     except (ValueError, RecursionError) as exc:
-        raise SchemaError(f"__metadata__[{spec.METADATA_KEY!r}] is not valid JSON ({exc})", path=path) from None
+        raise SchemaError(
+            f"__metadata__[{spec.METADATA_KEY!r}] is not valid JSON ({exc})", path=path
+        ) from None
     if not isinstance(document, dict):
         raise SchemaError(f"__metadata__[{spec.METADATA_KEY!r}] is not a JSON object", path=path)
     spec.check_version(document.get("spec_version"), path=path)
@@ -237,15 +256,17 @@ def _pickle_refused(path: Path) -> PickleRefusedError:
     )
 
 
-def _locate(p: Path, config_data: dict[str, Any] | None, allow_pickle: bool
-            ) -> tuple[Path, str, dict[str, Any] | None]:
+def _locate(
+    p: Path, config_data: dict[str, Any] | None, allow_pickle: bool
+) -> tuple[Path, str, dict[str, Any] | None]:
     """(weights file, adapter name, PEFT config or None) for what the user gave."""
     if p.is_dir():
         weights, pickle_file = p / PEFT_WEIGHTS, p / PEFT_PICKLE
         if not weights.is_file():
             if not pickle_file.is_file():
                 raise InputNotFoundError(
-                    f"is a directory without {PEFT_WEIGHTS} or {PEFT_PICKLE}: not a PEFT adapter directory", path=p
+                    f"is a directory without {PEFT_WEIGHTS} or {PEFT_PICKLE}: not a PEFT adapter directory",
+                    path=p,
                 )
             if not allow_pickle:
                 raise _pickle_refused(pickle_file)
@@ -290,7 +311,9 @@ def open_adapter(
     file, name, config_data = _locate(p, config_data, allow_pickle)
     if file.suffix in PICKLE_SUFFIXES:
         if config_data is None:
-            raise AdapterError(f"a pickle adapter needs its {PEFT_CONFIG} (beside it, or --config)", path=file)
+            raise AdapterError(
+                f"a pickle adapter needs its {PEFT_CONFIG} (beside it, or --config)", path=file
+            )
         adapter = _open_pickle(file, config_data, name, str(p))
     else:
         source = SafetensorsSource(file)
@@ -323,7 +346,9 @@ def _open_pickle(file: Path, config_data: dict[str, Any], name: str, given: str)
         state = torch.load(file, map_location="cpu", weights_only=True)
     except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError, OSError, AttributeError) as exc:
         first = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else exc.__class__.__name__
-        raise AdapterError(f"cannot be loaded with torch.load(weights_only=True): {first}", path=file) from None
+        raise AdapterError(
+            f"cannot be loaded with torch.load(weights_only=True): {first}", path=file
+        ) from None
     if not isinstance(state, dict) or not all(
         isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in state.items()
     ):
@@ -346,4 +371,3 @@ def adapter_weights(weights: Sequence[float] | None, n: int) -> list[float]:
     if not all(math.isfinite(w) for w in ws):
         raise UsageError("weights must be finite numbers")
     return ws
-

@@ -47,28 +47,46 @@ def base_problems(meta: AdapterMetadata, ck: Checkpoint) -> list[Problem]:
         if info is None:
             out.append(("missing-target", module, f"base has no tensor {entry.base_tensor!r}"))
         elif info.shape != entry.base_shape:
-            out.append(("target-shape", module,
-                        f"base tensor {entry.base_tensor!r} is {list(info.shape)}, adapter expects "
-                        f"{list(entry.base_shape)}"))
+            out.append(
+                (
+                    "target-shape",
+                    module,
+                    f"base tensor {entry.base_tensor!r} is {list(info.shape)}, adapter expects "
+                    f"{list(entry.base_shape)}",
+                )
+            )
     for key, base_name in sorted(meta.saved_tensors.items()):
         if ck.info(base_name) is None:
             out.append(("missing-target", key, f"base has no tensor {base_name!r} to replace"))
     recorded = meta.base_model.structure_hash
     if recorded and recorded != structure_hash(ck):
-        out.append(("structure-hash", "base_model.structure_hash",
-                    "base structure hash differs from the one recorded: this adapter was made for another base"))
+        out.append(
+            (
+                "structure-hash",
+                "base_model.structure_hash",
+                "base structure hash differs from the one recorded: this adapter was made for another base",
+            )
+        )
     return out
 
 
-def saved_shape_problems(meta: AdapterMetadata, ck: Checkpoint, shapes: dict[str, tuple[int, ...]]) -> list[Problem]:
+def saved_shape_problems(
+    meta: AdapterMetadata, ck: Checkpoint, shapes: dict[str, tuple[int, ...]]
+) -> list[Problem]:
     """Saved whole tensors (modules_to_save, biases, embedding base layers) whose shape differs from the base
     tensor they replace, e.g. an embedding resized during training; ``shapes`` maps tensor key -> shape."""
     out: list[Problem] = []
     for key, base_name in sorted(meta.saved_tensors.items()):
         info = ck.info(base_name)
         if info is not None and key in shapes and tuple(shapes[key]) != info.shape:
-            out.append(("saved-shape", key, f"replaces base tensor {base_name!r} of shape {list(info.shape)} "
-                                            f"but is {list(shapes[key])}"))
+            out.append(
+                (
+                    "saved-shape",
+                    key,
+                    f"replaces base tensor {base_name!r} of shape {list(info.shape)} "
+                    f"but is {list(shapes[key])}",
+                )
+            )
     return out
 
 

@@ -141,7 +141,9 @@ def merge_base(adapters: Sequence[Adapter], *, force: bool) -> tuple[BaseModel, 
                     raise ComposeError(
                         f"{adapters[j].path} and {adapters[i].path} were made for different bases "
                         f"({bases[j].id or bases[j].content_hash} vs {a.id or a.content_hash}); "
-                        "use --force to compose them anyway", path=adapters[i].path)
+                        "use --force to compose them anyway",
+                        path=adapters[i].path,
+                    )
                 return _common_base(bases, agreed=False), False
     return _common_base(bases, agreed=True), True
 
@@ -170,12 +172,20 @@ def _plan(adapters: Sequence[Adapter]) -> dict[str, list[int]]:
         for module, entry in a.meta.modules.items():
             if module in first:
                 j, ref = first[module]
-                for attr in ("kind", "in_features", "out_features", "kernel_size", "base_tensor", "fan_in_fan_out"):
+                for attr in (
+                    "kind",
+                    "in_features",
+                    "out_features",
+                    "kernel_size",
+                    "base_tensor",
+                    "fan_in_fan_out",
+                ):
                     if getattr(ref, attr) != getattr(entry, attr):
                         raise ComposeError(
                             f"module {module}: {attr} {getattr(ref, attr)} in {adapters[j].path} but "
                             f"{getattr(entry, attr)} in {a.path}; adapters disagree about this module",
-                            path=a.path)
+                            path=a.path,
+                        )
             else:
                 first[module] = (i, entry)
             plan.setdefault(module, []).append(i)
@@ -193,13 +203,18 @@ def _saved(adapters: Sequence[Adapter]) -> tuple[dict[str, str], dict[str, Any],
     ref = owners[0]
     tensors = {k: ref.tensor(k) for k in ref.meta.saved_tensors}
     for other in owners[1:]:
-        same = (other.meta.saved_tensors == ref.meta.saved_tensors and other.meta.bias == ref.meta.bias
-                and sorted(other.meta.modules_to_save) == sorted(ref.meta.modules_to_save)
-                and all(torch.equal(other.tensor(k), t) for k, t in tensors.items()))
+        same = (
+            other.meta.saved_tensors == ref.meta.saved_tensors
+            and other.meta.bias == ref.meta.bias
+            and sorted(other.meta.modules_to_save) == sorted(ref.meta.modules_to_save)
+            and all(torch.equal(other.tensor(k), t) for k, t in tensors.items())
+        )
         if not same:
             raise ComposeError(
                 f"{ref.path} and {other.path} both carry whole saved tensors (modules_to_save or bias) that "
-                "differ; they replace base weights and cannot be summed", path=other.path)
+                "differ; they replace base weights and cannot be summed",
+                path=other.path,
+            )
     return dict(ref.meta.saved_tensors), tensors, list(ref.meta.modules_to_save), ref.meta.bias
 
 
@@ -212,14 +227,21 @@ def _term(adapter: Adapter, module: str, coef: float, device: torch.device, dtyp
     return Term(A, B, coef * adapter.scale(module))
 
 
-def shape_factors(entry: ModuleEntry, A: torch.Tensor, B: torch.Tensor, dtype: torch.dtype,
-                  dtype_b: torch.dtype | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+def shape_factors(
+    entry: ModuleEntry,
+    A: torch.Tensor,
+    B: torch.Tensor,
+    dtype: torch.dtype,
+    dtype_b: torch.dtype | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Flattened factors back to the file's shapes (conv kernels unfolded), on the CPU, in ``dtype``."""
     from loraformat.adapter import expected_shapes
 
     want_a, want_b = expected_shapes(entry)
-    return (A.reshape(want_a).to("cpu", dtype).contiguous(),
-            B.reshape(want_b).to("cpu", dtype_b or dtype).contiguous())
+    return (
+        A.reshape(want_a).to("cpu", dtype).contiguous(),
+        B.reshape(want_b).to("cpu", dtype_b or dtype).contiguous(),
+    )
 
 
 def compose(
@@ -248,7 +270,9 @@ def compose(
     w = adapter_weights(weights, len(adapters))
     spec = parse_rank_spec(rank)
     if spec is not None and method not in LOWRANK_METHODS:
-        raise UsageError(f"--rank does not apply to {method} (it is exact); use --method svd to reduce the rank")
+        raise UsageError(
+            f"--rank does not apply to {method} (it is exact); use --method svd to reduce the rank"
+        )
     if method in DENSITY_METHODS:
         if density is None:
             raise UsageError(f"--method {method} needs --density (fraction of entries kept, e.g. 0.5)")
@@ -263,8 +287,11 @@ def compose(
         out_path = check_output_path(out, parents, overwrite)
         for a in parents:
             if a.meta.dora:
-                raise ComposeError("is a DoRA adapter: its magnitude vector makes the delta nonlinear, so it "
-                                   "cannot be composed exactly; merge it into the base instead", path=a.path)
+                raise ComposeError(
+                    "is a DoRA adapter: its magnitude vector makes the delta nonlinear, so it "
+                    "cannot be composed exactly; merge it into the base instead",
+                    path=a.path,
+                )
         base, agreed = merge_base(parents, force=force)
         plan = _plan(parents)
         saved, saved_tensors, modules_to_save, bias = _saved(parents)
@@ -281,12 +308,20 @@ def compose(
             ref = parents[idx[0]].meta.modules[module]
             terms = [_term(parents[i], module, w[i], dev, fdtype) for i in idx]
             gen = combine.module_generator(seed, module, dev) if method in SEEDED_METHODS else None
-            A, B, kept = combine.compose_module(method, terms, rank=spec, density=density or 1.0, generator=gen)
+            A, B, kept = combine.compose_module(
+                method, terms, rank=spec, density=density or 1.0, generator=gen
+            )
             k = int(A.shape[0])
-            entry = ModuleEntry(kind=ref.kind, rank=k, alpha=float(k), in_features=ref.in_features,
-                                out_features=ref.out_features, base_tensor=ref.base_tensor,
-                                fan_in_fan_out=ref.fan_in_fan_out,
-                                kernel_size=list(ref.kernel_size) if ref.kernel_size else None)
+            entry = ModuleEntry(
+                kind=ref.kind,
+                rank=k,
+                alpha=float(k),
+                in_features=ref.in_features,
+                out_features=ref.out_features,
+                base_tensor=ref.base_tensor,
+                fan_in_fan_out=ref.fan_in_fan_out,
+                kernel_size=list(ref.kernel_size) if ref.kernel_size else None,
+            )
             keys = module_keys(module, entry, lora_bias=lora_bias)
             tensors[keys.A], tensors[keys.B] = shape_factors(entry, A, B, out_dtype)
             if keys.bias:
@@ -296,8 +331,10 @@ def compose(
             if progress:
                 progress(1)
         tensors.update(saved_tensors)
-        parent_info = [Parent(content_hash=parent_hash(a), weight=wi, name=a.meta.name)
-                       for a, wi in zip(parents, w, strict=True)]
+        parent_info = [
+            Parent(content_hash=parent_hash(a), weight=wi, name=a.meta.name)
+            for a, wi in zip(parents, w, strict=True)
+        ]
 
     details: dict[str, Any] = {"device": dev.type}
     if method in DENSITY_METHODS:
@@ -309,20 +346,35 @@ def compose(
     if not agreed:
         details["forced_different_bases"] = True
     meta = AdapterMetadata(
-        modules=modules, scaling=fmt.SCALING_STANDARD, dora=False, bias=bias, lora_bias=lora_bias,
-        modules_to_save=modules_to_save, saved_tensors=saved, name=name or out_path.stem,
+        modules=modules,
+        scaling=fmt.SCALING_STANDARD,
+        dora=False,
+        bias=bias,
+        lora_bias=lora_bias,
+        modules_to_save=modules_to_save,
+        saved_tensors=saved,
+        name=name or out_path.stem,
         description=f"{method} of " + ", ".join(f"{p.name} (weight {p.weight:g})" for p in parent_info),
-        task=_common(a.meta.task for a in parents), license=_common(a.meta.license for a in parents),
+        task=_common(a.meta.task for a in parents),
+        license=_common(a.meta.license for a in parents),
         base_model=base,
-        provenance=Provenance(method=method, parents=parent_info, rank=spec.to_json() if spec else None,
-                              details=details),
+        provenance=Provenance(
+            method=method, parents=parent_info, rank=spec.to_json() if spec else None, details=details
+        ),
     )
     content_hash = write_native(out_path, meta, tensors, overwrite=overwrite)
     return ComposeResult(
-        output=str(out_path), method=method, rank=spec.to_json() if spec else None, content_hash=content_hash,
+        output=str(out_path),
+        method=method,
+        rank=spec.to_json() if spec else None,
+        content_hash=content_hash,
         parents=[{"path": os.fspath(p), **pi.to_dict()} for p, pi in zip(adapters, parent_info, strict=True)],
-        modules=report, parameters=lora_params(tensors, saved), file_size=os.path.getsize(out_path),
-        base_kept=agreed, forced=not agreed, seconds=time.perf_counter() - start,
+        modules=report,
+        parameters=lora_params(tensors, saved),
+        file_size=os.path.getsize(out_path),
+        base_kept=agreed,
+        forced=not agreed,
+        seconds=time.perf_counter() - start,
     )
 
 
@@ -340,8 +392,15 @@ def _output_dtype(adapters: Sequence[Adapter]) -> torch.dtype:
     return dtype or torch.float32
 
 
-def _bias_sum(parents: Sequence[Adapter], idx: Sequence[int], module: str, w: Sequence[float], out_features: int,
-              fdtype: torch.dtype, out_dtype: torch.dtype) -> torch.Tensor:
+def _bias_sum(
+    parents: Sequence[Adapter],
+    idx: Sequence[int],
+    module: str,
+    w: Sequence[float],
+    out_features: int,
+    fdtype: torch.dtype,
+    out_dtype: torch.dtype,
+) -> torch.Tensor:
     """LoRA biases add like the weights: sum_i w_i s_i b_i (output scale is 1); a parent without one adds 0."""
     import torch
 

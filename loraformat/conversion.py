@@ -45,8 +45,9 @@ def adapter_tensors(adapter: Adapter) -> dict[str, Any]:
     return {k: adapter.tensor(k) for k in adapter.source.infos}
 
 
-def write_peft_dir(out: str | os.PathLike[str], meta: AdapterMetadata, tensors: dict[str, Any], *,
-                   overwrite: bool = False) -> str:
+def write_peft_dir(
+    out: str | os.PathLike[str], meta: AdapterMetadata, tensors: dict[str, Any], *, overwrite: bool = False
+) -> str:
     """A PEFT adapter directory whose weights file is the native (self-describing) loraformat file: PEFT reads
     the tensors and the generated config, loraformat reads the full metadata."""
     with atomic_dir(out, overwrite=overwrite) as tmp:
@@ -68,8 +69,11 @@ def _check_paths(src: Path, dst: Path, config: str | os.PathLike[str] | None) ->
             continue
         inp = given.resolve()
         if _inside(out, inp) or _inside(inp, out):
-            raise UsageError(f"output {dst} would overwrite or contain the input {given}; inputs are never "
-                             "modified, choose another output", path=dst)
+            raise UsageError(
+                f"output {dst} would overwrite or contain the input {given}; inputs are never "
+                "modified, choose another output",
+                path=dst,
+            )
 
 
 def convert(
@@ -101,7 +105,12 @@ def convert(
         source_format = adapter.source_format
         if source_format != "loraformat":
             meta.provenance = Provenance(method="convert", source_format=source_format)
-        for attr, value in (("name", name), ("description", description), ("task", task), ("license", license)):
+        for attr, value in (
+            ("name", name),
+            ("description", description),
+            ("task", task),
+            ("license", license),
+        ):
             if value is not None:
                 setattr(meta, attr, value)
         if base_id is not None:

@@ -128,17 +128,29 @@ def format_text(d: dict[str, Any]) -> str:
     params = d["parameters"]
     fmt = d["source_format"] + (f" (spec {d['spec_version']})" if d["spec_version"] else "")
     targets = "; ".join(
-        f"{kind}: " + ", ".join(f"{leaf} x{n}" for leaf, n in leaves.items()) for kind, leaves in d["targets"].items()
+        f"{kind}: " + ", ".join(f"{leaf} x{n}" for leaf, n in leaves.items())
+        for kind, leaves in d["targets"].items()
     )
-    extras = [x for x, on in (("DoRA", d["dora"]), ("lora_bias", d["lora_bias"]),
-                              ("fan_in_fan_out", d["fan_in_fan_out"])) if on]
+    extras = [
+        x
+        for x, on in (
+            ("DoRA", d["dora"]),
+            ("lora_bias", d["lora_bias"]),
+            ("fan_in_fan_out", d["fan_in_fan_out"]),
+        )
+        if on
+    ]
     lines = [
         f"adapter      {d['name']}  [{d['path']}]",
         f"format       {fmt}",
         f"base         {bm['id'] or '-'}" + (f" @ {bm['revision']}" if bm["revision"] else ""),
         f"  structure  {_short(bm['structure_hash'])}",
         f"  content    {_short(bm['content_hash'])}"
-        + (f" ({bm['hash_algorithm']}, {bm['target_digests']} target digests)" if bm["hash_algorithm"] else ""),
+        + (
+            f" ({bm['hash_algorithm']}, {bm['target_digests']} target digests)"
+            if bm["hash_algorithm"]
+            else ""
+        ),
         f"rank         {_join(d['ranks'])}",
         f"alpha        {_join(d['alphas'])}",
         f"scaling      {d['scaling']} = {_join(d['scales'])}",
@@ -146,7 +158,9 @@ def format_text(d: dict[str, Any]) -> str:
         f"targets      {d['module_count']} modules ({targets})",
     ]
     if d["modules_to_save"]:
-        lines.append(f"saved        {', '.join(d['modules_to_save'])} ({params['saved_tensors']:,} parameters)")
+        lines.append(
+            f"saved        {', '.join(d['modules_to_save'])} ({params['saved_tensors']:,} parameters)"
+        )
     lines += [
         f"parameters   {params['summary']} than full fine-tuning of the targeted weights",
         f"file         {human_bytes(d['file_size'])}, {d['tensors']} tensors, "
@@ -158,12 +172,18 @@ def format_text(d: dict[str, Any]) -> str:
         lines.append(f"description  {d['description']}")
     prov = d["provenance"]
     if prov:
-        parents = ", ".join(f"{p.get('name') or _short(p.get('content_hash'))} x{p.get('weight')}"
-                            for p in prov.get("parents", []))
-        lines.append(f"provenance   {prov.get('method')}"
-                     + (f" from {prov['source_format']}" if prov.get("source_format") else "")
-                     + (f" of {parents}" if parents else ""))
+        parents = ", ".join(
+            f"{p.get('name') or _short(p.get('content_hash'))} x{p.get('weight')}"
+            for p in prov.get("parents", [])
+        )
+        lines.append(
+            f"provenance   {prov.get('method')}"
+            + (f" from {prov['source_format']}" if prov.get("source_format") else "")
+            + (f" of {parents}" if parents else "")
+        )
     if d["created"]:
         by = d["created_by"]
-        lines.append(f"created      {d['created']}" + (f" by {by.get('tool')} {by.get('version')}" if by else ""))
+        lines.append(
+            f"created      {d['created']}" + (f" by {by.get('tool')} {by.get('version')}" if by else "")
+        )
     return "\n".join(lines)

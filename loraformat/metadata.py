@@ -118,7 +118,12 @@ class Parent:
     extra: dict[str, Any] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
-        return {**self.extra, "content_hash": self.content_hash, "weight": _num(self.weight), "name": self.name}
+        return {
+            **self.extra,
+            "content_hash": self.content_hash,
+            "weight": _num(self.weight),
+            "name": self.name,
+        }
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> Parent:

@@ -94,12 +94,17 @@ def rescale(
     with open_adapter(adapter) as src:
         out_path = check_output_path(out, [src], overwrite)
         if src.meta.dora:
-            raise ComposeError("is a DoRA adapter: its magnitude vector makes the delta nonlinear, so scaling "
-                               "or truncating the LoRA factors does not scale the delta", path=src.path)
+            raise ComposeError(
+                "is a DoRA adapter: its magnitude vector makes the delta nonlinear, so scaling "
+                "or truncating the LoRA factors does not scale the delta",
+                path=src.path,
+            )
         top = max(src.meta.ranks)
         if spec is not None and spec.rank is not None and spec.rank > top:
-            raise UsageError(f"--rank {spec.rank} is above the adapter's largest rank {top}: rescale only "
-                             "lowers ranks (padding with zeros adds nothing)")
+            raise UsageError(
+                f"--rank {spec.rank} is above the adapter's largest rank {top}: rescale only "
+                "lowers ranks (padding with zeros adds nothing)"
+            )
         meta = copy.deepcopy(src.meta)
         rule = meta.scaling
         tensors = {k: src.tensor(k) for k in src.source.infos}
@@ -120,8 +125,9 @@ def rescale(
                 entry.alpha = new_alpha
                 factor = -1.0 if total < 0 else 1.0
             else:  # optimal truncation, written like compose output: alpha = rank, the factors carry the scale
-                svd = lowrank.qr_core_svd(lowrank.flatten_A(A0).to(dev, fdtype),
-                                          lowrank.flatten_B(B0).to(dev, fdtype))
+                svd = lowrank.qr_core_svd(
+                    lowrank.flatten_A(A0).to(dev, fdtype), lowrank.flatten_B(B0).to(dev, fdtype)
+                )
                 k = lowrank.choose_rank(svd.S, spec, cap=entry.rank)
                 entry.rank, entry.alpha, factor = k, float(k), total
                 if k < rank_before:
@@ -141,23 +147,32 @@ def rescale(
         if spec is not None:
             meta.scaling = fmt.SCALING_STANDARD
         file_size_before = src.file_size
-        parent = Parent(content_hash=parent_hash(src), weight=scale if scale is not None else 1.0,
-                        name=src.meta.name)
+        parent = Parent(
+            content_hash=parent_hash(src), weight=scale if scale is not None else 1.0, name=src.meta.name
+        )
 
     details: dict[str, Any] = {"scale": scale, "alpha": alpha}
     if spec is not None:
         details["energy_kept"] = {m: r["energy_kept"] for m, r in report.items()}
-    meta.provenance = Provenance(method="rescale", parents=[parent], rank=spec.to_json() if spec else None,
-                                 details=details)
+    meta.provenance = Provenance(
+        method="rescale", parents=[parent], rank=spec.to_json() if spec else None, details=details
+    )
     meta.name = name or out_path.stem
     meta.created_by = {}
     meta.content_hash = None
     content_hash = write_native(out_path, meta, tensors, overwrite=overwrite)
     return RescaleResult(
-        output=str(out_path), content_hash=content_hash, scale=scale, alpha=alpha,
-        rank=spec.to_json() if spec else None, modules=report, parameters_before=params_before,
-        parameters_after=lora_params(tensors, meta.saved_tensors), file_size_before=file_size_before,
-        file_size_after=os.path.getsize(out_path), seconds=time.perf_counter() - start,
+        output=str(out_path),
+        content_hash=content_hash,
+        scale=scale,
+        alpha=alpha,
+        rank=spec.to_json() if spec else None,
+        modules=report,
+        parameters_before=params_before,
+        parameters_after=lora_params(tensors, meta.saved_tensors),
+        file_size_before=file_size_before,
+        file_size_after=os.path.getsize(out_path),
+        seconds=time.perf_counter() - start,
     )
 
 
@@ -194,17 +209,23 @@ class SpectrumReport:
             "ranks": list(self.ranks),
             "mean_energy": {str(r): self.mean_energy(r) for r in self.ranks},
             "modules": {
-                name: {"rank": m.rank, "out_features": m.out_features, "in_features": m.in_features,
-                       "singular_values": m.singular_values,
-                       "energy": {str(r): e for r, e in m.energy.items()},
-                       "rank_for": {f"{e:g}": k for e, k in m.rank_for.items()}}
+                name: {
+                    "rank": m.rank,
+                    "out_features": m.out_features,
+                    "in_features": m.in_features,
+                    "singular_values": m.singular_values,
+                    "energy": {str(r): e for r, e in m.energy.items()},
+                    "rank_for": {f"{e:g}": k for e, k in m.rank_for.items()},
+                }
                 for name, m in self.modules.items()
             },
         }
 
     def format_text(self) -> str:
         width = max([len("module"), *(len(n) for n in self.modules)])
-        head = f"{'module':<{width}}  rank  sigma_1    r@90% r@99%" + "".join(f"  E@{r:<4}" for r in self.ranks)
+        head = f"{'module':<{width}}  rank  sigma_1    r@90% r@99%" + "".join(
+            f"  E@{r:<4}" for r in self.ranks
+        )
         lines = [
             f"{self.path}: singular values of each module's delta ({len(self.modules)} modules, "
             f"scaling {self.scaling}{', DoRA: direction delta only' if self.dora else ''})",
@@ -213,14 +234,20 @@ class SpectrumReport:
         ]
         for name, m in self.modules.items():
             s1 = m.singular_values[0] if m.singular_values else 0.0
-            lines.append(f"{name:<{width}}  {m.rank:>4}  {s1:<9.3e}  {m.rank_for[0.9]:>5} {m.rank_for[0.99]:>5}"
-                         + "".join(f"  {m.energy[r]:<6.4f}" for r in self.ranks))
-        lines.append(f"{'mean':<{width}}  {'':>4}  {'':<9}  {'':>5} {'':>5}"
-                     + "".join(f"  {self.mean_energy(r):<6.4f}" for r in self.ranks))
+            lines.append(
+                f"{name:<{width}}  {m.rank:>4}  {s1:<9.3e}  {m.rank_for[0.9]:>5} {m.rank_for[0.99]:>5}"
+                + "".join(f"  {m.energy[r]:<6.4f}" for r in self.ranks)
+            )
+        lines.append(
+            f"{'mean':<{width}}  {'':>4}  {'':<9}  {'':>5} {'':>5}"
+            + "".join(f"  {self.mean_energy(r):<6.4f}" for r in self.ranks)
+        )
         return "\n".join(lines)
 
 
-def spectrum(adapter: PathLike, *, ranks: Sequence[int] = (4, 8, 16, 32), device: str = "cpu") -> SpectrumReport:
+def spectrum(
+    adapter: PathLike, *, ranks: Sequence[int] = (4, 8, 16, 32), device: str = "cpu"
+) -> SpectrumReport:
     """Per-module singular values of the delta ``s * B @ A`` (QR-core, no dense product) to help choose a rank."""
     from loraformat.ops import lowrank
 
@@ -236,10 +263,17 @@ def spectrum(adapter: PathLike, *, ranks: Sequence[int] = (4, 8, 16, 32), device
             A, B = lowrank.flatten_A(A).to(dev, fdtype), lowrank.flatten_B(B).to(dev, fdtype)
             S = lowrank.singular_values(A, B) * abs(src.scale(module))
             modules[module] = ModuleSpectrum(
-                rank=entry.rank, out_features=entry.out_features, in_features=entry.in_features,
+                rank=entry.rank,
+                out_features=entry.out_features,
+                in_features=entry.in_features,
                 singular_values=[float(x) for x in S.cpu()],
                 energy={r: lowrank.energy_kept(S, r) for r in ranks},
                 rank_for={e: lowrank.energy_rank(S, e) for e in (0.9, 0.99)},
             )
-        return SpectrumReport(path=os.fspath(adapter), scaling=src.meta.scaling, dora=src.meta.dora, ranks=ranks,
-                              modules=modules)
+        return SpectrumReport(
+            path=os.fspath(adapter),
+            scaling=src.meta.scaling,
+            dora=src.meta.dora,
+            ranks=ranks,
+            modules=modules,
+        )

@@ -21,9 +21,28 @@ SCHEMA_FILE = "adapter-v1.schema.json"
 
 _ANNOTATIONS = {"$schema", "$id", "$comment", "$defs", "title", "description", "default", "examples"}
 _KEYWORDS = {
-    "$ref", "type", "enum", "const", "pattern", "required", "properties", "additionalProperties",
-    "propertyNames", "minProperties", "items", "minItems", "maxItems", "minimum", "maximum", "exclusiveMinimum",
-    "minLength", "oneOf", "anyOf", "if", "then", "else",
+    "$ref",
+    "type",
+    "enum",
+    "const",
+    "pattern",
+    "required",
+    "properties",
+    "additionalProperties",
+    "propertyNames",
+    "minProperties",
+    "items",
+    "minItems",
+    "maxItems",
+    "minimum",
+    "maximum",
+    "exclusiveMinimum",
+    "minLength",
+    "oneOf",
+    "anyOf",
+    "if",
+    "then",
+    "else",
 }
 
 
@@ -43,7 +62,9 @@ def _uses_only_known_keywords(node: Any) -> bool:
         if key in ("properties", "$defs"):
             if not all(_uses_only_known_keywords(v) for v in value.values()):
                 return False
-        elif key not in ("enum", "const", "required", "pattern", "type") and not _uses_only_known_keywords(value):
+        elif key not in ("enum", "const", "required", "pattern", "type") and not _uses_only_known_keywords(
+            value
+        ):
             return False
     return True
 
@@ -55,7 +76,9 @@ _TYPES = {
     "boolean": lambda v: isinstance(v, bool),
     "null": lambda v: v is None,
     "number": lambda v: isinstance(v, (int, float)) and not isinstance(v, bool),
-    "integer": lambda v: (isinstance(v, int) and not isinstance(v, bool)) or (isinstance(v, float) and v.is_integer()),
+    "integer": lambda v: (
+        (isinstance(v, int) and not isinstance(v, bool)) or (isinstance(v, float) and v.is_integer())
+    ),
 }
 
 
@@ -76,7 +99,9 @@ class _Evaluator:
             node = node[part]
         return node
 
-    def errors(self, node: Any, value: Any, path: tuple[Any, ...] = ()) -> Iterator[tuple[tuple[Any, ...], str]]:
+    def errors(
+        self, node: Any, value: Any, path: tuple[Any, ...] = ()
+    ) -> Iterator[tuple[tuple[Any, ...], str]]:
         if node is True or node == {}:
             return
         if node is False:
@@ -107,7 +132,10 @@ class _Evaluator:
                 yield path, f"{value!r} is less than or equal to the minimum of {node['exclusiveMinimum']!r}"
         if isinstance(value, list):
             if "minItems" in node and len(value) < node["minItems"]:
-                yield path, f"{value!r} should be non-empty" if node["minItems"] == 1 else f"{value!r} is too short"
+                yield (
+                    path,
+                    f"{value!r} should be non-empty" if node["minItems"] == 1 else f"{value!r} is too short",
+                )
             if "maxItems" in node and len(value) > node["maxItems"]:
                 yield path, f"{value!r} is too long"
             if "items" in node:
@@ -132,12 +160,19 @@ class _Evaluator:
             if branch in node:
                 yield from self.errors(node[branch], value, path)
 
-    def _object(self, node: Any, value: dict[str, Any], path: tuple[Any, ...]) -> Iterator[tuple[tuple[Any, ...], str]]:
+    def _object(
+        self, node: Any, value: dict[str, Any], path: tuple[Any, ...]
+    ) -> Iterator[tuple[tuple[Any, ...], str]]:
         for req in node.get("required", ()):
             if req not in value:
                 yield path, f"{req!r} is a required property"
         if "minProperties" in node and len(value) < node["minProperties"]:
-            yield path, f"{value!r} should be non-empty" if node["minProperties"] == 1 else f"{value!r} has too few properties"
+            yield (
+                path,
+                f"{value!r} should be non-empty"
+                if node["minProperties"] == 1
+                else f"{value!r} has too few properties",
+            )
         if "propertyNames" in node:
             for name in value:
                 for _, message in self.errors(node["propertyNames"], name, path):

@@ -64,5 +64,7 @@ def check_version(text: object, *, path: str | None = None) -> tuple[int, int]:
 def scale_for(rule: str, rank: int, alpha: float) -> float:
     """The LoRA scaling factor s of spec/v1.md §Scaling: alpha/r, or alpha/sqrt(r) for rsLoRA."""
     if rule == SCALING_RSLORA:
-        return alpha / math.sqrt(rank)  # as PEFT; rank**0.5 differs in the last bit for some ranks (2921, ...)
+        return alpha / math.sqrt(
+            rank
+        )  # as PEFT; rank**0.5 differs in the last bit for some ranks (2921, ...)
     return alpha / rank

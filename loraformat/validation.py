@@ -62,7 +62,12 @@ class Finding:
     message: str
 
     def to_json(self) -> dict[str, str]:
-        return {"code": self.code, "severity": self.severity, "location": self.location, "message": self.message}
+        return {
+            "code": self.code,
+            "severity": self.severity,
+            "location": self.location,
+            "message": self.message,
+        }
 
     def format(self, path: str) -> str:
         return f"{path}: {self.severity}: {self.code}: {self.location or '-'}: {self.message}"
@@ -177,8 +182,9 @@ def expand_paths(paths: Iterable[str | os.PathLike[str]]) -> list[str]:
         if os.path.isfile(p):
             parent = os.path.dirname(p) or "."
             name = os.path.basename(p)
-            if name == PEFT_CONFIG or (name in (PEFT_WEIGHTS, PEFT_PICKLE)
-                                       and os.path.exists(os.path.join(parent, PEFT_CONFIG))):
+            if name == PEFT_CONFIG or (
+                name in (PEFT_WEIGHTS, PEFT_PICKLE) and os.path.exists(os.path.join(parent, PEFT_CONFIG))
+            ):
                 add(parent)
             else:
                 add(p)
@@ -187,7 +193,9 @@ def expand_paths(paths: Iterable[str | os.PathLike[str]]) -> list[str]:
         else:
             found = _search(p)
             if not found:
-                raise UsageError("holds no PEFT adapter directory and no loraformat .safetensors file", path=p)
+                raise UsageError(
+                    "holds no PEFT adapter directory and no loraformat .safetensors file", path=p
+                )
             for f in found:
                 add(f)
     return out
@@ -301,21 +309,33 @@ def _check_header(report: ValidationReport, adapter: Adapter) -> None:
         _check_native_keys(report, adapter)
     bm = meta.base_model
     if bm.hash_algorithm and bm.hash_algorithm != spec.HASH_ALGORITHM:
-        report._add("hash-algorithm", WARNING, "base_model.hash_algorithm",
-                    f"unknown hash algorithm {bm.hash_algorithm!r} (this reader implements "
-                    f"{spec.HASH_ALGORITHM!r}): base hashes cannot be verified")
+        report._add(
+            "hash-algorithm",
+            WARNING,
+            "base_model.hash_algorithm",
+            f"unknown hash algorithm {bm.hash_algorithm!r} (this reader implements "
+            f"{spec.HASH_ALGORITHM!r}): base hashes cannot be verified",
+        )
     elif (bm.structure_hash or bm.content_hash or bm.target_digests) and not bm.hash_algorithm:
-        report._add("hash-algorithm", WARNING, "base_model.hash_algorithm",
-                    "base hashes are recorded without their hash_algorithm")
+        report._add(
+            "hash-algorithm",
+            WARNING,
+            "base_model.hash_algorithm",
+            "base hashes are recorded without their hash_algorithm",
+        )
 
 
 def _check_native_keys(report: ValidationReport, adapter: Adapter) -> None:
     """§Metadata: ``format: pt`` and the ModelSpec keys beside the loraformat document."""
     raw = adapter.raw_metadata
     if raw.get(spec.FORMAT_KEY) != spec.FORMAT_VALUE:
-        report._add("format-key", ERROR, "__metadata__.format",
-                    f"must be {spec.FORMAT_VALUE!r} (transformers and PEFT refuse other values), "
-                    f"found {raw.get(spec.FORMAT_KEY)!r}")
+        report._add(
+            "format-key",
+            ERROR,
+            "__metadata__.format",
+            f"must be {spec.FORMAT_VALUE!r} (transformers and PEFT refuse other values), "
+            f"found {raw.get(spec.FORMAT_KEY)!r}",
+        )
     recorded = adapter.meta.content_hash
     if recorded is None:
         report._add("content-hash", WARNING, "content_hash", "no content hash recorded")
@@ -323,8 +343,12 @@ def _check_native_keys(report: ValidationReport, adapter: Adapter) -> None:
     if ms_hash is None or "modelspec.sai_model_spec" not in raw:
         report._add("modelspec", WARNING, "__metadata__", "ModelSpec keys (modelspec.*) are missing")
     elif recorded is not None and ms_hash.lower() != "0x" + recorded:
-        report._add("modelspec", ERROR, "__metadata__.modelspec.hash_sha256",
-                    f"{ms_hash} differs from content_hash {recorded}")
+        report._add(
+            "modelspec",
+            ERROR,
+            "__metadata__.modelspec.hash_sha256",
+            f"{ms_hash} differs from content_hash {recorded}",
+        )
 
 
 def _check_data(report: ValidationReport, adapter: Adapter) -> None:
@@ -352,9 +376,13 @@ def _check_data(report: ValidationReport, adapter: Adapter) -> None:
     if adapter.source_format == "loraformat" and meta.content_hash and header is not None:
         actual = data_section_hash(adapter.source.path, header.data_start)
         if actual != meta.content_hash:
-            report._add("content-hash", ERROR, "content_hash",
-                        f"data section hashes to {actual}, metadata records {meta.content_hash}: "
-                        "the tensors were changed after the file was written")
+            report._add(
+                "content-hash",
+                ERROR,
+                "content_hash",
+                f"data section hashes to {actual}, metadata records {meta.content_hash}: "
+                "the tensors were changed after the file was written",
+            )
 
 
 #: exponent bits of the 16-bit float formats: all ones means Inf or NaN
@@ -377,8 +405,15 @@ def _check_zero_delta(report: ValidationReport, adapter: Adapter) -> None:
         if bool(adapter.lora_B(module).any()):
             return
     meta = adapter.meta
-    others = [what for what, present in (("DoRA magnitudes", meta.dora), ("lora_B biases", meta.lora_bias),
-                                         ("saved tensors", bool(meta.saved_tensors))) if present]
+    others = [
+        what
+        for what, present in (
+            ("DoRA magnitudes", meta.dora),
+            ("lora_B biases", meta.lora_bias),
+            ("saved tensors", bool(meta.saved_tensors)),
+        )
+        if present
+    ]
     if others:
         message = f"every lora_B is zero: the low-rank delta is zero (only the {', '.join(others)} change the model)"
     else:
@@ -399,16 +434,24 @@ def _check_base(report: ValidationReport, adapter: Adapter, ck: Checkpoint) -> N
         report._add(code, ERROR, location, message)
     bm = meta.base_model
     if not (bm.structure_hash or bm.target_digests):
-        report._add("unstamped", WARNING, "base_model",
-                    "no base hashes recorded: only names and shapes were checked (convert with --base to stamp)")
+        report._add(
+            "unstamped",
+            WARNING,
+            "base_model",
+            "no base hashes recorded: only names and shapes were checked (convert with --base to stamp)",
+        )
         return
     if bm.target_digests and bm.hash_algorithm == spec.HASH_ALGORITHM:
         for code, location, message in digest_problems(meta, ck):
             report._add(code, ERROR, location, message)
     missing = sorted({m.base_tensor for m in meta.modules.values()} - set(bm.target_digests))
     if bm.target_digests and missing:
-        report._add("target-digest", WARNING, missing[0],
-                    f"{len(missing)} target tensor(s) have no recorded digest and were not verified")
+        report._add(
+            "target-digest",
+            WARNING,
+            missing[0],
+            f"{len(missing)} target tensor(s) have no recorded digest and were not verified",
+        )
 
 
 def summarize(reports: list[ValidationReport], *, strict: bool = False) -> dict[str, int]:
@@ -419,4 +462,3 @@ def summarize(reports: list[ValidationReport], *, strict: bool = False) -> dict[
         "errors": sum(len(r.errors) for r in reports),
         "warnings": sum(len(r.warnings) for r in reports),
     }
-

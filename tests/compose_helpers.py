@@ -78,4 +78,4 @@ def parents(peft_adapters, names=VARIANTS) -> list[Path]:
 def data_hash(path: Path) -> str:
     raw = path.read_bytes()
     (n,) = struct.unpack("<Q", raw[:8])
-    return hashlib.sha256(raw[8 + n:]).hexdigest()
+    return hashlib.sha256(raw[8 + n :]).hexdigest()

@@ -32,7 +32,9 @@ def gpt2_base(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="session")
-def peft_adapters(tmp_path_factory: pytest.TempPathFactory, llama_base: Path, gpt2_base: Path) -> dict[str, Path]:
+def peft_adapters(
+    tmp_path_factory: pytest.TempPathFactory, llama_base: Path, gpt2_base: Path
+) -> dict[str, Path]:
     """Every PEFT variant in PEFT_VARIANTS, as a real PEFT adapter directory."""
     root = tmp_path_factory.mktemp("peft")
     bases = {"llama": llama_base, "gpt2": gpt2_base}

@@ -20,7 +20,7 @@ def engine_python(engine: str) -> Path:
     value = os.environ.get(variable)
     if value and Path(value).exists():
         return Path(value)
-    message = f"{engine} engine not set up: run `eval \"$(bash .ci/engines/<name>.sh)\"` ({variable} unset)"
+    message = f'{engine} engine not set up: run `eval "$(bash .ci/engines/<name>.sh)"` ({variable} unset)'
     if os.environ.get("CI"):
         pytest.fail(message)
     pytest.skip(message)

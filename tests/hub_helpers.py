@@ -19,7 +19,9 @@ TOKENS = {GOOD_TOKEN: ("acme", True), READ_TOKEN: ("reader", False)}
 BASE_ID = "acme/tiny-llama"
 
 
-def hf_env(monkeypatch: pytest.MonkeyPatch, endpoint: str | None = None, token: str | None = GOOD_TOKEN) -> None:
+def hf_env(
+    monkeypatch: pytest.MonkeyPatch, endpoint: str | None = None, token: str | None = GOOD_TOKEN
+) -> None:
     """What the tests set for huggingface_hub in this process: no Xet (plain LFS uploads: the test server
     speaks LFS only), no telemetry, online (tests/fixtures.py turns offline mode on for PEFT/transformers), a
     token, and optionally HF_ENDPOINT's constants (read at import, so patched here)."""
@@ -38,21 +40,35 @@ def hf_env(monkeypatch: pytest.MonkeyPatch, endpoint: str | None = None, token: 
         monkeypatch.setenv("HF_TOKEN", token)
     if endpoint is not None:
         monkeypatch.setattr(constants, "ENDPOINT", endpoint)
-        monkeypatch.setattr(constants, "HUGGINGFACE_CO_URL_TEMPLATE", endpoint + "/{repo_id}/resolve/{revision}/{filename}")
+        monkeypatch.setattr(
+            constants, "HUGGINGFACE_CO_URL_TEMPLATE", endpoint + "/{repo_id}/resolve/{revision}/{filename}"
+        )
 
 
 def subprocess_env(tmp: Path, **extra: str) -> dict[str, str]:
     """Environment for a CLI process: isolated caches, the Hub-protocol settings the tests rely on."""
     env = {k: v for k, v in os.environ.items() if not k.startswith(("HF_", "LORAFORMAT_"))}
-    env.update({"HF_HOME": str(tmp / ".hf"), "LORAFORMAT_CACHE": str(tmp / ".lfcache"), "HF_HUB_OFFLINE": "0",
-                "HF_HUB_DISABLE_XET": "1", "HF_HUB_DISABLE_TELEMETRY": "1"})
+    env.update(
+        {
+            "HF_HOME": str(tmp / ".hf"),
+            "LORAFORMAT_CACHE": str(tmp / ".lfcache"),
+            "HF_HUB_OFFLINE": "0",
+            "HF_HUB_DISABLE_XET": "1",
+            "HF_HUB_DISABLE_TELEMETRY": "1",
+        }
+    )
     env.update(extra)
     return env
 
 
 def run_cli(args: list[str], env: dict[str, str], timeout: float = 120) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-c", "from loraformat.cli.main import main; main()", *args],
-                          env=env, capture_output=True, text=True, timeout=timeout)
+    return subprocess.run(
+        [sys.executable, "-c", "from loraformat.cli.main import main; main()", *args],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
 
 
 def closed_port_url() -> str:
@@ -85,6 +101,7 @@ def make_nan_adapter(native: Path, out: Path) -> Path:
     tensors[first].view(-1)[0] = torch.nan
     write_native(out, meta, tensors)
     return out
+
 
 #: the files a push publishes and a pull brings back
 ADAPTER_FILES = {"adapter_model.safetensors", "adapter_config.json", "README.md"}

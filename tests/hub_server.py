@@ -30,7 +30,9 @@ import yaml
 
 LFS_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf", ".ckpt")
 LFS_THRESHOLD = 10 * 1024 * 1024
-GITATTRIBUTES = b"*.safetensors filter=lfs diff=lfs merge=lfs -text\n*.bin filter=lfs diff=lfs merge=lfs -text\n"
+GITATTRIBUTES = (
+    b"*.safetensors filter=lfs diff=lfs merge=lfs -text\n*.bin filter=lfs diff=lfs merge=lfs -text\n"
+)
 POINTER_SIZE = 134
 
 
@@ -83,7 +85,9 @@ class HubServer:
     """``with HubServer(root, tokens={"hf_x": ("alice", True)}) as hub: hub.url``; tokens map to (user, can
     write). Every request is appended to ``requests`` as (method, path)."""
 
-    def __init__(self, root: str | os.PathLike[str], tokens: dict[str, tuple[str, bool]] | None = None) -> None:
+    def __init__(
+        self, root: str | os.PathLike[str], tokens: dict[str, tuple[str, bool]] | None = None
+    ) -> None:
         self.root = Path(root)
         (self.root / "lfs").mkdir(parents=True, exist_ok=True)
         (self.root / "incoming").mkdir(parents=True, exist_ok=True)
@@ -99,8 +103,9 @@ class HubServer:
 
     # -- lifecycle -------------------------------------------------------------------------------------------
     def start(self) -> HubServer:
-        self._thread = threading.Thread(target=self.httpd.serve_forever, kwargs={"poll_interval": 0.05},
-                                        daemon=True)
+        self._thread = threading.Thread(
+            target=self.httpd.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True
+        )
         self._thread.start()
         return self
 
@@ -134,12 +139,17 @@ class HubServer:
         with self.lock:
             repo = Repo(repo_id, owner, private=private, gated=gated)
             self.repos[repo_id] = repo
-            self.commit(repo, "main", {".gitattributes": Blob(len(GITATTRIBUTES), git_oid(GITATTRIBUTES),
-                                                               data=GITATTRIBUTES)}, "initial commit")
+            self.commit(
+                repo,
+                "main",
+                {".gitattributes": Blob(len(GITATTRIBUTES), git_oid(GITATTRIBUTES), data=GITATTRIBUTES)},
+                "initial commit",
+            )
             return repo
 
-    def inject_commit(self, repo_id: str, files: dict[str, bytes], message: str = "injected",
-                      branch: str = "main") -> str:
+    def inject_commit(
+        self, repo_id: str, files: dict[str, bytes], message: str = "injected", branch: str = "main"
+    ) -> str:
         """A commit the real Hub would refuse (any names: '../x', '/abs'); regular files, on ``branch``."""
         repo = self.repos[repo_id]
         with self.lock:
@@ -208,8 +218,13 @@ class _Handler(BaseHTTPRequestHandler):
         except ValueError:
             raise HubError(400, "body is not JSON") from None
 
-    def _send(self, status: int, body: bytes = b"", headers: dict[str, str] | None = None,
-              content_type: str = "application/json") -> None:
+    def _send(
+        self,
+        status: int,
+        body: bytes = b"",
+        headers: dict[str, str] | None = None,
+        content_type: str = "application/json",
+    ) -> None:
         self.send_response(status)
         self.send_header("Content-Type", content_type)
         self.send_header("Content-Length", str(len(body)))
@@ -256,8 +271,9 @@ class _Handler(BaseHTTPRequestHandler):
         if repo is None or (repo.private and (user is None or user[0] != repo.owner)):
             raise HubError(401 if user is None else 404, "Repository not found", "RepoNotFound")
         if read_files and repo.gated and (user is None or user[0] != repo.owner):
-            raise HubError(403, f"Access to model {repo_id} is restricted. You must have access to it.",
-                           "GatedRepo")
+            raise HubError(
+                403, f"Access to model {repo_id} is restricted. You must have access to it.", "GatedRepo"
+            )
         return repo
 
     def _commit_of(self, repo: Repo, rev: str) -> Commit:
@@ -285,7 +301,11 @@ class _Handler(BaseHTTPRequestHandler):
                 return self._lfs_put(segs[1])
             if segs[:1] == ["lfs-verify"] and method == "POST":
                 return self._lfs_verify()
-            if len(segs) >= 5 and segs[1].endswith(".git") and segs[2:] == ["info", "lfs", "objects", "batch"]:
+            if (
+                len(segs) >= 5
+                and segs[1].endswith(".git")
+                and segs[2:] == ["info", "lfs", "objects", "batch"]
+            ):
                 return self._lfs_batch(f"{segs[0]}/{segs[1][:-4]}")
             if len(segs) >= 5 and segs[2] == "resolve" and method in ("GET", "HEAD"):
                 return self._resolve(f"{segs[0]}/{segs[1]}", segs[3], "/".join(segs[4:]))
@@ -310,8 +330,9 @@ class _Handler(BaseHTTPRequestHandler):
         with self.server_hub.lock:
             if repo_id in self.server_hub.repos:
                 return self._send_json({"error": "You already created this model repo", "url": url}, 409)
-            self.server_hub.create(repo_id, owner, private=body.get("visibility") == "private"
-                                   or bool(body.get("private")))
+            self.server_hub.create(
+                repo_id, owner, private=body.get("visibility") == "private" or bool(body.get("private"))
+            )
         self._send_json({"url": url, "name": repo_id, "id": repo_id})
 
     def _validate_yaml(self) -> None:
@@ -330,8 +351,9 @@ class _Handler(BaseHTTPRequestHandler):
                 for key in ("license", "library_name", "pipeline_tag", "base_model_relation"):
                     if key in data and not isinstance(data[key], str):
                         errors.append({"message": f"{key} must be a string"})
-                if "tags" in data and not (isinstance(data["tags"], list)
-                                           and all(isinstance(t, str) for t in data["tags"])):
+                if "tags" in data and not (
+                    isinstance(data["tags"], list) and all(isinstance(t, str) for t in data["tags"])
+                ):
                     errors.append({"message": "tags must be a list of strings"})
                 if data.get("base_model_relation") not in (None, "adapter", "merge", "quantized", "finetune"):
                     errors.append({"message": "base_model_relation is not a known relation"})
@@ -349,17 +371,24 @@ class _Handler(BaseHTTPRequestHandler):
             repo = self._repo(repo_id, read_files=True)
             commit = self._commit_of(repo, rest[1])
             prefix = "/".join(rest[2:])
-            entries = [self._tree_entry(path, blob) for path, blob in sorted(commit.files.items())
-                       if not prefix or path.startswith(prefix + "/")]
+            entries = [
+                self._tree_entry(path, blob)
+                for path, blob in sorted(commit.files.items())
+                if not prefix or path.startswith(prefix + "/")
+            ]
             return self._send_json(entries)
         if method == "GET" and rest == ["refs"]:
             repo = self._repo(repo_id)
 
             def refs(kind: str, items: dict[str, str]) -> list[dict[str, str]]:
-                return [{"name": n, "ref": f"refs/{kind}/{n}", "targetCommit": c} for n, c in sorted(items.items())]
+                return [
+                    {"name": n, "ref": f"refs/{kind}/{n}", "targetCommit": c}
+                    for n, c in sorted(items.items())
+                ]
 
-            return self._send_json({"branches": refs("heads", repo.branches), "tags": refs("tags", repo.tags),
-                                    "converts": []})
+            return self._send_json(
+                {"branches": refs("heads", repo.branches), "tags": refs("tags", repo.tags), "converts": []}
+            )
         if method != "POST" or len(rest) < 2:
             raise HubError(404, "unknown model API route")
         body_reader = self._read_body if rest[0] == "commit" else self._json_body
@@ -375,8 +404,14 @@ class _Handler(BaseHTTPRequestHandler):
                     lfs = f["path"].endswith(LFS_SUFFIXES) or int(f.get("size", 0)) >= LFS_THRESHOLD
                     existing = commit.files.get(f["path"])
                     oid = None if existing is None else (existing.sha256 or existing.oid)
-                    files.append({"path": f["path"], "uploadMode": "lfs" if lfs else "regular",
-                                  "shouldIgnore": False, "oid": oid})
+                    files.append(
+                        {
+                            "path": f["path"],
+                            "uploadMode": "lfs" if lfs else "regular",
+                            "shouldIgnore": False,
+                            "oid": oid,
+                        }
+                    )
                 return self._send_json({"files": files, "commitOid": commit.sha})
             if action == "commit":
                 return self._commit(repo, rev, body)
@@ -407,12 +442,21 @@ class _Handler(BaseHTTPRequestHandler):
                     card = yaml.safe_load(m.group(1))
                 except yaml.YAMLError:
                     card = None
-        return {"_id": repo.repo_id, "id": repo.repo_id, "modelId": repo.repo_id, "author": repo.owner,
-                "sha": commit.sha, "lastModified": repo.created, "createdAt": repo.created,
-                "private": repo.private, "gated": "auto" if repo.gated else False, "disabled": False,
-                "tags": (card or {}).get("tags", []) if isinstance(card, dict) else [],
-                "cardData": card if isinstance(card, dict) else None,
-                "siblings": [{"rfilename": p} for p in sorted(commit.files)]}
+        return {
+            "_id": repo.repo_id,
+            "id": repo.repo_id,
+            "modelId": repo.repo_id,
+            "author": repo.owner,
+            "sha": commit.sha,
+            "lastModified": repo.created,
+            "createdAt": repo.created,
+            "private": repo.private,
+            "gated": "auto" if repo.gated else False,
+            "disabled": False,
+            "tags": (card or {}).get("tags", []) if isinstance(card, dict) else [],
+            "cardData": card if isinstance(card, dict) else None,
+            "siblings": [{"rfilename": p} for p in sorted(commit.files)],
+        }
 
     @staticmethod
     def _tree_entry(path: str, blob: Blob) -> dict[str, Any]:
@@ -447,17 +491,28 @@ class _Handler(BaseHTTPRequestHandler):
                 blob = hub.blob_path(oid)
                 if not blob.exists() or blob.stat().st_size != size:
                     raise HubError(422, f"LFS object {oid} was not uploaded")
-                pointer = f"version https://git-lfs.github.com/spec/v1\noid sha256:{oid}\nsize {size}\n".encode()
+                pointer = (
+                    f"version https://git-lfs.github.com/spec/v1\noid sha256:{oid}\nsize {size}\n".encode()
+                )
                 files[path] = Blob(size, git_oid(pointer), sha256=oid)
             elif key in ("deletedFile", "deletedFolder"):
-                files = {p: b for p, b in files.items() if p != value["path"] and not p.startswith(value["path"])}
+                files = {
+                    p: b for p, b in files.items() if p != value["path"] and not p.startswith(value["path"])
+                }
             else:
                 raise HubError(400, f"unknown commit operation {key!r}")
         if not summary:
             raise HubError(400, "commit summary is required")
         sha = hub.commit(repo, rev, files, summary)
-        self._send_json({"success": True, "commitOid": sha, "commitUrl": f"{hub.url}/{repo.repo_id}/commit/{sha}",
-                         "commitMessage": summary, "hookOutput": ""})
+        self._send_json(
+            {
+                "success": True,
+                "commitOid": sha,
+                "commitUrl": f"{hub.url}/{repo.repo_id}/commit/{sha}",
+                "commitMessage": summary,
+                "hookOutput": "",
+            }
+        )
 
     # -- LFS -------------------------------------------------------------------------------------------------
     def _lfs_batch(self, repo_id: str) -> None:
@@ -473,11 +528,16 @@ class _Handler(BaseHTTPRequestHandler):
             blob = self.server_hub.blob_path(oid)
             if not (blob.exists() and blob.stat().st_size == size):
                 base = self.server_hub.url
-                entry["actions"] = {"upload": {"href": f"{base}/lfs-upload/{oid}?size={size}"},
-                                    "verify": {"href": f"{base}/lfs-verify"}}
+                entry["actions"] = {
+                    "upload": {"href": f"{base}/lfs-upload/{oid}?size={size}"},
+                    "verify": {"href": f"{base}/lfs-verify"},
+                }
             objects.append(entry)
-        self._send(200, json.dumps({"transfer": "basic", "objects": objects}).encode(),
-                   content_type="application/vnd.git-lfs+json")
+        self._send(
+            200,
+            json.dumps({"transfer": "basic", "objects": objects}).encode(),
+            content_type="application/vnd.git-lfs+json",
+        )
 
     def _lfs_put(self, oid: str) -> None:
         hub = self.server_hub

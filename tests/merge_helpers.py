@@ -17,8 +17,12 @@ def ulp_distance(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     difference counts the representable numbers between a and b; +0 and -0 are the same point.
     """
     assert a.dtype == b.dtype and a.shape == b.shape, (a.dtype, b.dtype, a.shape, b.shape)
-    int_of = {torch.bfloat16: torch.int16, torch.float16: torch.int16, torch.float32: torch.int32,
-              torch.float64: torch.int64}[a.dtype]
+    int_of = {
+        torch.bfloat16: torch.int16,
+        torch.float16: torch.int16,
+        torch.float32: torch.int32,
+        torch.float64: torch.int64,
+    }[a.dtype]
     bits = a.dtype.itemsize * 8
 
     def ordered(x: torch.Tensor) -> torch.Tensor:
@@ -52,7 +56,9 @@ def raw_bytes(path: Path, name: str) -> bytes:
         return f.read(info.nbytes)
 
 
-def peft_merged(base: Path, adapters: list[Path], weights: list[float] | None = None) -> dict[str, torch.Tensor]:
+def peft_merged(
+    base: Path, adapters: list[Path], weights: list[float] | None = None
+) -> dict[str, torch.Tensor]:
     """PEFT's merge_and_unload on CPU: the state dict our merge must reproduce (names as in the base)."""
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
@@ -98,7 +104,9 @@ def assert_close_to(ours: torch.Tensor, ref: torch.Tensor, name: str, *, max_ulp
         torch.testing.assert_close(ours, ref, rtol=1e-5, atol=1e-6, msg=lambda m: f"{name}: {m}")
 
 
-def fp64_reference(base: dict[str, torch.Tensor], adapters: list[Any], weights: list[float]) -> dict[str, Any]:
+def fp64_reference(
+    base: dict[str, torch.Tensor], adapters: list[Any], weights: list[float]
+) -> dict[str, Any]:
     """W + sum_i w_i s_i B_i A_i computed independently in fp64 for plain linear adapters (Adapter objects)."""
     out = {k: v.double() for k, v in base.items()}
     for adapter, w in zip(adapters, weights, strict=True):

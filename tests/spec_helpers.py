@@ -16,8 +16,16 @@ from loraformat.io.native import write_native
 from loraformat.metadata import AdapterMetadata, ModuleEntry
 
 
-def one_module_adapter(path: Path, *, out_features: int = 512, in_features: int = 64, rank: int = 8,
-                       alpha: float = 16, zero_b: bool = False, seed: int = 0) -> Path:
+def one_module_adapter(
+    path: Path,
+    *,
+    out_features: int = 512,
+    in_features: int = 64,
+    rank: int = 8,
+    alpha: float = 16,
+    zero_b: bool = False,
+    seed: int = 0,
+) -> Path:
     """A native adapter over one linear weight (out x in): the spec's worked example by default."""
     import torch
 
@@ -43,8 +51,13 @@ def load_native(path: Path) -> tuple[AdapterMetadata, dict[str, Any]]:
     return meta, load_file(str(path))
 
 
-def rewrite(src: Path, dst: Path, *, meta: Callable[[AdapterMetadata], None] | None = None,
-            tensors: Callable[[dict[str, Any]], None] | None = None) -> Path:
+def rewrite(
+    src: Path,
+    dst: Path,
+    *,
+    meta: Callable[[AdapterMetadata], None] | None = None,
+    tensors: Callable[[dict[str, Any]], None] | None = None,
+) -> Path:
     """Copy a native adapter through write_native after editing its metadata and/or tensors in place."""
     m, t = load_native(src)
     m = copy.deepcopy(m)

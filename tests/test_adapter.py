@@ -169,14 +169,19 @@ def test_shape_and_dtype_and_unexpected(native, tmp_path):
     k = "model.layers.0.self_attn.k_proj"
     tensors[spec.PEFT_PREFIX + k + ".lora_A.weight"] = torch.zeros(8, 64, dtype=torch.int32)
     _, problems = _problems(tmp_path, meta, tensors)
-    assert _codes(problems) == {("shape-mismatch", Q0), ("bad-dtype", k),
-                                ("unexpected-tensor", "base_model.model.stray.weight"),
-                                ("unexpected-tensor", "not_peft_at_all")}
+    assert _codes(problems) == {
+        ("shape-mismatch", Q0),
+        ("bad-dtype", k),
+        ("unexpected-tensor", "base_model.model.stray.weight"),
+        ("unexpected-tensor", "not_peft_at_all"),
+    }
 
 
 def test_dora_and_lora_bias_vectors(peft_adapters, tmp_path):
-    for variant, key, role in (("dora", ".lora_magnitude_vector", "lora_magnitude_vector"),
-                               ("lora_bias", ".lora_B.bias", "lora_B.bias")):
+    for variant, key, role in (
+        ("dora", ".lora_magnitude_vector", "lora_magnitude_vector"),
+        ("lora_bias", ".lora_B.bias", "lora_B.bias"),
+    ):
         adapter = open_adapter(peft_adapters[variant])
         meta, tensors = copy.deepcopy(adapter.meta), dict(adapter_tensors(adapter))
         del tensors[PQ0 + key]
@@ -196,17 +201,21 @@ def test_peft_file_with_missing_b_and_stray_keys(peft_adapters, tmp_path):
     save_file(tensors, str(src / PEFT_WEIGHTS), metadata={"format": "pt"})
     problems = open_adapter(src, check=False).problems()
     assert ("missing-tensor", Q0) in _codes(problems)
-    assert ("unexpected-tensor", "base_model.model.model.layers.0.mlp.up_proj.lora_X.weight") in _codes(problems)
+    assert ("unexpected-tensor", "base_model.model.model.layers.0.mlp.up_proj.lora_X.weight") in _codes(
+        problems
+    )
 
 
 def test_expected_shapes():
     from loraformat.metadata import ModuleEntry
 
-    conv = ModuleEntry(kind="conv", rank=2, alpha=4, in_features=3, out_features=8, base_tensor="w",
-                       kernel_size=[3, 3])
+    conv = ModuleEntry(
+        kind="conv", rank=2, alpha=4, in_features=3, out_features=8, base_tensor="w", kernel_size=[3, 3]
+    )
     assert expected_shapes(conv) == ((2, 3, 3, 3), (8, 2, 1, 1))
-    lin = ModuleEntry(kind="linear", rank=4, alpha=8, in_features=64, out_features=192, base_tensor="w",
-                      fan_in_fan_out=True)
+    lin = ModuleEntry(
+        kind="linear", rank=4, alpha=8, in_features=64, out_features=192, base_tensor="w", fan_in_fan_out=True
+    )
     assert expected_shapes(lin) == ((4, 64), (192, 4)) and lin.base_shape == (64, 192)
 
 

@@ -10,8 +10,19 @@ import pytest
 
 import loraformat
 
-FUNCTIONS = ["open_adapter", "validate", "inspect", "convert", "hash_base", "merge", "compose", "rescale",
-             "spectrum", "push", "pull"]
+FUNCTIONS = [
+    "open_adapter",
+    "validate",
+    "inspect",
+    "convert",
+    "hash_base",
+    "merge",
+    "compose",
+    "rescale",
+    "spectrum",
+    "push",
+    "pull",
+]
 
 
 @pytest.mark.parametrize("name", FUNCTIONS)
@@ -20,7 +31,15 @@ def test_exports_stay_functions_after_their_modules_are_imported(name):
     assert callable(first) and not isinstance(first, type(sys)), name
     # importing every implementation module (as the CLI does) must not shadow the function
     importlib.import_module("loraformat.cli.main")
-    for module in ("validation", "inspection", "conversion", "merging", "composition", "rescaling", "hashing"):
+    for module in (
+        "validation",
+        "inspection",
+        "conversion",
+        "merging",
+        "composition",
+        "rescaling",
+        "hashing",
+    ):
         importlib.import_module(f"loraformat.{module}")
 
     again = getattr(loraformat, name)

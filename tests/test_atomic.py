@@ -112,7 +112,10 @@ def test_write_failure_file_size_limit(tmp_path, kind):
     final = tmp_path / "out"
     proc = subprocess.run([sys.executable, "-c", _CHILD, str(final), kind], capture_output=True, text=True)
     assert proc.returncode == 2, proc.stderr
-    assert proc.stdout == f"{final}: write failed: file too large (size limit reached); nothing was left behind\n"
+    assert (
+        proc.stdout
+        == f"{final}: write failed: file too large (size limit reached); nothing was left behind\n"
+    )
     assert os.listdir(tmp_path) == []
 
 
@@ -176,9 +179,11 @@ def test_dir_overwrite_semantics(tmp_path):
 
 
 def test_sigkill_leaves_only_a_hidden_temporary(tmp_path):
-    code = ("import os, signal; from loraformat.io.atomic import atomic_file\n"
-            f"with atomic_file({str(tmp_path / 'out.bin')!r}) as f:\n"
-            "    f.write(b'x'); f.flush(); os.kill(os.getpid(), signal.SIGKILL)\n")
+    code = (
+        "import os, signal; from loraformat.io.atomic import atomic_file\n"
+        f"with atomic_file({str(tmp_path / 'out.bin')!r}) as f:\n"
+        "    f.write(b'x'); f.flush(); os.kill(os.getpid(), signal.SIGKILL)\n"
+    )
     proc = subprocess.run([sys.executable, "-c", code])
     assert proc.returncode == -9
     names = os.listdir(tmp_path)

@@ -31,8 +31,19 @@ def one_line_error(err: str) -> str:
 
 def test_compose_cat_json(peft_adapters, tmp_path, capsys):
     out = tmp_path / "mix.safetensors"
-    code, stdout, _ = run(capsys, "compose", peft_adapters["plain"], peft_adapters["patterns"], "-o", out,
-                          "--method", "cat", "--weights", "-0.7,0.3", "--json")
+    code, stdout, _ = run(
+        capsys,
+        "compose",
+        peft_adapters["plain"],
+        peft_adapters["patterns"],
+        "-o",
+        out,
+        "--method",
+        "cat",
+        "--weights",
+        "-0.7,0.3",
+        "--json",
+    )
     assert code == 0
     doc = json.loads(stdout)
     assert doc["output"] == str(out) and doc["method"] == "cat" and doc["min_energy_kept"] == 1.0
@@ -43,8 +54,18 @@ def test_compose_cat_json(peft_adapters, tmp_path, capsys):
 
 def test_compose_svd_auto_reports_energy(peft_adapters, tmp_path, capsys):
     out = tmp_path / "svd.safetensors"
-    code, stdout, _ = run(capsys, "compose", peft_adapters["plain"], peft_adapters["rslora"], "-o", out,
-                          "--method", "svd", "--rank", "auto:0.9")
+    code, stdout, _ = run(
+        capsys,
+        "compose",
+        peft_adapters["plain"],
+        peft_adapters["rslora"],
+        "-o",
+        out,
+        "--method",
+        "svd",
+        "--rank",
+        "auto:0.9",
+    )
     assert code == 0 and "energy kept: min 0.9" in stdout and "svd" in stdout
     assert open_adapter(out).meta.provenance.rank == "auto:0.9"
 
@@ -52,9 +73,23 @@ def test_compose_svd_auto_reports_energy(peft_adapters, tmp_path, capsys):
 def test_compose_dare_seeded(peft_adapters, tmp_path, capsys):
     hashes = []
     for i, seed in enumerate(("5", "5", "6")):
-        code, stdout, _ = run(capsys, "compose", peft_adapters["plain"], peft_adapters["rslora"], "-o",
-                              tmp_path / f"d{i}.safetensors", "--method", "dare_ties", "--density", "0.5",
-                              "--seed", seed, "--rank", "4", "--json")
+        code, stdout, _ = run(
+            capsys,
+            "compose",
+            peft_adapters["plain"],
+            peft_adapters["rslora"],
+            "-o",
+            tmp_path / f"d{i}.safetensors",
+            "--method",
+            "dare_ties",
+            "--density",
+            "0.5",
+            "--seed",
+            seed,
+            "--rank",
+            "4",
+            "--json",
+        )
         assert code == 0
         hashes.append(json.loads(stdout)["content_hash"])
     assert hashes[0] == hashes[1] != hashes[2]
@@ -62,15 +97,17 @@ def test_compose_dare_seeded(peft_adapters, tmp_path, capsys):
 
 def test_rescale_json(peft_adapters, tmp_path, capsys):
     out = tmp_path / "small.safetensors"
-    code, stdout, _ = run(capsys, "rescale", peft_adapters["plain"], "-o", out, "--rank", "4", "--scale", "0.5",
-                          "--json")
+    code, stdout, _ = run(
+        capsys, "rescale", peft_adapters["plain"], "-o", out, "--rank", "4", "--scale", "0.5", "--json"
+    )
     assert code == 0
     doc = json.loads(stdout)
     assert doc["parameters_after"] * 2 == doc["parameters_before"]
     assert doc["file_size_after"] == out.stat().st_size < doc["file_size_before"]
     assert all(m["rank_after"] == 4 and 0 < m["energy_kept"] < 1 for m in doc["modules"].values())
-    code, stdout, _ = run(capsys, "rescale", peft_adapters["plain"], "-o", tmp_path / "a.safetensors",
-                          "--alpha", "4")
+    code, stdout, _ = run(
+        capsys, "rescale", peft_adapters["plain"], "-o", tmp_path / "a.safetensors", "--alpha", "4"
+    )
     assert code == 0 and "0 truncated" in stdout
 
 
@@ -136,16 +173,22 @@ def test_compose_content_errors_exit_1(peft_adapters, llama_base, tmp_path, caps
     work.mkdir()
     small = make_llama_base(tmp_path / "small", hidden=32, intermediate=64)
     other = make_peft_adapter(small, tmp_path / "other", r=4, lora_alpha=8, target_modules=["q_proj"])
-    for adapters, message in (([peft_adapters["plain"], other], "disagree"),
-                              ([peft_adapters["plain"], peft_adapters["dora"]], "DoRA")):
-        code, _, err = run(capsys, "compose", *adapters, "-o", work / "x.safetensors", "--method", "cat", "--force")
+    for adapters, message in (
+        ([peft_adapters["plain"], other], "disagree"),
+        ([peft_adapters["plain"], peft_adapters["dora"]], "DoRA"),
+    ):
+        code, _, err = run(
+            capsys, "compose", *adapters, "-o", work / "x.safetensors", "--method", "cat", "--force"
+        )
         assert code == 1 and message in one_line_error(err)
     assert listing(work) == []
 
 
 def test_compose_missing_input_and_existing_output(peft_adapters, tmp_path, capsys):
     out = tmp_path / "x.safetensors"
-    code, _, err = run(capsys, "compose", peft_adapters["plain"], tmp_path / "nope", "-o", out, "--method", "cat")
+    code, _, err = run(
+        capsys, "compose", peft_adapters["plain"], tmp_path / "nope", "-o", out, "--method", "cat"
+    )
     assert code == 2 and "no such file" in one_line_error(err) and not out.exists()
     out.write_bytes(b"keep me")
     code, _, err = run(capsys, "compose", peft_adapters["plain"], "-o", out, "--method", "cat")
@@ -175,7 +218,9 @@ def test_rescale_bad_input(peft_adapters, tmp_path, capsys, args, code, message)
 
 
 def test_rescale_dora_exit_1(peft_adapters, tmp_path, capsys):
-    code, _, err = run(capsys, "rescale", peft_adapters["dora"], "-o", tmp_path / "x.safetensors", "--scale", "2")
+    code, _, err = run(
+        capsys, "rescale", peft_adapters["dora"], "-o", tmp_path / "x.safetensors", "--scale", "2"
+    )
     assert code == 1 and "DoRA" in one_line_error(err) and not (tmp_path / "x.safetensors").exists()
 
 
@@ -190,8 +235,20 @@ def test_compose_on_cuda_matches_cpu(peft_adapters, tmp_path, capsys):
     outs = []
     for device in ("cpu", "cuda"):
         out = tmp_path / f"{device}.safetensors"
-        code, _, _ = run(capsys, "compose", peft_adapters["plain"], peft_adapters["rslora"], "-o", out,
-                         "--method", "svd", "--rank", "4", "--device", device)
+        code, _, _ = run(
+            capsys,
+            "compose",
+            peft_adapters["plain"],
+            peft_adapters["rslora"],
+            "-o",
+            out,
+            "--method",
+            "svd",
+            "--rank",
+            "4",
+            "--device",
+            device,
+        )
         assert code == 0
         outs.append(open_adapter(out))
     for module in outs[0].modules:

@@ -23,7 +23,9 @@ from tests.hub_server import HubServer
 
 
 @pytest.fixture(scope="module")
-def native(peft_adapters: dict[str, Path], llama_base: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+def native(
+    peft_adapters: dict[str, Path], llama_base: Path, tmp_path_factory: pytest.TempPathFactory
+) -> Path:
     out = tmp_path_factory.mktemp("native") / "plain.safetensors"
     return make_native(peft_adapters["plain"], out, base=llama_base, base_id=BASE_ID)
 
@@ -55,8 +57,17 @@ def test_local_hub_push_pull_list(native: Path, tmp_path: Path) -> None:
 
     again = run_cli(["pull", "acme/plain", "-o", str(tmp_path / "out"), "-r", "v1"], env)
     assert again.returncode == 2 and "already exists" in _one_error_line(again)
-    cached = run_cli(["pull", f"lfhub://{tmp_path / 'hub'}/acme/plain@v1", "-o", str(tmp_path / "out"),
-                      "--overwrite", "--json"], {**env, "LORAFORMAT_HUB": ""})
+    cached = run_cli(
+        [
+            "pull",
+            f"lfhub://{tmp_path / 'hub'}/acme/plain@v1",
+            "-o",
+            str(tmp_path / "out"),
+            "--overwrite",
+            "--json",
+        ],
+        {**env, "LORAFORMAT_HUB": ""},
+    )
     assert cached.returncode == 0, cached.stderr
     assert json.loads(cached.stdout)["cached"] is True
 
@@ -66,10 +77,12 @@ def test_local_hub_push_pull_list(native: Path, tmp_path: Path) -> None:
     human = run_cli(["list"], env)
     assert "acme/plain" in human.stdout and "tag    v1" in human.stdout
 
-    for args, code, text in ((["pull", "acme/none", "-o", str(tmp_path / "x")], 3, "not found"),
-                             (["pull", "acme/plain", "-o", str(tmp_path / "x"), "-r", "v9"], 3, "revision 'v9'"),
-                             (["pull", "bad id", "-o", str(tmp_path / "x")], 2, "ORG/NAME"),
-                             (["push", str(tmp_path / "nope.safetensors"), "acme/plain"], 2, "no such file")):
+    for args, code, text in (
+        (["pull", "acme/none", "-o", str(tmp_path / "x")], 3, "not found"),
+        (["pull", "acme/plain", "-o", str(tmp_path / "x"), "-r", "v9"], 3, "revision 'v9'"),
+        (["pull", "bad id", "-o", str(tmp_path / "x")], 2, "ORG/NAME"),
+        (["push", str(tmp_path / "nope.safetensors"), "acme/plain"], 2, "no such file"),
+    ):
         proc = run_cli(args, env)
         assert proc.returncode == code and text in _one_error_line(proc), proc.stderr
 
@@ -89,8 +102,21 @@ def test_push_validates_first(native: Path, tmp_path: Path) -> None:
 
 def test_hugging_face_hub_through_the_environment(native: Path, server: HubServer, tmp_path: Path) -> None:
     env = subprocess_env(tmp_path, HF_ENDPOINT=server.url, HF_TOKEN=GOOD_TOKEN)
-    pushed = run_cli(["--quiet", "push", str(native), "acme/plain", "--tag", "v1", "-m", "first release",
-                      "--no-validate", "--json"], env)
+    pushed = run_cli(
+        [
+            "--quiet",
+            "push",
+            str(native),
+            "acme/plain",
+            "--tag",
+            "v1",
+            "-m",
+            "first release",
+            "--no-validate",
+            "--json",
+        ],
+        env,
+    )
     assert pushed.returncode == 0, pushed.stderr
     commit = json.loads(pushed.stdout)["commit"]
     assert server.repos["acme/plain"].commits[commit].message == "first release"
@@ -100,7 +126,9 @@ def test_hugging_face_hub_through_the_environment(native: Path, server: HubServe
     assert pulled.returncode == 0, pulled.stderr
     assert json.loads(pulled.stdout)["commit"] == commit
     assert (tmp_path / "out" / "adapter_model.safetensors").read_bytes() == native.read_bytes()
-    by_commit = run_cli(["pull", "acme/plain", "--hub", server.url, "-r", commit, "-o", str(tmp_path / "c")], env)
+    by_commit = run_cli(
+        ["pull", "acme/plain", "--hub", server.url, "-r", commit, "-o", str(tmp_path / "c")], env
+    )
     assert by_commit.returncode == 0 and "from the cache" in by_commit.stdout
 
     missing = run_cli(["pull", "acme/missing", "-o", str(tmp_path / "x")], env)
@@ -111,21 +139,27 @@ def test_hugging_face_hub_through_the_environment(native: Path, server: HubServe
 
 def test_bad_token_offline_and_unreachable(native: Path, server: HubServer, tmp_path: Path) -> None:
     env = subprocess_env(tmp_path, HF_ENDPOINT=server.url, HF_TOKEN=BAD_TOKEN)
-    for args in (["pull", "acme/plain", "-o", str(tmp_path / "x")],
-                 ["--debug", "push", str(native), "acme/plain", "--no-validate"]):
+    for args in (
+        ["pull", "acme/plain", "-o", str(tmp_path / "x")],
+        ["--debug", "push", str(native), "acme/plain", "--no-validate"],
+    ):
         proc = run_cli(args, env)
         assert proc.returncode == 4, proc.stderr
         assert BAD_TOKEN not in proc.stdout + proc.stderr
         if "--debug" not in args:
             assert "access refused (HTTP 401)" in _one_error_line(proc)
 
-    offline = run_cli(["pull", "acme/plain", "-o", str(tmp_path / "x")],
-                      subprocess_env(tmp_path, HF_ENDPOINT=server.url, HF_HUB_OFFLINE="1"))
+    offline = run_cli(
+        ["pull", "acme/plain", "-o", str(tmp_path / "x")],
+        subprocess_env(tmp_path, HF_ENDPOINT=server.url, HF_HUB_OFFLINE="1"),
+    )
     assert offline.returncode == 5 and "offline mode" in _one_error_line(offline)
 
     dead = subprocess_env(tmp_path, HF_ENDPOINT=closed_port_url(), HF_TOKEN=GOOD_TOKEN)
-    for args in (["pull", "hf://acme/plain@v1", "-o", str(tmp_path / "x")],
-                 ["push", str(native), "acme/plain", "--no-validate"]):
+    for args in (
+        ["pull", "hf://acme/plain@v1", "-o", str(tmp_path / "x")],
+        ["push", str(native), "acme/plain", "--no-validate"],
+    ):
         proc = run_cli(args, dead)
         assert proc.returncode == 5 and "cannot reach" in _one_error_line(proc), proc.stderr
     assert not (tmp_path / "x").exists()
@@ -138,4 +172,6 @@ def test_help_has_examples() -> None:
 
     for command in ("push", "pull", "list"):
         result = CliRunner().invoke(cli, [command, "--help"])
-        assert result.exit_code == 0 and "Example" in result.output and f"loraformat {command}" in result.output
+        assert (
+            result.exit_code == 0 and "Example" in result.output and f"loraformat {command}" in result.output
+        )

@@ -53,7 +53,9 @@ def test_help_has_an_example(capsys):
 
 
 def test_merge_and_json(tmp_path, capsys, peft_adapters, llama_base):
-    code, out, err = run_cli(["merge", llama_base, peft_adapters["plain"], "-o", tmp_path / "m", "--json"], capsys)
+    code, out, err = run_cli(
+        ["merge", llama_base, peft_adapters["plain"], "-o", tmp_path / "m", "--json"], capsys
+    )
     assert code == 0, err
     data = json.loads(out)
     assert data["tensors_merged"] == 14 and data["device"] == "cpu"
@@ -66,8 +68,25 @@ def test_merge_and_json(tmp_path, capsys, peft_adapters, llama_base):
 
 
 def test_weights_dtype_and_sharding_options(tmp_path, capsys, peft_adapters, llama_base):
-    args = ["merge", llama_base, peft_adapters["plain"], peft_adapters["rslora"], "--weight", "0.5", "--weight",
-            "2", "--dtype", "fp32", "--max-shard-size", "100KB", "-o", tmp_path / "m", "--json", "--device", "cpu"]
+    args = [
+        "merge",
+        llama_base,
+        peft_adapters["plain"],
+        peft_adapters["rslora"],
+        "--weight",
+        "0.5",
+        "--weight",
+        "2",
+        "--dtype",
+        "fp32",
+        "--max-shard-size",
+        "100KB",
+        "-o",
+        tmp_path / "m",
+        "--json",
+        "--device",
+        "cpu",
+    ]
     code, out, err = run_cli(args, capsys)
     assert code == 0, err
     data = json.loads(out)
@@ -75,21 +94,27 @@ def test_weights_dtype_and_sharding_options(tmp_path, capsys, peft_adapters, lla
     assert all(t.dtype == torch.float32 for t in load_dir(tmp_path / "m").values())
 
 
-@pytest.mark.parametrize("extra, message", [
-    (["--weight", "1", "--weight", "2"], "--weight"),
-    (["--max-shard-size", "lots"], "--max-shard-size"),
-    (["--device", "tpu"], "--device"),
-])
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (["--weight", "1", "--weight", "2"], "--weight"),
+        (["--max-shard-size", "lots"], "--max-shard-size"),
+        (["--device", "tpu"], "--device"),
+    ],
+)
 def test_usage_errors_exit_2(extra, message, tmp_path, capsys, peft_adapters, llama_base):
-    code, _, err = run_cli(["merge", llama_base, peft_adapters["plain"], "-o", tmp_path / "m", *extra], capsys)
+    code, _, err = run_cli(
+        ["merge", llama_base, peft_adapters["plain"], "-o", tmp_path / "m", *extra], capsys
+    )
     assert code == 2 and err.startswith("error:") and message in err and err.count("\n") == 1
     assert not (tmp_path / "m").exists()
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message on a machine without CUDA")
 def test_cuda_without_cuda_is_a_usage_error(tmp_path, capsys, peft_adapters, llama_base):
-    code, _, err = run_cli(["merge", llama_base, peft_adapters["plain"], "-o", tmp_path / "m", "--device", "cuda"],
-                           capsys)
+    code, _, err = run_cli(
+        ["merge", llama_base, peft_adapters["plain"], "-o", tmp_path / "m", "--device", "cuda"], capsys
+    )
     assert code == 2 and "CUDA is not available" in err
 
 
@@ -97,7 +122,9 @@ def test_existing_output_needs_overwrite(tmp_path, capsys, peft_adapters, llama_
     (tmp_path / "m").mkdir()
     code, _, err = run_cli(["merge", llama_base, peft_adapters["plain"], "-o", tmp_path / "m"], capsys)
     assert code == 2 and "already exists" in err
-    code, _, err = run_cli(["merge", llama_base, peft_adapters["plain"], "-o", tmp_path / "m", "--overwrite"], capsys)
+    code, _, err = run_cli(
+        ["merge", llama_base, peft_adapters["plain"], "-o", tmp_path / "m", "--overwrite"], capsys
+    )
     assert code == 0, err
 
 
@@ -121,8 +148,14 @@ def test_changed_base_exit_1_nothing_left(tmp_path, capsys, peft_adapters, llama
 
 def _cli(args: list[object], **kw) -> subprocess.Popen:
     env = {**os.environ, "PYTHONWARNINGS": "ignore"}
-    return subprocess.Popen([sys.executable, "-c", SLOW_CLI, *map(str, args)], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, env=env, text=True, **kw)
+    return subprocess.Popen(
+        [sys.executable, "-c", SLOW_CLI, *map(str, args)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        env=env,
+        text=True,
+        **kw,
+    )
 
 
 def _wait_for_output_in_progress(proc: subprocess.Popen, out: Path, timeout: float = 60) -> None:
@@ -165,10 +198,23 @@ def test_file_size_limit_is_a_clean_write_error(tmp_path, peft_adapters, llama_b
         resource.setrlimit(resource.RLIMIT_FSIZE, (64_000, 64_000))
 
     out = tmp_path / "m"
-    proc = subprocess.run([sys.executable, "-c", "from loraformat.cli.main import main; main()", "merge",
-                           str(llama_base), str(peft_adapters["plain"]), "-o", str(out)],
-                          capture_output=True, text=True, preexec_fn=limit, timeout=120,
-                          env={**os.environ, "PYTHONWARNINGS": "ignore"})
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            "from loraformat.cli.main import main; main()",
+            "merge",
+            str(llama_base),
+            str(peft_adapters["plain"]),
+            "-o",
+            str(out),
+        ],
+        capture_output=True,
+        text=True,
+        preexec_fn=limit,
+        timeout=120,
+        env={**os.environ, "PYTHONWARNINGS": "ignore"},
+    )
     assert proc.returncode == 2, proc.stderr
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error:") and "write failed" in lines[0], proc.stderr
@@ -188,31 +234,72 @@ sys.exit(code)
 """
 
 
-@pytest.mark.parametrize("device", [
-    "cpu",
-    pytest.param("auto", marks=pytest.mark.skipif(
-        any(Path(p).exists() for p in ("/dev/nvidiactl", "/dev/nvidia0", "/dev/dxg", "/dev/kfd")),
-        reason="a GPU device node exists: auto asks torch about CUDA")),
-])
+@pytest.mark.parametrize(
+    "device",
+    [
+        "cpu",
+        pytest.param(
+            "auto",
+            marks=pytest.mark.skipif(
+                any(Path(p).exists() for p in ("/dev/nvidiactl", "/dev/nvidia0", "/dev/dxg", "/dev/kfd")),
+                reason="a GPU device node exists: auto asks torch about CUDA",
+            ),
+        ),
+    ],
+)
 def test_cpu_merge_never_imports_torch(device, tmp_path, peft_adapters, llama_base):
     stamped = tmp_path / "stamped.safetensors"
     convert(peft_adapters["patterns"], stamped, base=llama_base)  # verified while streaming
-    for adapters, extra in (([peft_adapters["plain"]], []),
-                            ([stamped, peft_adapters["embedding"]], ["--weight", "0.5", "--weight", "2"]),
-                            ([peft_adapters["modules_to_save"]], ["--dtype", "fp32", "--max-shard-size", "100KB"])):
+    for adapters, extra in (
+        ([peft_adapters["plain"]], []),
+        ([stamped, peft_adapters["embedding"]], ["--weight", "0.5", "--weight", "2"]),
+        ([peft_adapters["modules_to_save"]], ["--dtype", "fp32", "--max-shard-size", "100KB"]),
+    ):
         out = tmp_path / f"m{len(list(tmp_path.iterdir()))}"
-        proc = subprocess.run([sys.executable, "-c", NO_TORCH_CLI, "merge", str(llama_base), *map(str, adapters),
-                               "-o", str(out), "--device", device, "--json", *extra],
-                              capture_output=True, text=True, timeout=120,
-                              env={**os.environ, "PYTHONWARNINGS": "ignore"})
+        proc = subprocess.run(
+            [
+                sys.executable,
+                "-c",
+                NO_TORCH_CLI,
+                "merge",
+                str(llama_base),
+                *map(str, adapters),
+                "-o",
+                str(out),
+                "--device",
+                device,
+                "--json",
+                *extra,
+            ],
+            capture_output=True,
+            text=True,
+            timeout=120,
+            env={**os.environ, "PYTHONWARNINGS": "ignore"},
+        )
         assert proc.returncode == 0, proc.stderr
         assert "torch imported: False" in proc.stderr, (adapters, proc.stderr)
         data = json.loads(proc.stdout)
         assert data["backend"] == "numpy" and data["device"] == "cpu" and data["tensors_merged"] > 0
     assert data["tensors_replaced"] == 1
     # DoRA stays on torch, and says so
-    proc = subprocess.run([sys.executable, "-c", NO_TORCH_CLI, "merge", str(llama_base), str(peft_adapters["dora"]),
-                           "-o", str(tmp_path / "dora"), "--device", device, "--json"],
-                          capture_output=True, text=True, timeout=120, env={**os.environ, "PYTHONWARNINGS": "ignore"})
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            NO_TORCH_CLI,
+            "merge",
+            str(llama_base),
+            str(peft_adapters["dora"]),
+            "-o",
+            str(tmp_path / "dora"),
+            "--device",
+            device,
+            "--json",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, "PYTHONWARNINGS": "ignore"},
+    )
     assert proc.returncode == 0 and "torch imported: True" in proc.stderr
     assert json.loads(proc.stdout)["backend"] == "torch"

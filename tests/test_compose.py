@@ -99,7 +99,9 @@ def test_svd_auto_energy_picks_the_smallest_sufficient_rank(peft_adapters, delta
     assert meta.provenance.details["energy_kept"] == {m: r["energy_kept"] for m, r in result.modules.items()}
 
 
-def test_peft_merges_the_composed_adapter_to_base_plus_the_exact_sum(peft_adapters, deltas_of, llama32, tmp_path):
+def test_peft_merges_the_composed_adapter_to_base_plus_the_exact_sum(
+    peft_adapters, deltas_of, llama32, tmp_path
+):
     from peft import PeftModel
 
     names, weights = ["plain", "rslora", "embedding"], [0.7, -1.3, 0.5]
@@ -110,12 +112,15 @@ def test_peft_merges_the_composed_adapter_to_base_plus_the_exact_sum(peft_adapte
     merged_sd = merged.state_dict()
     base_sd = load_base(llama32).state_dict()
     # the embedding adapter also saved its (bf16-valued) embedding base layer, which PEFT loads in place
-    base_sd["model.embed_tokens.weight"] = load_file(peft_adapters["embedding"] / "adapter_model.safetensors")[
-        "base_model.model.model.embed_tokens.base_layer.weight"].float()
+    base_sd["model.embed_tokens.weight"] = load_file(
+        peft_adapters["embedding"] / "adapter_model.safetensors"
+    )["base_model.model.model.embed_tokens.base_layer.weight"].float()
     for module, delta in expected.items():
         key = f"{module}.weight"
         delta = delta.T if module.endswith("embed_tokens") else delta
-        torch.testing.assert_close(merged_sd[key].double(), base_sd[key].double() + delta, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(
+            merged_sd[key].double(), base_sd[key].double() + delta, rtol=1e-5, atol=1e-6
+        )
     untouched = "model.layers.0.input_layernorm.weight"
     assert torch.equal(merged_sd[untouched], base_sd[untouched])
 
@@ -133,9 +138,13 @@ def test_gpt2_fan_in_fan_out_and_saved_biases(peft_adapters, gpt2_base, tmp_path
     merged_sd, base_sd = merged.state_dict(), load_base(gpt2_base).state_dict()
     for module, delta in deltas.items():
         key = f"{module}.weight"  # Conv1D stores (in, out)
-        torch.testing.assert_close(merged_sd[key].double(), base_sd[key].double() + delta.T, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(
+            merged_sd[key].double(), base_sd[key].double() + delta.T, rtol=1e-5, atol=1e-6
+        )
     saved = load_file(peft_adapters["gpt2_bias_all"] / "adapter_model.safetensors")
-    assert torch.equal(merged_sd["transformer.h.0.ln_1.bias"], saved["base_model.model.transformer.h.0.ln_1.bias"])
+    assert torch.equal(
+        merged_sd["transformer.h.0.ln_1.bias"], saved["base_model.model.transformer.h.0.ln_1.bias"]
+    )
 
 
 def test_conv_modules_compose_exactly(tmp_path):
@@ -151,7 +160,9 @@ def test_conv_modules_compose_exactly(tmp_path):
     dirs = []
     for i, kwargs in enumerate([dict(r=2, lora_alpha=4), dict(r=3, lora_alpha=5, use_rslora=True)]):
         torch.manual_seed(10 + i)
-        model = get_peft_model(Net(), LoraConfig(target_modules=["conv", "lin"], init_lora_weights=False, **kwargs))
+        model = get_peft_model(
+            Net(), LoraConfig(target_modules=["conv", "lin"], init_lora_weights=False, **kwargs)
+        )
         model.save_pretrained(tmp_path / f"conv{i}")
         dirs.append(tmp_path / f"conv{i}")
     out = tmp_path / "conv.safetensors"
@@ -160,9 +171,12 @@ def test_conv_modules_compose_exactly(tmp_path):
     assert entry.kind == "conv" and entry.rank == 5 and entry.kernel_size == [3, 3]
     expected = weighted_sum([peft_deltas(d, None, model=Net()) for d in dirs], [1.0, -2.0])
     merged = PeftModel.from_pretrained(Net(), as_peft_dir(out, tmp_path)).merge_and_unload()
-    torch.testing.assert_close(merged.conv.weight.double(),
-                               Net().conv.weight.double() + expected["conv"].reshape(8, 3, 3, 3), rtol=1e-5,
-                               atol=1e-6)
+    torch.testing.assert_close(
+        merged.conv.weight.double(),
+        Net().conv.weight.double() + expected["conv"].reshape(8, 3, 3, 3),
+        rtol=1e-5,
+        atol=1e-6,
+    )
     svd_out = tmp_path / "conv_svd.safetensors"
     compose(dirs, svd_out, method="svd", rank=2)
     a = load_file(svd_out)
@@ -178,7 +192,9 @@ def test_ties_at_full_rank_equals_peft_ties_of_the_dense_deltas(peft_adapters, d
 
     names = ["plain", "rslora"]
     out = tmp_path / "ties.safetensors"
-    compose([peft_adapters[n] for n in names], out, method="ties", density=0.5, rank=64)  # 64 = full rank here
+    compose(
+        [peft_adapters[n] for n in names], out, method="ties", density=0.5, rank=64
+    )  # 64 = full rank here
     got = deltas_of(as_peft_dir(out, tmp_path))
     ds = [deltas_of(peft_adapters[n]) for n in names]
     for module in got:
@@ -191,8 +207,14 @@ def test_ties_at_full_rank_equals_peft_ties_of_the_dense_deltas(peft_adapters, d
 def test_ties_and_dare_are_deterministic_under_a_seed(peft_adapters, tmp_path, method):
     run = {}
     for tag, seed in (("a", 3), ("b", 3), ("c", 4)):
-        run[tag] = compose(parents(peft_adapters, ["plain", "patterns"]), tmp_path / f"{tag}.safetensors",
-                           method=method, density=0.4, seed=seed, rank=4)
+        run[tag] = compose(
+            parents(peft_adapters, ["plain", "patterns"]),
+            tmp_path / f"{tag}.safetensors",
+            method=method,
+            density=0.4,
+            seed=seed,
+            rank=4,
+        )
     assert run["a"].content_hash == run["b"].content_hash
     if method == "ties":  # no randomness: the seed changes nothing
         assert run["a"].content_hash == run["c"].content_hash
@@ -206,14 +228,23 @@ def test_ties_and_dare_are_deterministic_under_a_seed(peft_adapters, tmp_path, m
 
 def test_provenance_lists_parents_method_rank_and_details(peft_adapters, tmp_path):
     out = tmp_path / "prov.safetensors"
-    compose(parents(peft_adapters), out, method="dare_linear", weights=WEIGHTS, rank=4, density=0.7, seed=11,
-            name="mixture")
+    compose(
+        parents(peft_adapters),
+        out,
+        method="dare_linear",
+        weights=WEIGHTS,
+        rank=4,
+        density=0.7,
+        seed=11,
+        name="mixture",
+    )
     meta = open_adapter(out).meta
     prov = meta.provenance
     assert meta.name == "mixture" and prov.method == "dare_linear" and prov.rank == 4
     assert [(p.name, p.weight) for p in prov.parents] == list(zip(VARIANTS, WEIGHTS, strict=True))
     assert [p.content_hash for p in prov.parents] == [
-        data_hash(peft_adapters[v] / "adapter_model.safetensors") for v in VARIANTS]
+        data_hash(peft_adapters[v] / "adapter_model.safetensors") for v in VARIANTS
+    ]
     assert prov.details["density"] == 0.7 and prov.details["seed"] == 11
     assert set(prov.details["energy_kept"]) == set(meta.modules)
     assert meta.content_hash == data_hash(out)
@@ -263,9 +294,18 @@ def test_saved_tensors_pass_through_only_when_unambiguous(peft_adapters, llama_b
     meta = open_adapter(out).meta
     assert meta.modules_to_save == ["lm_head"]
     key = "base_model.model.lm_head.weight"
-    assert torch.equal(load_file(out)[key], load_file(peft_adapters["modules_to_save"] / "adapter_model.safetensors")[key])
-    other = make_peft_adapter(llama_base, tmp_path / "mts2", seed=2, r=4, lora_alpha=8, target_modules=["q_proj"],
-                              modules_to_save=["lm_head"])
+    assert torch.equal(
+        load_file(out)[key], load_file(peft_adapters["modules_to_save"] / "adapter_model.safetensors")[key]
+    )
+    other = make_peft_adapter(
+        llama_base,
+        tmp_path / "mts2",
+        seed=2,
+        r=4,
+        lora_alpha=8,
+        target_modules=["q_proj"],
+        modules_to_save=["lm_head"],
+    )
     with pytest.raises(ComposeError, match="saved tensors"):
         compose([peft_adapters["modules_to_save"], other], tmp_path / "bad.safetensors", method="cat")
     assert not (tmp_path / "bad.safetensors").exists()
@@ -292,18 +332,21 @@ def test_conflicting_shapes_are_refused(peft_adapters, tmp_path):
     assert not (tmp_path / "x.safetensors").exists()
 
 
-@pytest.mark.parametrize("kwargs,match", [
-    (dict(method="cat", weights=[1.0]), "weights"),
-    (dict(method="svd", rank=0), "positive"),
-    (dict(method="svd", rank="auto:1.5"), r"\(0, 1\]"),
-    (dict(method="avg"), "unknown method"),
-    (dict(method="cat", rank=4), "does not apply"),
-    (dict(method="ties"), "density"),
-    (dict(method="ties", density=0.0), "density"),
-    (dict(method="svd", density=0.5), "density"),
-    (dict(method="cat", device="tpu"), "device"),
-    (dict(method="cat", weights=[1.0, float("nan")]), "finite"),
-])
+@pytest.mark.parametrize(
+    "kwargs,match",
+    [
+        (dict(method="cat", weights=[1.0]), "weights"),
+        (dict(method="svd", rank=0), "positive"),
+        (dict(method="svd", rank="auto:1.5"), r"\(0, 1\]"),
+        (dict(method="avg"), "unknown method"),
+        (dict(method="cat", rank=4), "does not apply"),
+        (dict(method="ties"), "density"),
+        (dict(method="ties", density=0.0), "density"),
+        (dict(method="svd", density=0.5), "density"),
+        (dict(method="cat", device="tpu"), "device"),
+        (dict(method="cat", weights=[1.0, float("nan")]), "finite"),
+    ],
+)
 def test_bad_arguments_are_usage_errors_and_write_nothing(peft_adapters, tmp_path, kwargs, match):
     with pytest.raises(UsageError, match=match):
         compose(parents(peft_adapters, ["plain", "rslora"]), tmp_path / "x.safetensors", **kwargs)

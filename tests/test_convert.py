@@ -40,8 +40,24 @@ def test_convert_cli_json_and_file_contents(peft_adapters, llama_base, tmp_path)
     src = peft_adapters["patterns"]
     before = snapshot(src) | snapshot(llama_base)
     out = tmp_path / "a.safetensors"
-    res = CliRunner().invoke(cli, ["convert", str(src), "-o", str(out), "--base", str(llama_base),
-                                   "--base-id", "org/tiny-llama", "--name", "pat", "--license", "mit", "--json"])
+    res = CliRunner().invoke(
+        cli,
+        [
+            "convert",
+            str(src),
+            "-o",
+            str(out),
+            "--base",
+            str(llama_base),
+            "--base-id",
+            "org/tiny-llama",
+            "--name",
+            "pat",
+            "--license",
+            "mit",
+            "--json",
+        ],
+    )
     assert res.exit_code == 0, res.output
     report = json.loads(res.output)
     assert report["output"] == str(out) and report["to"] == "loraformat" and report["base_stamped"] is True
@@ -51,11 +67,17 @@ def test_convert_cli_json_and_file_contents(peft_adapters, llama_base, tmp_path)
     header = read_header(out)
     md = header.metadata
     assert md["format"] == "pt"
-    for key in ("modelspec.sai_model_spec", "modelspec.architecture", "modelspec.title", "modelspec.date",
-                "modelspec.hash_sha256", "modelspec.implementation"):
+    for key in (
+        "modelspec.sai_model_spec",
+        "modelspec.architecture",
+        "modelspec.title",
+        "modelspec.date",
+        "modelspec.hash_sha256",
+        "modelspec.implementation",
+    ):
         assert key in md, key
     assert md["modelspec.architecture"] == "tiny-llama/lora" and md["modelspec.title"] == "pat"
-    data = out.read_bytes()[header.data_start:]
+    data = out.read_bytes()[header.data_start :]
     content = hashlib.sha256(data).hexdigest()
     doc = json.loads(md[spec.METADATA_KEY])
     assert content == report["content_hash"] == doc["content_hash"] == md["modelspec.hash_sha256"][2:]
@@ -72,8 +94,11 @@ def test_base_stamp_is_exact(peft_adapters, llama_base, tmp_path):
     hashes = hash_base(llama_base)
     bm = meta.base_model
     assert bm.id == "org/tiny"
-    assert (bm.structure_hash, bm.content_hash, bm.hash_algorithm) == \
-        (hashes.structure_hash, hashes.content_hash, hashes.algorithm)
+    assert (bm.structure_hash, bm.content_hash, bm.hash_algorithm) == (
+        hashes.structure_hash,
+        hashes.content_hash,
+        hashes.algorithm,
+    )
     targets = ["model.layers.1.self_attn.q_proj.weight", "model.layers.1.self_attn.v_proj.weight"]
     assert sorted(bm.target_digests) == targets == target_tensors(meta)
     assert bm.target_digests == {t: hashes.tensor_digests[t] for t in targets}
@@ -160,14 +185,19 @@ def test_native_to_native_keeps_metadata(peft_adapters, llama_base, tmp_path):
 def test_write_failure_leaves_nothing(peft_adapters, tmp_path):
     """A file size limit below the output size: exit 2, one line, nothing under the output name."""
     out = tmp_path / "a.safetensors"
-    code = ("import resource, sys; from loraformat.cli.main import main; "
-            "resource.setrlimit(resource.RLIMIT_FSIZE, (20000, 20000)); "
-            f"main(['convert', {str(peft_adapters['plain'])!r}, '-o', {str(out)!r}])")
+    code = (
+        "import resource, sys; from loraformat.cli.main import main; "
+        "resource.setrlimit(resource.RLIMIT_FSIZE, (20000, 20000)); "
+        f"main(['convert', {str(peft_adapters['plain'])!r}, '-o', {str(out)!r}])"
+    )
     import sys
 
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert proc.returncode == 2, proc.stderr
-    assert proc.stderr == f"error: {out}: write failed: file too large (size limit reached); nothing was left behind\n"
+    assert (
+        proc.stderr
+        == f"error: {out}: write failed: file too large (size limit reached); nothing was left behind\n"
+    )
     assert os.listdir(tmp_path) == []
 
 

@@ -63,8 +63,12 @@ def test_sharded_equals_single(llama_base, llama_base_sharded):
 def test_independent_of_order_padding_names_and_shards(llama_base, tmp_path):
     ref = hash_base(llama_base, use_cache=False)
     tensors = raw_tensors(llama_base)
-    reordered = write_file(tmp_path / "other-name.safetensors", list(reversed(tensors)), pad=120,
-                           metadata={"format": "pt", "note": "different metadata too"})
+    reordered = write_file(
+        tmp_path / "other-name.safetensors",
+        list(reversed(tensors)),
+        pad=120,
+        metadata={"format": "pt", "note": "different metadata too"},
+    )
     got = hash_base(reordered, use_cache=False)
     assert (got.structure_hash, got.content_hash) == (ref.structure_hash, ref.content_hash)
 
@@ -76,7 +80,9 @@ def test_independent_of_order_padding_names_and_shards(llama_base, tmp_path):
         fname = f"part-{'abc'[i]}.safetensors"
         write_file(shards / fname, part, pad=i * 8)
         weight_map.update({n: fname for n, *_ in part})
-    (shards / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+    (shards / "model.safetensors.index.json").write_text(
+        json.dumps({"metadata": {}, "weight_map": weight_map})
+    )
     got = hash_base(shards, use_cache=False)
     assert (got.structure_hash, got.content_hash) == (ref.structure_hash, ref.content_hash)
     assert got.tensor_digests == ref.tensor_digests
@@ -106,7 +112,10 @@ def test_name_dtype_shape_are_part_of_the_digest():
     assert base == expected
     digests = [tensor_digest(n, "F32", (4,), data) for n in "abc"]
     assert content_hash_of(digests) == content_hash_of(reversed(digests))
-    assert content_hash_of(digests) == hashlib.sha256(b"".join(sorted(bytes.fromhex(d) for d in digests))).hexdigest()
+    assert (
+        content_hash_of(digests)
+        == hashlib.sha256(b"".join(sorted(bytes.fromhex(d) for d in digests))).hexdigest()
+    )
 
 
 def test_structure_hash_reads_no_tensor_data(tmp_path):
@@ -138,8 +147,11 @@ def test_cache_hit_and_invalidation(llama_base, tmp_path):
     assert first.cached is False
     second = hash_base(base)
     assert second.cached is True
-    assert (second.structure_hash, second.content_hash, second.tensor_digests) == \
-        (first.structure_hash, first.content_hash, first.tensor_digests)
+    assert (second.structure_hash, second.content_hash, second.tensor_digests) == (
+        first.structure_hash,
+        first.content_hash,
+        first.tensor_digests,
+    )
 
     weights = base / "model.safetensors"
     st = weights.stat()
@@ -183,21 +195,28 @@ def test_workers_and_subsets_agree(llama_base):
 
 def test_hash_cli_json(llama_base_sharded, tmp_path):
     env = {**os.environ, "LORAFORMAT_CACHE": str(tmp_path / "cache")}
-    proc = subprocess.run([EXE, "hash", str(llama_base_sharded), "--json"], capture_output=True, text=True, env=env)
+    proc = subprocess.run(
+        [EXE, "hash", str(llama_base_sharded), "--json"], capture_output=True, text=True, env=env
+    )
     assert proc.returncode == 0, proc.stderr
     doc = json.loads(proc.stdout)
     ref = hash_base(llama_base_sharded, use_cache=False)
     assert doc["structure_hash"] == ref.structure_hash and doc["content_hash"] == ref.content_hash
     assert doc["algorithm"] == ref.algorithm and doc["total_bytes"] == ref.total_bytes
-    assert doc["tensors"] == len(ref.tensor_digests) and doc["cached"] is False and "tensor_digests" not in doc
-    proc = subprocess.run([EXE, "hash", str(llama_base_sharded), "--json", "--digests"], capture_output=True,
-                          text=True, env=env)
+    assert (
+        doc["tensors"] == len(ref.tensor_digests) and doc["cached"] is False and "tensor_digests" not in doc
+    )
+    proc = subprocess.run(
+        [EXE, "hash", str(llama_base_sharded), "--json", "--digests"], capture_output=True, text=True, env=env
+    )
     doc = json.loads(proc.stdout)
     assert doc["cached"] is True and doc["tensor_digests"] == ref.tensor_digests
 
     proc = subprocess.run([EXE, "hash", str(llama_base_sharded)], capture_output=True, text=True, env=env)
     assert proc.returncode == 0
-    assert f"structure  {ref.structure_hash}" in proc.stdout and f"content    {ref.content_hash}" in proc.stdout
+    assert (
+        f"structure  {ref.structure_hash}" in proc.stdout and f"content    {ref.content_hash}" in proc.stdout
+    )
 
 
 @pytest.mark.parametrize("setup,code", [("missing", 2), ("pickle", 1), ("truncated", 1)])
@@ -216,8 +235,10 @@ def test_hash_cli_errors(setup, code, tmp_path, llama_base):
 
 
 def test_hash_does_not_import_torch(llama_base, tmp_path):
-    code = ("import sys; from loraformat.hashing import hash_base; "
-            f"hash_base({str(llama_base)!r}, use_cache=False); print('torch' in sys.modules)")
+    code = (
+        "import sys; from loraformat.hashing import hash_base; "
+        f"hash_base({str(llama_base)!r}, use_cache=False); print('torch' in sys.modules)"
+    )
     import sys
 
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout

@@ -15,8 +15,14 @@ from loraformat.errors import HeaderError, InputNotFoundError
 from loraformat.io.header import MAX_HEADER_BYTES, encode_header, parse_header_bytes, read_header
 
 
-def _file(tmp_path: Path, header: bytes | dict, data: bytes = b"", *, length: int | None = None,
-          name: str = "x.safetensors") -> Path:
+def _file(
+    tmp_path: Path,
+    header: bytes | dict,
+    data: bytes = b"",
+    *,
+    length: int | None = None,
+    name: str = "x.safetensors",
+) -> Path:
     raw = header if isinstance(header, bytes) else json.dumps(header).encode()
     n = len(raw) if length is None else length
     path = tmp_path / name
@@ -31,8 +37,11 @@ def _raw(tmp_path: Path, blob: bytes) -> Path:
 
 
 def _entry(dtype: str = "F32", shape: list[int] | None = None, offsets: list[int] | None = None) -> dict:
-    return {"dtype": dtype, "shape": [2, 2] if shape is None else shape,
-            "data_offsets": [0, 16] if offsets is None else offsets}
+    return {
+        "dtype": dtype,
+        "shape": [2, 2] if shape is None else shape,
+        "data_offsets": [0, 16] if offsets is None else offsets,
+    }
 
 
 def test_valid_file_roundtrip(tmp_path: Path) -> None:
@@ -59,28 +68,44 @@ def test_real_safetensors_file_is_accepted(tmp_path: Path) -> None:
 BROKEN = {
     # name: (builder(tmp_path) -> path, expected message fragment)
     "truncated": (lambda p: _raw(p, b"\x10\x00\x00"), "too short for a safetensors header"),
-    "truncated_data": (lambda p: _raw(p, _file(p, {"a": _entry()}, b"\0" * 16).read_bytes()[:-5]),
-                       "past the 11-byte data buffer"),
+    "truncated_data": (
+        lambda p: _raw(p, _file(p, {"a": _entry()}, b"\0" * 16).read_bytes()[:-5]),
+        "past the 11-byte data buffer",
+    ),
     "lying_length": (lambda p: _file(p, {"a": _entry()}, b"\0" * 16, length=10_000), "runs past the end"),
     "over_cap": (lambda p: _file(p, b"{}", length=MAX_HEADER_BYTES + 1), "exceeds the 100000000-byte limit"),
     "non_json": (lambda p: _file(p, b"{not json"), "not valid UTF-8 JSON"),
-    "not_utf8": (lambda p: _file(p, b"{\"\xff\": 1}"), "not valid UTF-8 JSON"),
+    "not_utf8": (lambda p: _file(p, b'{"\xff": 1}'), "not valid UTF-8 JSON"),
     "json_array": (lambda p: _file(p, b"[1, 2]"), "header is a JSON list, not an object"),
-    "overlap": (lambda p: _file(p, {"a": _entry(offsets=[0, 16]), "b": _entry(offsets=[8, 24])}, b"\0" * 24),
-                "overlap the previous tensor"),
-    "hole": (lambda p: _file(p, {"a": _entry(offsets=[0, 16]), "b": _entry(offsets=[20, 36])}, b"\0" * 36),
-             "a hole of 4 bytes"),
-    "past_eof": (lambda p: _file(p, {"a": _entry(offsets=[0, 16])}, b"\0" * 8), "past the 8-byte data buffer"),
+    "overlap": (
+        lambda p: _file(p, {"a": _entry(offsets=[0, 16]), "b": _entry(offsets=[8, 24])}, b"\0" * 24),
+        "overlap the previous tensor",
+    ),
+    "hole": (
+        lambda p: _file(p, {"a": _entry(offsets=[0, 16]), "b": _entry(offsets=[20, 36])}, b"\0" * 36),
+        "a hole of 4 bytes",
+    ),
+    "past_eof": (
+        lambda p: _file(p, {"a": _entry(offsets=[0, 16])}, b"\0" * 8),
+        "past the 8-byte data buffer",
+    ),
     "trailing_bytes": (lambda p: _file(p, {"a": _entry()}, b"\0" * 20), "data buffer is 20 bytes"),
     "byte_size": (lambda p: _file(p, {"a": _entry(shape=[3, 2])}, b"\0" * 16), "16 bytes for shape [3, 2]"),
     "unknown_dtype": (lambda p: _file(p, {"a": _entry(dtype="F128")}, b"\0" * 16), "unknown dtype 'F128'"),
-    "bad_shape": (lambda p: _file(p, {"a": _entry(shape=[2, -2])}, b"\0" * 16), "is not a list of non-negative"),
+    "bad_shape": (
+        lambda p: _file(p, {"a": _entry(shape=[2, -2])}, b"\0" * 16),
+        "is not a list of non-negative",
+    ),
     "bad_offsets": (lambda p: _file(p, {"a": _entry(offsets=[0])}, b"\0" * 16), "is not [begin, end]"),
-    "reversed_offsets": (lambda p: _file(p, {"a": _entry(shape=[0], offsets=[16, 0])}, b"\0" * 16),
-                         "end 0 before begin 16"),
+    "reversed_offsets": (
+        lambda p: _file(p, {"a": _entry(shape=[0], offsets=[16, 0])}, b"\0" * 16),
+        "end 0 before begin 16",
+    ),
     "entry_not_object": (lambda p: _file(p, {"a": [1, 2]}), "entry is not an object"),
-    "metadata_not_string": (lambda p: _file(p, {"__metadata__": {"format": "pt", "n": 3}}),
-                            "__metadata__['n'] is a int, not a string"),
+    "metadata_not_string": (
+        lambda p: _file(p, {"__metadata__": {"format": "pt", "n": 3}}),
+        "__metadata__['n'] is a int, not a string",
+    ),
     "metadata_not_object": (lambda p: _file(p, {"__metadata__": ["pt"]}), "__metadata__ is not an object"),
     "deep_nesting": (lambda p: _file(p, b"[" * 100_000), "not valid UTF-8 JSON"),
 }
@@ -118,7 +143,11 @@ def test_missing_file_and_directory(tmp_path: Path) -> None:
 # --- fuzzing ---------------------------------------------------------------------------------------------------
 
 json_values = st.recursive(
-    st.none() | st.booleans() | st.integers(-(2**70), 2**70) | st.floats(allow_nan=False) | st.text(max_size=8),
+    st.none()
+    | st.booleans()
+    | st.integers(-(2**70), 2**70)
+    | st.floats(allow_nan=False)
+    | st.text(max_size=8),
     lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8), inner, max_size=4),
     max_leaves=20,
 )
@@ -182,7 +211,7 @@ def test_fuzz_mutated_valid_file(tmp_path: Path, data: st.DataObject) -> None:
             i = data.draw(st.integers(0, len(blob) - 1))
             blob[i] = data.draw(st.integers(0, 255))
         elif op == "cut":
-            del blob[data.draw(st.integers(0, len(blob))):]
+            del blob[data.draw(st.integers(0, len(blob))) :]
         else:
             blob += data.draw(st.binary(min_size=1, max_size=16))
     path = tmp_path / "m.safetensors"

@@ -35,10 +35,19 @@ FILES = ADAPTER_FILES
 
 
 @pytest.fixture(scope="module")
-def native(peft_adapters: dict[str, Path], llama_base: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+def native(
+    peft_adapters: dict[str, Path], llama_base: Path, tmp_path_factory: pytest.TempPathFactory
+) -> Path:
     out = tmp_path_factory.mktemp("native") / "plain.safetensors"
-    return make_native(peft_adapters["plain"], out, base=llama_base, base_id=BASE_ID, license="apache-2.0",
-                       task="CAUSAL_LM", description="Summarises things.")
+    return make_native(
+        peft_adapters["plain"],
+        out,
+        base=llama_base,
+        base_id=BASE_ID,
+        license="apache-2.0",
+        task="CAUSAL_LM",
+        description="Summarises things.",
+    )
 
 
 @pytest.fixture
@@ -54,7 +63,11 @@ def _calls(srv: HubServer, method: str, pattern: str) -> list[str]:
 
 def test_push_pull_round_trip_over_http(server: HubServer, native: Path, tmp_path: Path) -> None:
     pushed = push(native, "acme/plain", hub=server.url, tag="v1")
-    assert pushed.created and len(pushed.commit) == 40 and pushed.url.endswith(f"/acme/plain/commit/{pushed.commit}")
+    assert (
+        pushed.created
+        and len(pushed.commit) == 40
+        and pushed.url.endswith(f"/acme/plain/commit/{pushed.commit}")
+    )
     # one commit holding the three files; the weights went through the LFS batch API as a plain PUT (no Xet)
     assert len(_calls(server, "POST", r"/commit/main$")) == 1
     assert _calls(server, "PUT", r"^/lfs-upload/") and _calls(server, "POST", r"lfs/objects/batch$")
@@ -96,7 +109,9 @@ def test_model_card(server: HubServer, native: Path, tmp_path: Path) -> None:
     assert info.commits[pushed.commit].files["README.md"].data == text.encode()
 
 
-def test_branches_and_pins(server: HubServer, native: Path, peft_adapters: dict[str, Path], tmp_path: Path) -> None:
+def test_branches_and_pins(
+    server: HubServer, native: Path, peft_adapters: dict[str, Path], tmp_path: Path
+) -> None:
     main = push(native, "acme/a", hub=server.url, tag="v1")
     dev = push(peft_adapters["rslora"], "acme/a", hub=server.url, revision="feature/dev")
     assert server.repos["acme/a"].branches["main"] == main.commit
@@ -112,8 +127,11 @@ def test_branches_and_pins(server: HubServer, native: Path, peft_adapters: dict[
 def test_not_found_errors(server: HubServer, native: Path, tmp_path: Path) -> None:
     push(native, "acme/a", hub=server.url)
     server.create("acme/empty", "acme")
-    cases = [("acme/missing", None, "repository not found"), ("acme/a", "nope", "revision 'nope' not found"),
-             ("acme/empty", None, "no adapter_model.safetensors")]
+    cases = [
+        ("acme/missing", None, "repository not found"),
+        ("acme/a", "nope", "revision 'nope' not found"),
+        ("acme/empty", None, "no adapter_model.safetensors"),
+    ]
     for repo, rev, match in cases:
         with pytest.raises(HubNotFoundError, match=match) as err:
             pull(repo, tmp_path / "out", hub=server.url, revision=rev)
@@ -121,8 +139,9 @@ def test_not_found_errors(server: HubServer, native: Path, tmp_path: Path) -> No
     assert not (tmp_path / "out").exists()
 
 
-def test_auth_errors_never_show_the_token(server: HubServer, native: Path, tmp_path: Path,
-                                          monkeypatch: pytest.MonkeyPatch) -> None:
+def test_auth_errors_never_show_the_token(
+    server: HubServer, native: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     push(native, "acme/a", hub=server.url)
     with pytest.raises(HubAuthError) as err:
         pull("acme/a", tmp_path / "out", hub=server.url, token=BAD_TOKEN)
@@ -144,11 +163,14 @@ def test_auth_errors_never_show_the_token(server: HubServer, native: Path, tmp_p
         push(native, "acme/a", hub=server.url, validate=False)
     server.create("acme/private", "acme", private=True)
     with pytest.raises(HubNotFoundError, match="if it is private, check your token"):
-        pull("acme/private", tmp_path / "out", hub=server.url)  # the Hub answers 401 RepoNotFound, as for missing
+        pull(
+            "acme/private", tmp_path / "out", hub=server.url
+        )  # the Hub answers 401 RepoNotFound, as for missing
 
 
-def test_offline_mode_and_network_failure(server: HubServer, native: Path, tmp_path: Path,
-                                          monkeypatch: pytest.MonkeyPatch) -> None:
+def test_offline_mode_and_network_failure(
+    server: HubServer, native: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     from huggingface_hub import constants
 
     pushed = push(native, "acme/a", hub=server.url, tag="v1")
@@ -182,7 +204,9 @@ def test_hostile_server_names_and_corruption(server: HubServer, native: Path, tm
     assert err.value.exit_code == 1
     assert not list(tmp_path.rglob("escape.txt")) and not (tmp_path / "sub" / "out").exists()
     # a blob altered on the server (same size) fails the sha256 check against the tree listing
-    server.corrupt_blob(server.repos["acme/a"].commits[pushed.commit].files["adapter_model.safetensors"].sha256)
+    server.corrupt_blob(
+        server.repos["acme/a"].commits[pushed.commit].files["adapter_model.safetensors"].sha256
+    )
     with pytest.raises(VerificationError, match="hashes to"):
         pull("acme/a", tmp_path / "out", hub=server.url, revision=pushed.commit)
     assert not (tmp_path / "out").exists()
@@ -202,8 +226,9 @@ def test_hf_references_are_pulled_into_the_cache_and_reused(server: HubServer, n
         assert adapter.meta.content_hash == pushed.content_hash
 
 
-def test_peft_loads_the_pulled_directory(server: HubServer, native: Path, peft_adapters: dict[str, Path],
-                                         llama_base: Path, tmp_path: Path) -> None:
+def test_peft_loads_the_pulled_directory(
+    server: HubServer, native: Path, peft_adapters: dict[str, Path], llama_base: Path, tmp_path: Path
+) -> None:
     import torch
     from peft import PeftModel
     from transformers import AutoModelForCausalLM

@@ -32,7 +32,9 @@ FILES = ADAPTER_FILES
 
 
 @pytest.fixture(scope="module")
-def native(peft_adapters: dict[str, Path], llama_base: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+def native(
+    peft_adapters: dict[str, Path], llama_base: Path, tmp_path_factory: pytest.TempPathFactory
+) -> Path:
     out = tmp_path_factory.mktemp("native") / "plain.safetensors"
     return make_native(peft_adapters["plain"], out, base=llama_base, base_id=BASE_ID, license="apache-2.0")
 
@@ -56,7 +58,9 @@ def test_push_pull_round_trip_is_byte_identical(native: Path, hub: Path, tmp_pat
     assert check_consistency(hub) == []
 
 
-def test_peft_dir_is_converted_and_validated(peft_adapters: dict[str, Path], hub: Path, tmp_path: Path) -> None:
+def test_peft_dir_is_converted_and_validated(
+    peft_adapters: dict[str, Path], hub: Path, tmp_path: Path
+) -> None:
     pushed = push(peft_adapters["patterns"], "acme/patterns", hub=hub)
     assert pushed.converted
     pull("acme/patterns", tmp_path / "out", hub=hub)
@@ -66,8 +70,9 @@ def test_peft_dir_is_converted_and_validated(peft_adapters: dict[str, Path], hub
         assert {m.rank for m in adapter.modules.values()} == {2, 4, 8}
 
 
-def test_revisions_branches_tags_and_commit_ids(native: Path, peft_adapters: dict[str, Path], hub: Path,
-                                                tmp_path: Path) -> None:
+def test_revisions_branches_tags_and_commit_ids(
+    native: Path, peft_adapters: dict[str, Path], hub: Path, tmp_path: Path
+) -> None:
     first = push(native, "acme/a", hub=hub, tag="v1", validate=False)
     dev = push(peft_adapters["rslora"], "acme/a", hub=hub, revision="dev", validate=False)
     assert dev.branch == "dev" and dev.commit != first.commit
@@ -78,8 +83,14 @@ def test_revisions_branches_tags_and_commit_ids(native: Path, peft_adapters: dic
     assert local.revision("acme/a", dev.commit).parents == [first.commit]
     manifest = hub / "repos" / "acme" / "a" / "revisions" / f"{dev.commit}.json"
     assert hashlib.sha256(manifest.read_bytes()).hexdigest() == dev.commit  # content-addressed
-    for rev, want in (("main", first.commit), ("v1", first.commit), ("dev", dev.commit),
-                      (dev.commit, dev.commit), (dev.commit[:10], dev.commit), (None, first.commit)):
+    for rev, want in (
+        ("main", first.commit),
+        ("v1", first.commit),
+        ("dev", dev.commit),
+        (dev.commit, dev.commit),
+        (dev.commit[:10], dev.commit),
+        (None, first.commit),
+    ):
         out = tmp_path / f"o-{rev}"
         assert pull("acme/a", out, hub=hub, revision=rev).commit == want
     assert (tmp_path / "o-dev" / "adapter_model.safetensors").read_bytes() != native.read_bytes()
@@ -97,9 +108,11 @@ def test_unchanged_push_and_immutable_tags(native: Path, hub: Path) -> None:
 
 def test_missing_repo_revision_and_hub(native: Path, hub: Path, tmp_path: Path) -> None:
     push(native, "acme/a", hub=hub, validate=False)
-    for repo, rev, match in (("acme/missing", None, "repository acme/missing not found"),
-                             ("acme/a", "nope", "revision 'nope' not found"),
-                             ("acme/a", "ab" * 32, "not found")):
+    for repo, rev, match in (
+        ("acme/missing", None, "repository acme/missing not found"),
+        ("acme/a", "nope", "revision 'nope' not found"),
+        ("acme/a", "ab" * 32, "not found"),
+    ):
         with pytest.raises(HubNotFoundError, match=match) as err:
             pull(repo, tmp_path / "out", hub=hub, revision=rev)
         assert err.value.exit_code == 3
@@ -166,8 +179,16 @@ def _forge_revision(hub: Path, repo: str, files: dict[str, bytes]) -> str:
         (hub / "objects" / sha[:2]).mkdir(parents=True, exist_ok=True)
         (hub / "objects" / sha[:2] / sha).write_bytes(data)
         entries[name] = {"sha256": sha, "size": len(data)}
-    manifest = canonical_json({"format": "loraformat-hub-revision", "version": 1, "repo": repo, "parents": [],
-                               "message": "forged", "files": entries})
+    manifest = canonical_json(
+        {
+            "format": "loraformat-hub-revision",
+            "version": 1,
+            "repo": repo,
+            "parents": [],
+            "message": "forged",
+            "files": entries,
+        }
+    )
     commit = hashlib.sha256(manifest).hexdigest()
     d = hub / "repos" / repo
     (d / "revisions" / f"{commit}.json").write_bytes(manifest)
@@ -177,7 +198,9 @@ def _forge_revision(hub: Path, repo: str, files: dict[str, bytes]) -> str:
 
 def test_remote_name_escaping_the_output_is_refused(native: Path, hub: Path, tmp_path: Path) -> None:
     push(native, "acme/a", hub=hub, validate=False)
-    _forge_revision(hub, "acme/a", {"adapter_model.safetensors": native.read_bytes(), "../escape.txt": b"pwned"})
+    _forge_revision(
+        hub, "acme/a", {"adapter_model.safetensors": native.read_bytes(), "../escape.txt": b"pwned"}
+    )
     (tmp_path / "sub").mkdir()
     with pytest.raises(VerificationError, match="would escape the output directory"):
         pull("acme/a", tmp_path / "sub" / "out", hub=hub)
@@ -218,8 +241,9 @@ def test_an_altered_cache_entry_is_fetched_again(native: Path, hub: Path, tmp_pa
     assert pull("acme/a", tmp_path / "three", hub=hub).cached
 
 
-def test_hub_references_pull_into_the_cache_and_are_reused(native: Path, hub: Path,
-                                                           monkeypatch: pytest.MonkeyPatch) -> None:
+def test_hub_references_pull_into_the_cache_and_are_reused(
+    native: Path, hub: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     pushed = push(native, "acme/a", hub=hub, tag="v1", validate=False)
     assert resolve_adapter_arg(str(native)) == str(native) and not is_hub_ref(str(native))
     with pytest.raises(UsageError, match="LORAFORMAT_HUB"):
@@ -248,8 +272,15 @@ def test_hub_selection_and_reference_syntax(tmp_path: Path, monkeypatch: pytest.
     assert (ref.hub.kind, ref.repo_id, ref.revision) == ("hf", "org/name", "feature/x")
     ref = parse_hub_ref(f"lfhub://{tmp_path}/org/name")
     assert (ref.hub, ref.repo_id, ref.revision) == (HubSpec("local", path=tmp_path), "org/name", None)
-    for bad in ("hf://name", "hf://org/name@", "hf://org/na me", "hf://../x", "lfhub:///org", "hf://a/b/c",
-                "hf://org/name@../x"):
+    for bad in (
+        "hf://name",
+        "hf://org/name@",
+        "hf://org/na me",
+        "hf://../x",
+        "lfhub:///org",
+        "hf://a/b/c",
+        "hf://org/name@../x",
+    ):
         with pytest.raises(UsageError):
             parse_hub_ref(bad)
 
@@ -276,8 +307,9 @@ _PUSHER = textwrap.dedent("""
 """)
 
 
-def test_concurrent_pushes_from_processes_leave_a_consistent_registry(native: Path, hub: Path,
-                                                                      tmp_path: Path) -> None:
+def test_concurrent_pushes_from_processes_leave_a_consistent_registry(
+    native: Path, hub: Path, tmp_path: Path
+) -> None:
     """Six processes publish different adapters to the same branch at once: every revision complete, every
     ref valid, no update lost (the branch history holds all six, in some order)."""
     from loraformat.conversion import convert
@@ -288,8 +320,14 @@ def test_concurrent_pushes_from_processes_leave_a_consistent_registry(native: Pa
         convert(native, adapters[-1], name=f"adapter-{i}")
     push(native, "acme/shared", hub=hub, validate=False)  # an existing repo and branch to race on
     go = tmp_path / "go"
-    procs = [subprocess.Popen([sys.executable, "-c", _PUSHER, str(a), str(hub), str(i), str(go)],
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE) for i, a in enumerate(adapters)]
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-c", _PUSHER, str(a), str(hub), str(i), str(go)],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+        )
+        for i, a in enumerate(adapters)
+    ]
     time.sleep(0.5)
     go.touch()
     for p in procs:

@@ -78,8 +78,15 @@ def test_native_file_facts(peft_adapters, llama_base: Path, tmp_path: Path) -> N
     assert d["license"] == "apache-2.0" and d["provenance"]["source_format"] == "peft"
     assert d["parameters"] == inspect(peft_adapters["plain"])["parameters"]
     text = format_text(d)
-    for fragment in ("format       loraformat (spec 1.0)", "base         test/llama", "rank         8",
-                     "scaling      alpha/r = 2", "14 modules", "% fewer", "provenance   convert from peft"):
+    for fragment in (
+        "format       loraformat (spec 1.0)",
+        "base         test/llama",
+        "rank         8",
+        "scaling      alpha/r = 2",
+        "14 modules",
+        "% fewer",
+        "provenance   convert from peft",
+    ):
         assert fragment in text
 
 
@@ -89,8 +96,11 @@ def test_cli(peft_adapters, tmp_path: Path, capsys) -> None:
     assert code == 0 and json.loads(out)["parameters"]["summary"] == "4,608 vs 32,768: 86% fewer"
     code, out, _ = run_cli(capsys, str(path))
     assert code == 0 and "4,608 vs 32,768: 86% fewer" in out
-    bad = rewrite(path, tmp_path / "bad.safetensors",
-                  tensors=lambda t: t.pop("base_model.model.model.layers.0.mlp.up_proj.lora_B.weight"))
+    bad = rewrite(
+        path,
+        tmp_path / "bad.safetensors",
+        tensors=lambda t: t.pop("base_model.model.model.layers.0.mlp.up_proj.lora_B.weight"),
+    )
     code, _, err = run_cli(capsys, str(bad))
     assert code == 1 and err.startswith(f"error: {bad}: ") and "lora_B" in err
     code, _, err = run_cli(capsys, str(tmp_path / "nope"))

@@ -75,8 +75,10 @@ def merged(tmp_path_factory, peft_adapters, base_of):
     mp.setattr(engine, "BLOCK_BYTES", 4096)
     mp.setattr(engine, "CPU_SUBBLOCK_ELEMS", 512)
     try:
-        return {(v, b): (_merge(base_of(v), [peft_adapters[v]], root / f"{v}-{b}", backend=b), root / f"{v}-{b}")
-                for v, b in CASES}
+        return {
+            (v, b): (_merge(base_of(v), [peft_adapters[v]], root / f"{v}-{b}", backend=b), root / f"{v}-{b}")
+            for v, b in CASES
+        }
     finally:
         mp.undo()
 
@@ -114,8 +116,11 @@ def test_matches_peft_merge_and_unload(variant, backend, merged, peft_refs, peft
             module = "model.embed_tokens"
             key = next(k for k, v in adapter.meta.saved_tensors.items() if v == name)
             start = adapter.tensor(key)
-            exact = start.double() + adapter.scale(module) * (
-                adapter.lora_B(module).double() @ adapter.lora_A(module).double()).T
+            exact = (
+                start.double()
+                + adapter.scale(module)
+                * (adapter.lora_B(module).double() @ adapter.lora_A(module).double()).T
+            )
             assert max_ulp(tensor, exact.to(tensor.dtype)) <= 1
             dw = (ref[name].double() - start.double()).abs()
             one_ulp = ref[name].double().abs() * 2**-7  # bf16 keeps 8 significant bits
@@ -160,8 +165,9 @@ def test_auto_backend_is_numpy_on_cpu_but_torch_for_dora(tmp_path, merged, peft_
     assert _merge(llama_base, [peft_adapters["plain"]], tmp_path / "a").backend == "numpy"
     result = _merge(llama_base, [peft_adapters["dora"]], tmp_path / "d")
     assert result.backend == "torch"
-    assert (tmp_path / "d" / "model.safetensors").read_bytes() == \
-        (merged["dora", "torch"][1] / "model.safetensors").read_bytes()
+    assert (tmp_path / "d" / "model.safetensors").read_bytes() == (
+        merged["dora", "torch"][1] / "model.safetensors"
+    ).read_bytes()
     with pytest.raises(UsageError, match="numpy backend cannot merge this: DoRA"):
         _merge(llama_base, [peft_adapters["dora"]], tmp_path / "n", backend="numpy")
     with pytest.raises(UsageError, match="backend must be"):
@@ -203,8 +209,15 @@ def test_lora_bias_on_a_biasless_layer_is_refused_like_peft(tmp_path, peft_adapt
 @pytest.fixture(scope="module")
 def gpt2_dora(tmp_path_factory, gpt2_base):
     """DoRA on GPT-2's Conv1D: one magnitude per column of the stored (in, out) weight."""
-    return make_peft_adapter(gpt2_base, tmp_path_factory.mktemp("gpt2x") / "dora", r=4, lora_alpha=8,
-                             target_modules=["c_attn", "c_proj"], fan_in_fan_out=True, use_dora=True)
+    return make_peft_adapter(
+        gpt2_base,
+        tmp_path_factory.mktemp("gpt2x") / "dora",
+        r=4,
+        lora_alpha=8,
+        target_modules=["c_attn", "c_proj"],
+        fan_in_fan_out=True,
+        use_dora=True,
+    )
 
 
 def test_gpt2_column_dora_is_merged_whole(tmp_path, gpt2_dora, gpt2_base, monkeypatch):
@@ -240,8 +253,9 @@ def test_conv_layers_merge_like_peft(backend, tmp_path):
     base_state = {k: v.detach().clone().contiguous() for k, v in net.state_dict().items()}
     save_file(base_state, base_dir / "model.safetensors", metadata={"format": "pt"})
     (base_dir / "config.json").write_text("{}")
-    peft_model = get_peft_model(net, LoraConfig(r=4, lora_alpha=6, target_modules=["pw", "conv"],
-                                                init_lora_weights=False))
+    peft_model = get_peft_model(
+        net, LoraConfig(r=4, lora_alpha=6, target_modules=["pw", "conv"], init_lora_weights=False)
+    )
     peft_model.save_pretrained(tmp_path / "convadapter")
     assert _merge(base_dir, [tmp_path / "convadapter"], tmp_path / "out", backend=backend).backend == backend
     ours = load_dir(tmp_path / "out")
@@ -439,8 +453,16 @@ def test_api_accepts_adapter_objects_reports_progress_and_is_callable(tmp_path, 
     assert result.tensors_replaced == 1
     data = result.to_json()
     assert json.loads(json.dumps(data)) == data
-    for key in ("tensors_merged", "bytes_read", "bytes_written", "seconds", "gb_per_s", "peak_rss_bytes",
-                "peak_gpu_bytes", "verified"):
+    for key in (
+        "tensors_merged",
+        "bytes_read",
+        "bytes_written",
+        "seconds",
+        "gb_per_s",
+        "peak_rss_bytes",
+        "peak_gpu_bytes",
+        "verified",
+    ):
         assert key in data
     header_len = struct.unpack("<Q", (tmp_path / "out" / "model.safetensors").read_bytes()[:8])[0]
     assert header_len % 8 == 0

@@ -23,7 +23,9 @@ from loraformat.ops.combine import (
 
 def term(m: int, n: int, r: int, coef: float, seed: int, dtype=torch.float64) -> Term:
     g = torch.Generator().manual_seed(seed)
-    return Term(torch.randn(r, n, generator=g, dtype=dtype), torch.randn(m, r, generator=g, dtype=dtype), coef)
+    return Term(
+        torch.randn(r, n, generator=g, dtype=dtype), torch.randn(m, r, generator=g, dtype=dtype), coef
+    )
 
 
 def test_stack_is_the_exact_weighted_sum_with_mixed_ranks_and_negative_weights():
@@ -38,7 +40,7 @@ def test_stack_is_the_exact_weighted_sum_with_mixed_ranks_and_negative_weights()
 def test_peft_linear_is_not_the_weighted_sum():
     """Why we do not mix A and B separately: PEFT's `linear` (weighted A's times weighted B's) has cross terms."""
     t1, t2 = term(10, 10, 4, 1.0, 0), term(10, 10, 4, 1.0, 1)
-    w = 0.5 ** 0.5  # PEFT applies sqrt(weight) to each of A and B
+    w = 0.5**0.5  # PEFT applies sqrt(weight) to each of A and B
     peft_linear = (w * t1.B + w * t2.B) @ (w * t1.A + w * t2.A)
     exact = 0.5 * dense(t1) + 0.5 * dense(t2)
     assert float((peft_linear - exact).norm() / exact.norm()) > 0.1
@@ -88,8 +90,10 @@ def test_dare_drops_and_rescales():
 @pytest.mark.parametrize("method", ["dare_linear", "dare_ties"])
 def test_dare_is_deterministic_under_a_seed(method):
     terms = [term(30, 20, 4, 1.0, s, torch.float32) for s in range(2)]
-    run = [combine_dense(method, terms, density=0.5, generator=module_generator(seed, "layer.q", "cpu"))
-           for seed in (7, 7, 8)]
+    run = [
+        combine_dense(method, terms, density=0.5, generator=module_generator(seed, "layer.q", "cpu"))
+        for seed in (7, 7, 8)
+    ]
     assert torch.equal(run[0], run[1])
     assert not torch.equal(run[0], run[2])
     other_module = combine_dense(method, terms, density=0.5, generator=module_generator(7, "layer.k"))
@@ -98,10 +102,13 @@ def test_dare_is_deterministic_under_a_seed(method):
 
 def test_dare_with_density_one_is_exact():
     terms = [term(10, 9, 3, 0.5, s) for s in range(3)]
-    torch.testing.assert_close(combine_dense("dare_linear", terms, density=1.0, generator=module_generator(0, "m")),
-                               dense_sum(terms))
-    torch.testing.assert_close(combine_dense("dare_ties", terms, density=1.0, generator=module_generator(0, "m")),
-                               combine_dense("ties", terms, density=1.0))
+    torch.testing.assert_close(
+        combine_dense("dare_linear", terms, density=1.0, generator=module_generator(0, "m")), dense_sum(terms)
+    )
+    torch.testing.assert_close(
+        combine_dense("dare_ties", terms, density=1.0, generator=module_generator(0, "m")),
+        combine_dense("ties", terms, density=1.0),
+    )
 
 
 def test_module_seed_depends_on_seed_and_module_only():

@@ -30,8 +30,9 @@ def _peft(net: nn.Module, **kwargs) -> nn.Module:
     from peft import LoraConfig, get_peft_model
 
     torch.manual_seed(3)
-    cfg = LoraConfig(r=3, lora_alpha=5, init_lora_weights=False, target_modules=["lin", "emb", "c1", "c3", "k1d"],
-                     **kwargs)
+    cfg = LoraConfig(
+        r=3, lora_alpha=5, init_lora_weights=False, target_modules=["lin", "emb", "c1", "c3", "k1d"], **kwargs
+    )
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         model = get_peft_model(net, cfg)
@@ -44,7 +45,11 @@ def _peft(net: nn.Module, **kwargs) -> nn.Module:
 
 def _factors(layer: nn.Module) -> tuple[torch.Tensor, torch.Tensor, str]:
     if hasattr(layer, "lora_embedding_A") and "default" in layer.lora_embedding_A:
-        return layer.lora_embedding_A["default"].data, layer.lora_embedding_B["default"].data, delta.KIND_EMBEDDING
+        return (
+            layer.lora_embedding_A["default"].data,
+            layer.lora_embedding_B["default"].data,
+            delta.KIND_EMBEDDING,
+        )
     A, B = layer.lora_A["default"].weight.data, layer.lora_B["default"].weight.data
     return A, B, delta.KIND_CONV if A.dim() > 2 else delta.KIND_LINEAR
 
@@ -88,8 +93,12 @@ def test_fan_in_fan_out_transposes_like_peft():
             self.c_attn = Conv1D(9, 6)  # nf=9 outputs, nx=6 inputs: weight (6, 9)
 
     torch.manual_seed(1)
-    model = get_peft_model(G(), LoraConfig(r=2, lora_alpha=3, target_modules=["c_attn"], fan_in_fan_out=True,
-                                           init_lora_weights=False))
+    model = get_peft_model(
+        G(),
+        LoraConfig(
+            r=2, lora_alpha=3, target_modules=["c_attn"], fan_in_fan_out=True, init_lora_weights=False
+        ),
+    )
     layer = model.base_model.model.c_attn
     A, B = layer.lora_A["default"].weight.data, layer.lora_B["default"].weight.data
     ours = delta.delta_weight(A, B, layer.scaling["default"], fan_in_fan_out=True)
@@ -118,7 +127,7 @@ def test_dora_matches_peft_merge(module):
     work = W.reshape(rows, cols).clone()
     step = rows if delta.needs_whole_tensor([term]) else 2
     for r0 in range(0, rows, step):
-        delta.merge_rows_(work[r0:r0 + step], [term], r0, min(rows, r0 + step))
+        delta.merge_rows_(work[r0 : r0 + step], [term], r0, min(rows, r0 + step))
     torch.testing.assert_close(work.reshape(W.shape), theirs, rtol=1e-5, atol=1e-6)
 
 
@@ -140,7 +149,10 @@ def test_dora_fan_in_fan_out_normalises_columns():
 def test_weighted_sum_is_exact_in_fp32_and_rounded_once():
     torch.manual_seed(4)
     W = torch.randn(64, 48).to(torch.bfloat16)
-    parts = [(torch.randn(4, 48), torch.randn(64, 4), 0.7 * 2.0), (torch.randn(8, 48), torch.randn(64, 8), -0.3)]
+    parts = [
+        (torch.randn(4, 48), torch.randn(64, 4), 0.7 * 2.0),
+        (torch.randn(8, 48), torch.randn(64, 8), -0.3),
+    ]
     ref = W.double() + sum(s * (B.double() @ A.double()) for A, B, s in parts)
     ours = delta.merge_weight(W, [delta.AdapterDelta(A, B, s) for A, B, s in parts])
     assert ours.dtype == torch.bfloat16
@@ -149,7 +161,7 @@ def test_weighted_sum_is_exact_in_fp32_and_rounded_once():
     terms = [delta.lora_term(A, B, s) for A, B, s in parts]
     work = W.float()
     for r0 in range(0, 64, 10):
-        delta.merge_rows_(work[r0:r0 + 10], terms, r0, min(64, r0 + 10))
+        delta.merge_rows_(work[r0 : r0 + 10], terms, r0, min(64, r0 + 10))
     assert torch.equal(work.to(torch.bfloat16), ours)
 
 
@@ -178,8 +190,14 @@ def test_unknown_kind_is_refused():
 
 
 @settings(max_examples=40, deadline=None)
-@given(rows=st.integers(1, 17), cols=st.integers(1, 9), rank=st.integers(1, 4), step=st.integers(1, 17),
-       fifo=st.booleans(), seed=st.integers(0, 2**16))
+@given(
+    rows=st.integers(1, 17),
+    cols=st.integers(1, 9),
+    rank=st.integers(1, 4),
+    step=st.integers(1, 17),
+    fifo=st.booleans(),
+    seed=st.integers(0, 2**16),
+)
 def test_any_row_partition_gives_the_whole_tensor_merge(rows, cols, rank, step, fifo, seed):
     g = torch.Generator().manual_seed(seed)
     shape = (cols, rows) if fifo else (rows, cols)
@@ -190,5 +208,5 @@ def test_any_row_partition_gives_the_whole_tensor_merge(rows, cols, rank, step, 
     term = delta.lora_term(A, B, 0.25, fan_in_fan_out=fifo)
     work = W.clone()
     for r0 in range(0, rows, step):
-        delta.merge_rows_(work[r0:r0 + step], [term], r0, min(rows, r0 + step))
+        delta.merge_rows_(work[r0 : r0 + step], [term], r0, min(rows, r0 + step))
     torch.testing.assert_close(work, expected, rtol=1e-5, atol=1e-5)

@@ -21,14 +21,34 @@ def _interesting_f32() -> np.ndarray:
     normal = rng.standard_normal(50_000).astype(np.float32).view(np.uint32)
     hi = rng.integers(0, 2**16, size=20_000, dtype=np.uint32) << 16
     ties = np.concatenate([hi | 0x8000, hi | 0x7FFF, hi | 0x8001, hi])  # exact ties (odd and even), near ties
-    edges = _bits32([
-        0x00000000, 0x80000000,  # +-0
-        0x00000001, 0x00008000, 0x00018000, 0x0000FFFF, 0x007FFFFF, 0x807FFFFF,  # subnormals, ties among them
-        0x3F808000, 0x3F818000, 0x3F80FFFF, 0x3F807FFF,  # ties to even / odd, just above and below
-        0x7F7FFFFF, 0xFF7FFFFF, 0x7F7F8000, 0x7F7F7FFF,  # max finite rounds to inf, a tie below it
-        0x7F800000, 0xFF800000,  # inf
-        0x7F800001, 0x7FC00000, 0x7FFFFFFF, 0xFFFFFFFF, 0xFF800001, 0x7FBFFFFF,  # NaNs (signalling, quiet, sign)
-    ])
+    edges = _bits32(
+        [
+            0x00000000,
+            0x80000000,  # +-0
+            0x00000001,
+            0x00008000,
+            0x00018000,
+            0x0000FFFF,
+            0x007FFFFF,
+            0x807FFFFF,  # subnormals, ties among them
+            0x3F808000,
+            0x3F818000,
+            0x3F80FFFF,
+            0x3F807FFF,  # ties to even / odd, just above and below
+            0x7F7FFFFF,
+            0xFF7FFFFF,
+            0x7F7F8000,
+            0x7F7F7FFF,  # max finite rounds to inf, a tie below it
+            0x7F800000,
+            0xFF800000,  # inf
+            0x7F800001,
+            0x7FC00000,
+            0x7FFFFFFF,
+            0xFFFFFFFF,
+            0xFF800001,
+            0x7FBFFFFF,  # NaNs (signalling, quiet, sign)
+        ]
+    )
     return np.concatenate([random_bits, normal, ties, edges]).view(np.float32)
 
 
@@ -76,16 +96,20 @@ def test_encode_matches_torch_conversions(out_dtype, work_dtype):
 @pytest.mark.parametrize("st", ["BF16", "F16", "F32", "F64"])
 def test_decode_widens_exactly(st):
     rng = np.random.default_rng(1)
-    t = torch.from_numpy(rng.standard_normal((7, 5))).to({"BF16": torch.bfloat16, "F16": torch.float16,
-                                                           "F32": torch.float32, "F64": torch.float64}[st])
-    stored = (t.view(torch.int16).numpy().view(np.uint16) if st == "BF16" else t.numpy())
+    t = torch.from_numpy(rng.standard_normal((7, 5))).to(
+        {"BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32, "F64": torch.float64}[st]
+    )
+    stored = t.view(torch.int16).numpy().view(np.uint16) if st == "BF16" else t.numpy()
     for cd, tcd in ((np.float32, torch.float32), (np.float64, torch.float64)):
         if st == "F64" and cd == np.float32:
             continue
         got = delta_np.decode(stored, st, np.empty((7, 5), cd))
         assert np.array_equal(got, t.to(tcd).numpy())
         assert np.array_equal(delta_np.to_compute(stored, st, cd), got)
-    assert delta_np.compute_dtype("BF16", "F64") is np.float64 and delta_np.compute_dtype("BF16", "F16") is np.float32
+    assert (
+        delta_np.compute_dtype("BF16", "F64") is np.float64
+        and delta_np.compute_dtype("BF16", "F16") is np.float32
+    )
 
 
 CASES = {  # kind, fan_in_fan_out, A shape, B shape, stored weight shape
@@ -112,9 +136,13 @@ def test_factors_and_row_blocks_match_delta(case, cd):
     assert np.array_equal(term.L, ref_term.L.numpy())
     assert np.array_equal(term.R, ref_term.R.numpy()) and term.scale == scale
     exact = delta_np.lora_term_np(A.numpy(), B.numpy(), 0.25, kind, fan_in_fan_out=fifo, dtype=cd)
-    assert exact.scale == 1.0 and np.array_equal(exact.R, ref_term.R.numpy() * cd(0.25))  # a power of two folds
+    assert exact.scale == 1.0 and np.array_equal(
+        exact.R, ref_term.R.numpy() * cd(0.25)
+    )  # a power of two folds
     rows, cols = delta.rows_cols(w_shape)
-    whole = (W.to(tcd) + delta.delta_weight(A, B, scale, kind, fan_in_fan_out=fifo, dtype=tcd)).reshape(rows, cols)
+    whole = (W.to(tcd) + delta.delta_weight(A, B, scale, kind, fan_in_fan_out=fifo, dtype=tcd)).reshape(
+        rows, cols
+    )
     work = W.to(tcd).reshape(rows, cols).numpy().copy()
     scratch = np.empty(work.size, cd)
     for start in range(0, rows, 3):  # row blocks, as the engine streams them
@@ -133,8 +161,9 @@ def test_bias_terms_and_several_adapters_apply_in_turn():
     t_bias = delta_np.bias_term_np(lb, 0.5)
     assert t_bias.R is None and np.array_equal(t_bias.L, lb) and t_bias.scale == 0.5
     got = delta_np.merge_rows_np_(bias.reshape(6, 1).copy(), [t_bias], 0, 6)
-    ref = delta.merge_rows_(torch.from_numpy(bias.reshape(6, 1).copy()),
-                            [delta.bias_term(torch.from_numpy(lb), 0.5)], 0, 6)
+    ref = delta.merge_rows_(
+        torch.from_numpy(bias.reshape(6, 1).copy()), [delta.bias_term(torch.from_numpy(lb), 0.5)], 0, 6
+    )
     np.testing.assert_allclose(got, ref.numpy(), rtol=1e-6)
     terms = [delta_np.lora_term_np(A1, B1, 2.0), delta_np.lora_term_np(A1 * 2, B1, -0.25)]
     got = delta_np.merge_rows_np_(W.copy(), terms, 0, 6)  # no scratch: allocated

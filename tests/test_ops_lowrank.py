@@ -26,7 +26,9 @@ def factors(m: int, n: int, r: int, seed: int = 0, dtype=torch.float64) -> tuple
     return torch.randn(r, n, generator=g, dtype=dtype), torch.randn(m, r, generator=g, dtype=dtype)
 
 
-def with_spectrum(S: list[float], m: int = 40, n: int = 30, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+def with_spectrum(
+    S: list[float], m: int = 40, n: int = 30, seed: int = 0
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Factors whose product has exactly the singular values S (orthonormal U, V from QR)."""
     g = torch.Generator().manual_seed(seed)
     k = len(S)
@@ -96,8 +98,9 @@ def test_energy_profile_and_kept():
     assert energy_kept(torch.zeros(3), 1) == 1.0  # a zero delta loses nothing
 
 
-@pytest.mark.parametrize("energy,rank", [(0.5, 1), (0.75, 1), (0.76, 2), (0.94, 2), (0.95, 3), (0.99, 4),
-                                         (1.0, 4)])
+@pytest.mark.parametrize(
+    "energy,rank", [(0.5, 1), (0.75, 1), (0.76, 2), (0.94, 2), (0.95, 3), (0.99, 4), (1.0, 4)]
+)
 def test_energy_rank_is_the_smallest_rank_reaching_the_energy(energy, rank):
     A, B = with_spectrum([4.0, 2.0, 1.0, 0.5])  # cumulative: 0.753, 0.941, 0.988, 1
     S = qr_core_svd(A, B).S
@@ -118,16 +121,24 @@ def test_choose_rank_caps():
     assert choose_rank(S, RankSpec(rank=3), cap=1) == 1
 
 
-@pytest.mark.parametrize("value,expected", [
-    (16, RankSpec(rank=16)), ("8", RankSpec(rank=8)), (" 4 ", RankSpec(rank=4)),
-    ("auto:0.99", RankSpec(energy=0.99)), ("AUTO:1", RankSpec(energy=1.0)), (None, None),
-])
+@pytest.mark.parametrize(
+    "value,expected",
+    [
+        (16, RankSpec(rank=16)),
+        ("8", RankSpec(rank=8)),
+        (" 4 ", RankSpec(rank=4)),
+        ("auto:0.99", RankSpec(energy=0.99)),
+        ("AUTO:1", RankSpec(energy=1.0)),
+        (None, None),
+    ],
+)
 def test_parse_rank_spec(value, expected):
     assert parse_rank_spec(value) == expected
 
 
-@pytest.mark.parametrize("value", [0, -3, "0", "-1", "auto:0", "auto:1.5", "auto:-0.1", "auto:nan", "auto:x",
-                                   "abc", "4.5", True])
+@pytest.mark.parametrize(
+    "value", [0, -3, "0", "-1", "auto:0", "auto:1.5", "auto:-0.1", "auto:nan", "auto:x", "abc", "4.5", True]
+)
 def test_parse_rank_spec_refuses(value):
     with pytest.raises(UsageError):
         parse_rank_spec(value)

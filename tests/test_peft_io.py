@@ -40,8 +40,13 @@ def _load_peft(model: Any, adapter_dir: Path) -> PeftModel:
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         peft_model = PeftModel.from_pretrained(model, adapter_dir)
-    bad = [str(w.message) for w in caught if "missing" in str(w.message).lower()
-           or "unexpected" in str(w.message).lower() or "unknown" in str(w.message).lower()]
+    bad = [
+        str(w.message)
+        for w in caught
+        if "missing" in str(w.message).lower()
+        or "unexpected" in str(w.message).lower()
+        or "unknown" in str(w.message).lower()
+    ]
     assert not bad, bad
     # from_pretrained only warns about missing keys; reload the same weights to see unexpected ones too
     result = set_peft_model_state_dict(peft_model, load_peft_weights(str(adapter_dir)))
@@ -53,9 +58,15 @@ def _outcome(model: Any, adapter_dir: Path) -> dict[str, Any]:
     """What PEFT makes of an adapter dir: per-layer r/scaling/fan_in_fan_out, the adapter state, and the merged
     weights (or, where PEFT refuses to merge, its output on a fixed input)."""
     peft_model = _load_peft(model, adapter_dir)
-    layers = {name.removeprefix("base_model.model."): (m.r["default"], m.scaling["default"],
-                                                          getattr(m, "fan_in_fan_out", False))
-              for name, m in peft_model.named_modules() if isinstance(m, LoraLayer) and "default" in m.r}
+    layers = {
+        name.removeprefix("base_model.model."): (
+            m.r["default"],
+            m.scaling["default"],
+            getattr(m, "fan_in_fan_out", False),
+        )
+        for name, m in peft_model.named_modules()
+        if isinstance(m, LoraLayer) and "default" in m.r
+    }
     state = {k: v.clone() for k, v in peft_model.state_dict().items()}
     try:
         merged = peft_model.merge_and_unload().state_dict()
@@ -123,15 +134,22 @@ def test_metadata_records_what_peft_does(peft_adapters):
     emb = open_adapter(peft_adapters["embedding"]).meta
     assert emb.modules["model.embed_tokens"].kind == "embedding"
     assert emb.modules["model.embed_tokens"].base_shape == (256, 64)
-    assert emb.saved_tensors == {"base_model.model.model.embed_tokens.base_layer.weight": "model.embed_tokens.weight"}
+    assert emb.saved_tensors == {
+        "base_model.model.model.embed_tokens.base_layer.weight": "model.embed_tokens.weight"
+    }
     mts = open_adapter(peft_adapters["modules_to_save"]).meta
     assert mts.modules_to_save == ["lm_head"]
     assert mts.saved_tensors == {"base_model.model.lm_head.weight": "lm_head.weight"}
     bias_all = open_adapter(peft_adapters["gpt2_bias_all"]).meta
     assert bias_all.bias == "all"
-    assert bias_all.saved_tensors["base_model.model.transformer.h.0.attn.c_attn.base_layer.bias"] == \
-        "transformer.h.0.attn.c_attn.bias"
-    assert bias_all.saved_tensors["base_model.model.transformer.h.1.mlp.c_fc.bias"] == "transformer.h.1.mlp.c_fc.bias"
+    assert (
+        bias_all.saved_tensors["base_model.model.transformer.h.0.attn.c_attn.base_layer.bias"]
+        == "transformer.h.0.attn.c_attn.bias"
+    )
+    assert (
+        bias_all.saved_tensors["base_model.model.transformer.h.1.mlp.c_fc.bias"]
+        == "transformer.h.1.mlp.c_fc.bias"
+    )
     layers = open_adapter(peft_adapters["layers"]).meta
     assert sorted(layers.modules) == ["model.layers.1.self_attn.q_proj", "model.layers.1.self_attn.v_proj"]
     gpt2 = open_adapter(peft_adapters["gpt2"]).meta
@@ -142,18 +160,41 @@ def test_metadata_records_what_peft_does(peft_adapters):
 # --- rank_pattern / alpha_pattern: compare with the r and scaling PEFT's LoraLayers hold ---------------------
 
 TRICKY = {
-    "first-match-wins": dict(target_modules=["q_proj", "v_proj"], r=8, lora_alpha=16,
-                             rank_pattern={"q_proj": 2, "layers.1.self_attn.q_proj": 6},
-                             alpha_pattern={"layers.1.self_attn.v_proj": 3, "v_proj": 5}),
-    "suffix": dict(target_modules=["down_proj", "up_proj"], r=4, lora_alpha=8,
-                   rank_pattern={"mlp.down_proj": 3}, alpha_pattern={"1.mlp.up_proj": 12.5}),
-    "regex": dict(target_modules=LLAMA_TARGETS, r=4, lora_alpha=8,
-                  rank_pattern={r"layers\.[01]\.self_attn\.(k|v)_proj": 2, r".*\.1\..*_proj": 6},
-                  alpha_pattern={r".*\.1\..*": 7}),
-    "no-partial-name-match": dict(target_modules=["q_proj", "o_proj"], r=4, lora_alpha=8,
-                                  rank_pattern={"proj": 2, "_proj": 3, "o_proj": 5}),
-    "rslora-patterns": dict(target_modules=["q_proj", "k_proj"], r=4, lora_alpha=8, use_rslora=True,
-                            rank_pattern={"k_proj": 9}, alpha_pattern={"layers.0.self_attn.q_proj": 3}),
+    "first-match-wins": dict(
+        target_modules=["q_proj", "v_proj"],
+        r=8,
+        lora_alpha=16,
+        rank_pattern={"q_proj": 2, "layers.1.self_attn.q_proj": 6},
+        alpha_pattern={"layers.1.self_attn.v_proj": 3, "v_proj": 5},
+    ),
+    "suffix": dict(
+        target_modules=["down_proj", "up_proj"],
+        r=4,
+        lora_alpha=8,
+        rank_pattern={"mlp.down_proj": 3},
+        alpha_pattern={"1.mlp.up_proj": 12.5},
+    ),
+    "regex": dict(
+        target_modules=LLAMA_TARGETS,
+        r=4,
+        lora_alpha=8,
+        rank_pattern={r"layers\.[01]\.self_attn\.(k|v)_proj": 2, r".*\.1\..*_proj": 6},
+        alpha_pattern={r".*\.1\..*": 7},
+    ),
+    "no-partial-name-match": dict(
+        target_modules=["q_proj", "o_proj"],
+        r=4,
+        lora_alpha=8,
+        rank_pattern={"proj": 2, "_proj": 3, "o_proj": 5},
+    ),
+    "rslora-patterns": dict(
+        target_modules=["q_proj", "k_proj"],
+        r=4,
+        lora_alpha=8,
+        use_rslora=True,
+        rank_pattern={"k_proj": 9},
+        alpha_pattern={"layers.0.self_attn.q_proj": 3},
+    ),
 }
 
 
@@ -170,8 +211,11 @@ def test_pattern_resolution_matches_peft(case, llama_base, tmp_path):
 
     peft_model = _load_peft(load_base(llama_base), src)
     meta = open_adapter(src).meta
-    held = {n.removeprefix("base_model.model."): m for n, m in peft_model.named_modules()
-            if isinstance(m, LoraLayer) and "default" in m.r}
+    held = {
+        n.removeprefix("base_model.model."): m
+        for n, m in peft_model.named_modules()
+        if isinstance(m, LoraLayer) and "default" in m.r
+    }
     assert sorted(held) == sorted(meta.modules)
     for name, module in held.items():
         assert meta.modules[name].rank == module.r["default"], name
@@ -186,8 +230,10 @@ def test_pattern_resolution_matches_peft(case, llama_base, tmp_path):
     for name, module in again.named_modules():
         if isinstance(module, LoraLayer) and "default" in module.r:
             key = name.removeprefix("base_model.model.")
-            assert (module.r["default"], module.scaling["default"]) == \
-                (held[key].r["default"], held[key].scaling["default"]), key
+            assert (module.r["default"], module.scaling["default"]) == (
+                held[key].r["default"],
+                held[key].scaling["default"],
+            ), key
 
 
 def test_resolve_pattern_rules():
@@ -217,7 +263,9 @@ def test_anchored_patterns_do_not_leak_to_suffix_modules():
 
 
 @pytest.mark.parametrize("variant,wrong,right", [("gpt2", False, True), ("plain", True, False)])
-def test_fan_in_fan_out_corrected_from_base(variant, wrong, right, peft_adapters, base_of, reference, tmp_path):
+def test_fan_in_fan_out_corrected_from_base(
+    variant, wrong, right, peft_adapters, base_of, reference, tmp_path
+):
     src = tmp_path / "src"
     shutil.copytree(peft_adapters[variant], src)
     config = json.loads((src / PEFT_CONFIG).read_text())
@@ -226,7 +274,9 @@ def test_fan_in_fan_out_corrected_from_base(variant, wrong, right, peft_adapters
     native = tmp_path / "a.safetensors"
     convert(src, native, base=base_of(variant))
     modules = open_adapter(native).modules
-    assert {m.fan_in_fan_out for m in modules.values()} == {right}  # square ones included (attn.c_proj, q_proj)
+    assert {m.fan_in_fan_out for m in modules.values()} == {
+        right
+    }  # square ones included (attn.c_proj, q_proj)
     convert(native, tmp_path / "out", to="peft")
     _assert_same(reference(variant), _outcome(load_base(base_of(variant)), tmp_path / "out"))
 
@@ -234,11 +284,19 @@ def test_fan_in_fan_out_corrected_from_base(variant, wrong, right, peft_adapters
 # --- conv layers --------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("extra", [{}, {"use_dora": True}, {"lora_bias": True}], ids=["plain", "dora", "lora_bias"])
+@pytest.mark.parametrize(
+    "extra", [{}, {"use_dora": True}, {"lora_bias": True}], ids=["plain", "dora", "lora_bias"]
+)
 def test_conv_roundtrip(extra, tmp_path):
     base = make_conv_base(tmp_path / "base")
-    src = peft_adapter_for_model(load_conv_base(base), tmp_path / "src", r=2, lora_alpha=4,
-                                 target_modules=["conv", "pw", "seq", "head"], **extra)
+    src = peft_adapter_for_model(
+        load_conv_base(base),
+        tmp_path / "src",
+        r=2,
+        lora_alpha=4,
+        target_modules=["conv", "pw", "seq", "head"],
+        **extra,
+    )
     meta = open_adapter(src).meta
     assert meta.modules["conv"].kind == "conv" and meta.modules["conv"].kernel_size == [3, 3]
     assert meta.modules["seq"].kernel_size == [3]
@@ -282,8 +340,10 @@ def pickle_pair(llama_base, tmp_path_factory):
     """The same adapter (same seed) saved as a pickle and as safetensors."""
     root = tmp_path_factory.mktemp("pickle")
     kwargs = PEFT_VARIANTS["patterns"][1]
-    return (make_peft_adapter(llama_base, root / "pkl", safe_serialization=False, **kwargs),
-            make_peft_adapter(llama_base, root / "st", **kwargs))
+    return (
+        make_peft_adapter(llama_base, root / "pkl", safe_serialization=False, **kwargs),
+        make_peft_adapter(llama_base, root / "st", **kwargs),
+    )
 
 
 def test_pickle_refused_with_instructions(pickle_pair, tmp_path):
@@ -298,10 +358,15 @@ def test_pickle_refused_with_instructions(pickle_pair, tmp_path):
 
     import subprocess
 
-    proc = subprocess.run([shutil.which("loraformat"), "convert", str(pkl), "-o",
-                           str(tmp_path / "x.safetensors")], capture_output=True, text=True)
+    proc = subprocess.run(
+        [shutil.which("loraformat"), "convert", str(pkl), "-o", str(tmp_path / "x.safetensors")],
+        capture_output=True,
+        text=True,
+    )
     assert proc.returncode == 1
-    assert proc.stderr.startswith("error: ") and proc.stderr.count("\n") == 1 and "--allow-pickle" in proc.stderr
+    assert (
+        proc.stderr.startswith("error: ") and proc.stderr.count("\n") == 1 and "--allow-pickle" in proc.stderr
+    )
     assert not (tmp_path / "x.safetensors").exists()
 
 
@@ -335,18 +400,21 @@ def test_malicious_pickle_never_runs(tmp_path, peft_adapters):
 # --- config strictness ----------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("key,value,message", [
-    ("target_parameters", ["mlp.experts.down_proj"], "target_parameters"),
-    ("alora_invocation_tokens", [1, 2], "aLoRA"),
-    ("layer_replication", [[0, 2]], "layer_replication"),
-    ("peft_type", "IA3", "not LORA"),
-    ("r", "8", "r must be int"),
-    ("lora_alpha", True, "lora_alpha must be"),
-    ("rank_pattern", {"q_proj(": 4}, "not a valid regex"),
-    ("rank_pattern", {"q_proj": 2.5}, "positive integer"),
-    ("bias", "some", "bias 'some'"),
-    ("use_dora", "yes", "use_dora must be bool"),
-])
+@pytest.mark.parametrize(
+    "key,value,message",
+    [
+        ("target_parameters", ["mlp.experts.down_proj"], "target_parameters"),
+        ("alora_invocation_tokens", [1, 2], "aLoRA"),
+        ("layer_replication", [[0, 2]], "layer_replication"),
+        ("peft_type", "IA3", "not LORA"),
+        ("r", "8", "r must be int"),
+        ("lora_alpha", True, "lora_alpha must be"),
+        ("rank_pattern", {"q_proj(": 4}, "not a valid regex"),
+        ("rank_pattern", {"q_proj": 2.5}, "positive integer"),
+        ("bias", "some", "bias 'some'"),
+        ("use_dora", "yes", "use_dora must be bool"),
+    ],
+)
 def test_bad_configs_rejected(key, value, message, peft_adapters):
     src = peft_adapters["plain"]
     config = json.loads((src / PEFT_CONFIG).read_text())

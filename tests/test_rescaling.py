@@ -28,7 +28,10 @@ def test_rescale_scale_is_exact_and_keeps_factors(peft_adapters, deltas_of, tmp_
         assert torch.equal(dst[key], -t if ".lora_B." in key else t)
     before, after = open_adapter(peft_adapters["patterns"]).meta, open_adapter(out).meta
     for module, entry in after.modules.items():
-        assert entry.alpha == pytest.approx(0.5 * before.modules[module].alpha) and entry.rank == before.modules[module].rank
+        assert (
+            entry.alpha == pytest.approx(0.5 * before.modules[module].alpha)
+            and entry.rank == before.modules[module].rank
+        )
     assert after.provenance.method == "rescale" and after.provenance.parents[0].weight == -0.5
 
 
@@ -53,8 +56,11 @@ def test_rescale_rank_truncation_is_optimal(peft_adapters, deltas_of, tmp_path, 
         S = torch.linalg.svdvals(D)
         error, optimal = float((got[module] - D).norm()), float(S[4:].square().sum().sqrt())
         assert abs(error - optimal) <= 1e-5 * float(D.norm()), module
-        assert result.modules[module] == {"rank_before": 8, "rank_after": 4,
-                                          "energy_kept": pytest.approx(float(S[:4].square().sum() / S.square().sum()))}
+        assert result.modules[module] == {
+            "rank_before": 8,
+            "rank_after": 4,
+            "energy_kept": pytest.approx(float(S[:4].square().sum() / S.square().sum())),
+        }
     assert result.parameters_after * 2 == result.parameters_before
     assert result.file_size_after < result.file_size_before
     assert result.file_size_after == out.stat().st_size
@@ -93,14 +99,25 @@ def test_rescale_truncation_scales_lora_bias(peft_adapters, tmp_path):
     src, dst = open_adapter(peft_adapters["lora_bias"]), open_adapter(out)
     for module in src.modules:
         key = src.keys(module).bias
-        torch.testing.assert_close(dst.tensor(key).double() * dst.scale(module),
-                                   3.0 * src.tensor(key).double() * src.scale(module), rtol=1e-6, atol=1e-7)
+        torch.testing.assert_close(
+            dst.tensor(key).double() * dst.scale(module),
+            3.0 * src.tensor(key).double() * src.scale(module),
+            rtol=1e-6,
+            atol=1e-7,
+        )
 
 
-@pytest.mark.parametrize("kwargs,match", [
-    (dict(scale=2.0, alpha=4.0), "exclusive"), (dict(), "nothing to do"), (dict(scale=0.0), "non-zero"),
-    (dict(alpha=-1.0), "positive"), (dict(rank="auto:0"), r"\(0, 1\]"), (dict(rank=0), "positive"),
-])
+@pytest.mark.parametrize(
+    "kwargs,match",
+    [
+        (dict(scale=2.0, alpha=4.0), "exclusive"),
+        (dict(), "nothing to do"),
+        (dict(scale=0.0), "non-zero"),
+        (dict(alpha=-1.0), "positive"),
+        (dict(rank="auto:0"), r"\(0, 1\]"),
+        (dict(rank=0), "positive"),
+    ],
+)
 def test_rescale_bad_arguments(peft_adapters, tmp_path, kwargs, match):
     with pytest.raises(UsageError, match=match):
         rescale(peft_adapters["plain"], tmp_path / "x.safetensors", **kwargs)
@@ -115,8 +132,9 @@ def test_spectrum_matches_the_dense_singular_values(peft_adapters, deltas_of):
     for module, delta in deltas_of(peft_adapters["patterns"]).items():
         S = torch.linalg.svdvals(delta)
         m = report.modules[module]
-        torch.testing.assert_close(torch.tensor(m.singular_values, dtype=torch.float64), S[: m.rank], rtol=1e-6,
-                                   atol=1e-9)
+        torch.testing.assert_close(
+            torch.tensor(m.singular_values, dtype=torch.float64), S[: m.rank], rtol=1e-6, atol=1e-9
+        )
         for r in (1, 2, 4):
             assert m.energy[r] == pytest.approx(float(S[:r].square().sum() / S.square().sum()), rel=1e-6)
     doc = json.loads(json.dumps(report.to_json()))

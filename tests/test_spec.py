@@ -31,13 +31,22 @@ SCHEMA = load_schema()
 def full_metadata() -> AdapterMetadata:
     """Every optional part filled in, so to_dict emits every property."""
     return AdapterMetadata(
-        modules={"m.q": ModuleEntry("linear", 8, 16, 64, 64, "m.q.weight"),
-                 "m.c": ModuleEntry("conv", 4, 8, 3, 16, "m.c.weight", kernel_size=[3, 3])},
-        modules_to_save=["lm_head"], saved_tensors={"base_model.model.lm_head.weight": "lm_head.weight"},
-        description="d", task="CAUSAL_LM", license="mit", created_by={"tool": "t", "version": "1"},
-        base_model=BaseModel("org/x", "main", "a" * 64, "b" * 64, spec.HASH_ALGORITHM, {"m.q.weight": "c" * 64}),
-        provenance=Provenance("cat", [Parent("d" * 64, 0.5, "p")], rank=12, source_format="loraformat",
-                              details={"k": 1}),
+        modules={
+            "m.q": ModuleEntry("linear", 8, 16, 64, 64, "m.q.weight"),
+            "m.c": ModuleEntry("conv", 4, 8, 3, 16, "m.c.weight", kernel_size=[3, 3]),
+        },
+        modules_to_save=["lm_head"],
+        saved_tensors={"base_model.model.lm_head.weight": "lm_head.weight"},
+        description="d",
+        task="CAUSAL_LM",
+        license="mit",
+        created_by={"tool": "t", "version": "1"},
+        base_model=BaseModel(
+            "org/x", "main", "a" * 64, "b" * 64, spec.HASH_ALGORITHM, {"m.q.weight": "c" * 64}
+        ),
+        provenance=Provenance(
+            "cat", [Parent("d" * 64, 0.5, "p")], rank=12, source_format="loraformat", details={"k": 1}
+        ),
         content_hash="e" * 64,
     )
 
@@ -60,7 +69,9 @@ def test_every_schema_property_is_written_by_the_code_and_named_in_the_spec() ->
     assert set(defs["base_model"]["properties"]) == set(d["base_model"])
     assert set(defs["provenance"]["properties"]) == set(d["provenance"])
     assert set(defs["parent"]["properties"]) == set(d["provenance"]["parents"][0])
-    names = set(SCHEMA["properties"]) | set(defs["module"]["properties"]) | set(defs["base_model"]["properties"])
+    names = (
+        set(SCHEMA["properties"]) | set(defs["module"]["properties"]) | set(defs["base_model"]["properties"])
+    )
     names |= set(defs["provenance"]["properties"]) | set(defs["parent"]["properties"])
     for name in sorted(names):
         assert f"`{name}`" in SPEC, f"spec/v1.md does not name `{name}`"
@@ -69,7 +80,9 @@ def test_every_schema_property_is_written_by_the_code_and_named_in_the_spec() ->
 
 def test_schema_descriptions_name_existing_spec_sections() -> None:
     headings = set(re.findall(r"^#+ (?:\d+\. )?(.+?)\s*$", SPEC, re.M))
-    cited = set(re.findall(r"§([A-Za-z][A-Za-z /'-]+?)(?=[,.;:)\x22])", json.dumps(SCHEMA, ensure_ascii=False)))
+    cited = set(
+        re.findall(r"§([A-Za-z][A-Za-z /'-]+?)(?=[,.;:)\x22])", json.dumps(SCHEMA, ensure_ascii=False))
+    )
     assert cited, "the schema cites no spec section"
     for section in cited:
         assert section.strip() in headings, f"schema cites §{section} but spec/v1.md has no such heading"
@@ -78,10 +91,24 @@ def test_schema_descriptions_name_existing_spec_sections() -> None:
 
 
 def test_spec_constants_appear_in_the_spec() -> None:
-    for text in (spec.SPEC_VERSION, spec.METADATA_KEY, spec.PEFT_PREFIX, spec.SCALING_STANDARD, spec.SCALING_RSLORA,
-                 spec.HASH_ALGORITHM, spec.MODELSPEC_VERSION, *spec.LAYER_KINDS, *spec.BIAS_MODES,
-                 "loraformat-tensor/1", "modelspec.hash_sha256", "modelspec.architecture", "modelspec.title",
-                 "modelspec.date", "modelspec.sai_model_spec", "format"):
+    for text in (
+        spec.SPEC_VERSION,
+        spec.METADATA_KEY,
+        spec.PEFT_PREFIX,
+        spec.SCALING_STANDARD,
+        spec.SCALING_RSLORA,
+        spec.HASH_ALGORITHM,
+        spec.MODELSPEC_VERSION,
+        *spec.LAYER_KINDS,
+        *spec.BIAS_MODES,
+        "loraformat-tensor/1",
+        "modelspec.hash_sha256",
+        "modelspec.architecture",
+        "modelspec.title",
+        "modelspec.date",
+        "modelspec.sai_model_spec",
+        "format",
+    ):
         assert text in SPEC, text
 
 
@@ -129,9 +156,16 @@ def test_worked_example_numbers(tmp_path: Path) -> None:
 
 # --- built-in evaluator == jsonschema --------------------------------------------------------------------------
 
-_values = st.one_of(st.none(), st.booleans(), st.integers(-3, 3), st.floats(-2, 2, allow_nan=False),
-                    st.sampled_from(["", "x", "1.0", "2.0", "conv", "linear", "alpha/r", "a" * 64, "Z"]),
-                    st.just([]), st.just({}), st.just([3, 3]))
+_values = st.one_of(
+    st.none(),
+    st.booleans(),
+    st.integers(-3, 3),
+    st.floats(-2, 2, allow_nan=False),
+    st.sampled_from(["", "x", "1.0", "2.0", "conv", "linear", "alpha/r", "a" * 64, "Z"]),
+    st.just([]),
+    st.just({}),
+    st.just([3, 3]),
+)
 
 
 def _paths(node, prefix=()):
@@ -149,8 +183,13 @@ ALL_PATHS = [p for p in _paths(BASE_DOC) if p]
 
 
 @settings(max_examples=400, deadline=None)
-@given(edits=st.lists(st.tuples(st.sampled_from(ALL_PATHS), st.sampled_from(["set", "del"]), _values),
-                      min_size=1, max_size=3))
+@given(
+    edits=st.lists(
+        st.tuples(st.sampled_from(ALL_PATHS), st.sampled_from(["set", "del"]), _values),
+        min_size=1,
+        max_size=3,
+    )
+)
 def test_builtin_evaluator_agrees_with_jsonschema(edits) -> None:
     doc = copy.deepcopy(BASE_DOC)
     for path, op, value in edits:
@@ -179,21 +218,33 @@ def _torch_imported(code: str) -> bool:
 
 
 def test_import_and_header_commands_do_not_import_torch(peft_adapters, tmp_path: Path) -> None:
-    run = subprocess.run([sys.executable, "-X", "importtime", "-c", "import loraformat.cli.main"],
-                         capture_output=True, text=True, cwd=ROOT, timeout=120)
+    run = subprocess.run(
+        [sys.executable, "-X", "importtime", "-c", "import loraformat.cli.main"],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=120,
+    )
     assert run.returncode == 0, run.stderr
     imported = {line.split("|")[-1].strip() for line in run.stderr.splitlines() if "|" in line}
     assert "loraformat.cli.main" in imported and "torch" not in imported
     native = one_module_adapter(tmp_path / "ex.safetensors")
-    for args in (["validate", "--level", "header", str(native), str(peft_adapters["plain"])],
-                 ["inspect", str(native)], ["inspect", str(peft_adapters["dora"]), "--json"]):
-        code = ("import sys\nfrom loraformat.cli.main import main\n"
-                f"try:\n    main({args!r})\nexcept SystemExit as e:\n    assert not e.code, e.code\n"
-                "print('TORCH=' + str('torch' in sys.modules), file=sys.stderr)")
+    for args in (
+        ["validate", "--level", "header", str(native), str(peft_adapters["plain"])],
+        ["inspect", str(native)],
+        ["inspect", str(peft_adapters["dora"]), "--json"],
+    ):
+        code = (
+            "import sys\nfrom loraformat.cli.main import main\n"
+            f"try:\n    main({args!r})\nexcept SystemExit as e:\n    assert not e.code, e.code\n"
+            "print('TORCH=' + str('torch' in sys.modules), file=sys.stderr)"
+        )
         assert not _torch_imported(code), args
     # the check can fail: the data level does import torch
-    code = ("import sys\nfrom loraformat.validation import validate\n"
-            f"validate({str(native)!r}, level='data')\nprint('TORCH=' + str('torch' in sys.modules), file=sys.stderr)")
+    code = (
+        "import sys\nfrom loraformat.validation import validate\n"
+        f"validate({str(native)!r}, level='data')\nprint('TORCH=' + str('torch' in sys.modules), file=sys.stderr)"
+    )
     assert _torch_imported(code)
 
 

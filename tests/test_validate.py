@@ -30,7 +30,9 @@ def run_cli(capsys: pytest.CaptureFixture[str], *args: str) -> tuple[int, str, s
 
 
 @pytest.fixture(scope="module")
-def stamped(tmp_path_factory: pytest.TempPathFactory, peft_adapters: dict[str, Path], llama_base: Path) -> Path:
+def stamped(
+    tmp_path_factory: pytest.TempPathFactory, peft_adapters: dict[str, Path], llama_base: Path
+) -> Path:
     """The plain PEFT adapter converted to a native file with the base stamped."""
     out = tmp_path_factory.mktemp("native") / "plain.safetensors"
     convert(peft_adapters["plain"], out, base=llama_base, base_id="test/llama")
@@ -82,8 +84,9 @@ def test_level_defaults(stamped: Path, llama_base: Path) -> None:
 
 def test_rank_mismatch_between_metadata_and_tensors(stamped: Path, tmp_path: Path) -> None:
     module = "model.layers.0.self_attn.q_proj"
-    bad = rewrite(stamped, tmp_path / "rank.safetensors",
-                  meta=lambda m: setattr(m.modules[module], "rank", 4))
+    bad = rewrite(
+        stamped, tmp_path / "rank.safetensors", meta=lambda m: setattr(m.modules[module], "rank", 4)
+    )
     report = validate(bad)
     assert not report.ok()
     finding = next(f for f in report.errors if f.location == module)
@@ -126,10 +129,12 @@ def test_wrong_ndim(stamped: Path, tmp_path: Path) -> None:
 
 def test_unparsable_config(peft_adapters: dict[str, Path], tmp_path: Path) -> None:
     d = copy_peft(peft_adapters["plain"], tmp_path / "peft")
-    (d / PEFT_CONFIG).write_text("{\"r\": 8,, }")
+    (d / PEFT_CONFIG).write_text('{"r": 8,, }')
     report = validate(d)
     [finding] = report.errors
-    assert finding.code == "adapter" and finding.location == PEFT_CONFIG and "not valid JSON" in finding.message
+    assert (
+        finding.code == "adapter" and finding.location == PEFT_CONFIG and "not valid JSON" in finding.message
+    )
 
 
 def test_config_value_of_wrong_type(peft_adapters: dict[str, Path], tmp_path: Path) -> None:
@@ -183,7 +188,10 @@ def test_schema_violations_are_all_reported(stamped: Path, tmp_path: Path) -> No
     bad = rewrite(stamped, tmp_path / "schema.safetensors", meta=break_meta)
     report = validate(bad)
     assert codes(report) == {"schema"}
-    assert {f.location for f in report.findings} == {"scaling", "modules/model.layers.0.self_attn.q_proj/kind"}
+    assert {f.location for f in report.findings} == {
+        "scaling",
+        "modules/model.layers.0.self_attn.q_proj/kind",
+    }
 
 
 def test_newer_major_version_refused_naming_both(stamped: Path, tmp_path: Path) -> None:
@@ -226,7 +234,7 @@ def test_modelspec_hash_disagreeing_with_content_hash(stamped: Path, tmp_path: P
     infos = sorted(h.tensors.values(), key=lambda i: i.start)
     header, _ = encode_header([(i.name, i.dtype, i.shape) for i in infos], metadata)
     bad = tmp_path / "ms.safetensors"
-    bad.write_bytes(header + stamped.read_bytes()[h.data_start:])
+    bad.write_bytes(header + stamped.read_bytes()[h.data_start :])
     assert codes(validate(bad), "error") == {"modelspec"}
 
 
@@ -312,7 +320,10 @@ def test_directory_expansion(peft_adapters, stamped: Path, llama_base: Path, tmp
     (root / "adapters" / "broken.safetensors").write_bytes(b"\x01")
     found = expand_paths([root])
     assert [Path(p).relative_to(root).as_posix() for p in found] == [
-        "adapters/a", "adapters/broken.safetensors", "adapters/c.safetensors", "adapters/nested/b",
+        "adapters/a",
+        "adapters/broken.safetensors",
+        "adapters/c.safetensors",
+        "adapters/nested/b",
     ]
     # a config file or the PEFT weights stand for their directory; duplicates collapse
     a = root / "adapters" / "a"
@@ -331,8 +342,11 @@ def test_directory_expansion(peft_adapters, stamped: Path, llama_base: Path, tmp
 def test_cli_exit_codes_and_lines(stamped: Path, tmp_path: Path, capsys) -> None:
     code, out, _ = run_cli(capsys, str(stamped))
     assert code == 0 and "1 checked: 1 valid" in out
-    bad = rewrite(stamped, tmp_path / "noB.safetensors",
-                  tensors=lambda t: t.pop("base_model.model.model.layers.1.mlp.down_proj.lora_B.weight"))
+    bad = rewrite(
+        stamped,
+        tmp_path / "noB.safetensors",
+        tensors=lambda t: t.pop("base_model.model.model.layers.1.mlp.down_proj.lora_B.weight"),
+    )
     code, out, _ = run_cli(capsys, str(stamped), str(bad))
     assert code == 1
     assert f"{bad}: error: missing-tensor: model.layers.1.mlp.down_proj: lora_B tensor" in out

@@ -12,22 +12,48 @@ from loraformat.cli.common import emit_json, human_bytes, info, progress
 
 @click.command("convert")
 @click.argument("src", type=click.Path(path_type=str))
-@click.option("-o", "--output", "dst", required=True, type=click.Path(path_type=str),
-              help="Output: a .safetensors file (--to loraformat) or a directory (--to peft).")
+@click.option(
+    "-o",
+    "--output",
+    "dst",
+    required=True,
+    type=click.Path(path_type=str),
+    help="Output: a .safetensors file (--to loraformat) or a directory (--to peft).",
+)
 @click.option("--to", type=click.Choice(["loraformat", "peft"]), default="loraformat", show_default=True)
-@click.option("--base", type=click.Path(path_type=str), help="Base model: stamp its id, hashes and target digests.")
+@click.option(
+    "--base", type=click.Path(path_type=str), help="Base model: stamp its id, hashes and target digests."
+)
 @click.option("--name", help="Adapter name recorded in the metadata.")
 @click.option("--base-id", help="Base model id (hub repo id or name) to record.")
 @click.option("--description", help="Free-text description.")
 @click.option("--task", help="Task, e.g. CAUSAL_LM or 'summarisation'.")
 @click.option("--license", "license_", help="License identifier, e.g. apache-2.0.")
-@click.option("--config", type=click.Path(path_type=str), help="adapter_config.json for a bare PEFT .safetensors.")
-@click.option("--allow-pickle", is_flag=True, help="Load adapter_model.bin with torch.load(weights_only=True).")
-@click.option("--overwrite", is_flag=True, help="Replace an existing output (only once the new one is complete).")
+@click.option(
+    "--config", type=click.Path(path_type=str), help="adapter_config.json for a bare PEFT .safetensors."
+)
+@click.option(
+    "--allow-pickle", is_flag=True, help="Load adapter_model.bin with torch.load(weights_only=True)."
+)
+@click.option(
+    "--overwrite", is_flag=True, help="Replace an existing output (only once the new one is complete)."
+)
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
-def convert_cmd(src: str, dst: str, to: str, base: str | None, name: str | None, base_id: str | None,
-                description: str | None, task: str | None, license_: str | None, config: str | None,
-                allow_pickle: bool, overwrite: bool, as_json: bool) -> None:
+def convert_cmd(
+    src: str,
+    dst: str,
+    to: str,
+    base: str | None,
+    name: str | None,
+    base_id: str | None,
+    description: str | None,
+    task: str | None,
+    license_: str | None,
+    config: str | None,
+    allow_pickle: bool,
+    overwrite: bool,
+    as_json: bool,
+) -> None:
     """Convert an adapter (PEFT directory, PEFT .safetensors + config, pickle, native) to loraformat or PEFT.
 
     The input is never modified; the output appears only when complete. Exit codes: 0 written, 1 invalid
@@ -50,15 +76,29 @@ def convert_cmd(src: str, dst: str, to: str, base: str | None, name: str | None,
 
         bar = progress(open_checkpoint(base).total_bytes, "hashing base")
     with bar as update:
-        result = convert(src, dst, to=to, base=base, name=name, base_id=base_id, description=description,
-                         task=task, license=license_, config=config, allow_pickle=allow_pickle,
-                         overwrite=overwrite, progress=update)
+        result = convert(
+            src,
+            dst,
+            to=to,
+            base=base,
+            name=name,
+            base_id=base_id,
+            description=description,
+            task=task,
+            license=license_,
+            config=config,
+            allow_pickle=allow_pickle,
+            overwrite=overwrite,
+            progress=update,
+        )
     if as_json:
         emit_json(result.to_json())
     else:
         stamped = ", base stamped" if result.base_stamped else ""
-        info(f"wrote {result.output} ({result.to}, {result.modules} modules{stamped}, "
-             f"content {result.content_hash[:16]})")
+        info(
+            f"wrote {result.output} ({result.to}, {result.modules} modules{stamped}, "
+            f"content {result.content_hash[:16]})"
+        )
 
 
 @click.command("hash")
@@ -82,14 +122,18 @@ def hash_cmd(base: str, no_cache: bool, digests: bool, as_json: bool) -> None:
     with progress(ck.total_bytes, "hashing") as update:
         result = hash_base(ck, use_cache=not no_cache, progress=update)
     if as_json:
-        emit_json({"path": base, **result.to_json(with_digests=digests), "tensors": len(result.tensor_digests)})
+        emit_json(
+            {"path": base, **result.to_json(with_digests=digests), "tensors": len(result.tensor_digests)}
+        )
         return
     rate = result.total_bytes / result.seconds / 1e9 if result.seconds and not result.cached else None
     click.echo(f"structure  {result.structure_hash}")
     click.echo(f"content    {result.content_hash}")
     how = "cached" if result.cached else f"{result.seconds:.2f} s" + (f", {rate:.2f} GB/s" if rate else "")
-    info(f"algorithm  {result.algorithm} ({len(result.tensor_digests)} tensors, "
-         f"{human_bytes(result.total_bytes)}, {how})")
+    info(
+        f"algorithm  {result.algorithm} ({len(result.tensor_digests)} tensors, "
+        f"{human_bytes(result.total_bytes)}, {how})"
+    )
 
 
 COMMANDS: list[click.Command] = [convert_cmd, hash_cmd]

@@ -18,17 +18,34 @@ def _resolve(arg: str) -> str:
 
 @click.command("validate")
 @click.argument("paths", nargs=-1, required=True, type=click.Path(path_type=str))
-@click.option("--base", type=click.Path(path_type=str),
-              help="Base model (directory, shards or one .safetensors) to check the targets against.")
-@click.option("--level", type=click.Choice(["header", "data", "base"]),
-              help="header: structure, schema, shapes; data: + NaN/Inf, zero deltas, content hash; "
-                   "base: + targets, structure hash, digests.  [default: header, or base with --base]")
+@click.option(
+    "--base",
+    type=click.Path(path_type=str),
+    help="Base model (directory, shards or one .safetensors) to check the targets against.",
+)
+@click.option(
+    "--level",
+    type=click.Choice(["header", "data", "base"]),
+    help="header: structure, schema, shapes; data: + NaN/Inf, zero deltas, content hash; "
+    "base: + targets, structure hash, digests.  [default: header, or base with --base]",
+)
 @click.option("--strict", is_flag=True, help="Warnings fail too (exit 1).")
 @click.option("--json", "as_json", is_flag=True, help="Print every path's findings as JSON.")
-@click.option("--config", type=click.Path(path_type=str), help="adapter_config.json for a bare PEFT .safetensors.")
-@click.option("--allow-pickle", is_flag=True, help="Load adapter_model.bin with torch.load(weights_only=True).")
-def validate_cmd(paths: tuple[str, ...], base: str | None, level: str | None, strict: bool, as_json: bool,
-                 config: str | None, allow_pickle: bool) -> None:
+@click.option(
+    "--config", type=click.Path(path_type=str), help="adapter_config.json for a bare PEFT .safetensors."
+)
+@click.option(
+    "--allow-pickle", is_flag=True, help="Load adapter_model.bin with torch.load(weights_only=True)."
+)
+def validate_cmd(
+    paths: tuple[str, ...],
+    base: str | None,
+    level: str | None,
+    strict: bool,
+    as_json: bool,
+    config: str | None,
+    allow_pickle: bool,
+) -> None:
     """Check adapters: native .safetensors files, PEFT directories, or directories searched for both.
 
     Prints one line per finding (PATH: SEVERITY: CODE: LOCATION: MESSAGE) and a summary. Exit codes: 0 valid,
@@ -47,32 +64,47 @@ def validate_cmd(paths: tuple[str, ...], base: str | None, level: str | None, st
     summary = summarize(reports, strict=strict)
     ok = summary["invalid"] == 0
     if as_json:
-        emit_json({
-            "ok": ok,
-            "strict": strict,
-            "level": reports[0].level if reports else level,
-            "summary": summary,
-            "reports": [r.to_json(strict) for r in reports],
-        })
+        emit_json(
+            {
+                "ok": ok,
+                "strict": strict,
+                "level": reports[0].level if reports else level,
+                "summary": summary,
+                "reports": [r.to_json(strict) for r in reports],
+            }
+        )
     else:
         for report in reports:
             for finding in report.findings:
                 click.echo(finding.format(report.path))
             if not report.findings:
-                info(f"{report.path}: ok ({report.source_format}, {report.modules} modules, level {report.level})")
-        info(f"{summary['checked']} checked: {summary['valid']} valid, {summary['invalid']} invalid "
-             f"({summary['errors']} errors, {summary['warnings']} warnings{', strict' if strict else ''})")
+                info(
+                    f"{report.path}: ok ({report.source_format}, {report.modules} modules, level {report.level})"
+                )
+        info(
+            f"{summary['checked']} checked: {summary['valid']} valid, {summary['invalid']} invalid "
+            f"({summary['errors']} errors, {summary['warnings']} warnings{', strict' if strict else ''})"
+        )
     if not ok:
         raise click.exceptions.Exit(1)
 
 
 @click.command("inspect")
 @click.argument("path", type=click.Path(path_type=str))
-@click.option("--json", "as_json", is_flag=True, help="Print the description as JSON (with the module table).")
-@click.option("--spectrum", is_flag=True,
-              help="Also show each module's singular-value spectrum and effective rank (reads the tensors).")
-@click.option("--config", type=click.Path(path_type=str), help="adapter_config.json for a bare PEFT .safetensors.")
-@click.option("--allow-pickle", is_flag=True, help="Load adapter_model.bin with torch.load(weights_only=True).")
+@click.option(
+    "--json", "as_json", is_flag=True, help="Print the description as JSON (with the module table)."
+)
+@click.option(
+    "--spectrum",
+    is_flag=True,
+    help="Also show each module's singular-value spectrum and effective rank (reads the tensors).",
+)
+@click.option(
+    "--config", type=click.Path(path_type=str), help="adapter_config.json for a bare PEFT .safetensors."
+)
+@click.option(
+    "--allow-pickle", is_flag=True, help="Load adapter_model.bin with torch.load(weights_only=True)."
+)
 def inspect_cmd(path: str, as_json: bool, spectrum: bool, config: str | None, allow_pickle: bool) -> None:
     """Describe an adapter: spec version, base identity and hashes, ranks, alphas, scaling, targets,
     trainable parameters against full fine-tuning, file size, dtypes, provenance. Reads the header only.

@@ -52,8 +52,16 @@ def progress(total: int | None, desc: str, *, unit: str = "B") -> Iterator[Calla
     from tqdm.auto import tqdm
 
     scale = unit == "B"
-    with tqdm(total=total, desc=desc, unit=unit, unit_scale=scale, unit_divisor=1024 if scale else 1000,
-              file=sys.stderr, leave=False, dynamic_ncols=True) as bar:
+    with tqdm(
+        total=total,
+        desc=desc,
+        unit=unit,
+        unit_scale=scale,
+        unit_divisor=1024 if scale else 1000,
+        file=sys.stderr,
+        leave=False,
+        dynamic_ncols=True,
+    ) as bar:
         yield bar.update
 
 

@@ -32,12 +32,23 @@ def _energy_line(modules: dict, key: str = "energy_kept") -> str:
 
 @click.command("compose")
 @click.argument("adapters", nargs=-1, required=True, metavar="ADAPTER...")
-@click.option("-o", "--output", "out", required=True, type=click.Path(path_type=str),
-              help="Output native loraformat .safetensors file.")
+@click.option(
+    "-o",
+    "--output",
+    "out",
+    required=True,
+    type=click.Path(path_type=str),
+    help="Output native loraformat .safetensors file.",
+)
 @click.option("--method", required=True, metavar="METHOD", help=METHOD_HELP)
-@click.option("--weights", help="One weight per adapter, comma-separated (default 1 each); negative negates a task.")
-@click.option("--rank", help="Target rank R, or auto:E (smallest rank keeping fraction E of each module's "
-                             "energy); svd/ties/dare only. Default: the largest parent rank.")
+@click.option(
+    "--weights", help="One weight per adapter, comma-separated (default 1 each); negative negates a task."
+)
+@click.option(
+    "--rank",
+    help="Target rank R, or auto:E (smallest rank keeping fraction E of each module's "
+    "energy); svd/ties/dare only. Default: the largest parent rank.",
+)
 @click.option("--density", type=float, help="ties/dare: fraction of entries kept, in (0, 1].")
 @click.option("--seed", type=int, default=0, show_default=True, help="dare: seed of the random drop.")
 @click.option("--device", default="cpu", show_default=True, help="cpu or cuda.")
@@ -45,9 +56,20 @@ def _energy_line(modules: dict, key: str = "energy_kept") -> str:
 @click.option("--force", is_flag=True, help="Compose adapters recorded against different bases anyway.")
 @click.option("--overwrite", is_flag=True, help="Replace an existing output.")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
-def compose_cmd(adapters: tuple[str, ...], out: str, method: str, weights: str | None, rank: str | None,
-                density: float | None, seed: int, device: str, name: str | None, force: bool, overwrite: bool,
-                as_json: bool) -> None:
+def compose_cmd(
+    adapters: tuple[str, ...],
+    out: str,
+    method: str,
+    weights: str | None,
+    rank: str | None,
+    density: float | None,
+    seed: int,
+    device: str,
+    name: str | None,
+    force: bool,
+    overwrite: bool,
+    as_json: bool,
+) -> None:
     """Combine adapters for the same base into one, module by module, from their factors (no base model
     loaded). Every delta is weighted: delta = sum_i w_i * s_i * B_i A_i.
 
@@ -77,15 +99,29 @@ def compose_cmd(adapters: tuple[str, ...], out: str, method: str, weights: str |
     paths = [_resolve(a) for a in adapters]
     w = _weights(weights)
     with progress(None, "composing", unit="module") as update:
-        result = compose(paths, out, method=method, weights=w, rank=rank, density=density, seed=seed,
-                         device=device, force=force, overwrite=overwrite, name=name, progress=update)
+        result = compose(
+            paths,
+            out,
+            method=method,
+            weights=w,
+            rank=rank,
+            density=density,
+            seed=seed,
+            device=device,
+            force=force,
+            overwrite=overwrite,
+            name=name,
+            progress=update,
+        )
     if as_json:
         emit_json(result.to_json())
         return
     ranks = sorted({m["rank"] for m in result.modules.values()})
-    info(f"wrote {result.output} ({method}, {len(result.modules)} modules, rank "
-         f"{ranks[0] if len(ranks) == 1 else f'{ranks[0]}-{ranks[-1]}'}, {result.parameters:,} parameters, "
-         f"{human_bytes(result.file_size)}, content {result.content_hash[:16]}, {result.seconds:.2f} s)")
+    info(
+        f"wrote {result.output} ({method}, {len(result.modules)} modules, rank "
+        f"{ranks[0] if len(ranks) == 1 else f'{ranks[0]}-{ranks[-1]}'}, {result.parameters:,} parameters, "
+        f"{human_bytes(result.file_size)}, content {result.content_hash[:16]}, {result.seconds:.2f} s)"
+    )
     if method in ("svd", "ties", "dare_linear", "dare_ties"):
         info(_energy_line(result.modules))
     if result.forced:
@@ -94,8 +130,14 @@ def compose_cmd(adapters: tuple[str, ...], out: str, method: str, weights: str |
 
 @click.command("rescale")
 @click.argument("adapter")
-@click.option("-o", "--output", "out", required=True, type=click.Path(path_type=str),
-              help="Output native loraformat .safetensors file.")
+@click.option(
+    "-o",
+    "--output",
+    "out",
+    required=True,
+    type=click.Path(path_type=str),
+    help="Output native loraformat .safetensors file.",
+)
 @click.option("--scale", type=float, help="Multiply every module's delta by S (exact; goes into alpha).")
 @click.option("--alpha", type=float, help="Set every module's alpha to A (exact; factors unchanged).")
 @click.option("--rank", help="Lower ranks to R, or auto:E per module (optimal truncation; never upwards).")
@@ -103,8 +145,17 @@ def compose_cmd(adapters: tuple[str, ...], out: str, method: str, weights: str |
 @click.option("--name", help="Adapter name recorded in the metadata (default: the output's file name).")
 @click.option("--overwrite", is_flag=True, help="Replace an existing output.")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
-def rescale_cmd(adapter: str, out: str, scale: float | None, alpha: float | None, rank: str | None, device: str,
-                name: str | None, overwrite: bool, as_json: bool) -> None:
+def rescale_cmd(
+    adapter: str,
+    out: str,
+    scale: float | None,
+    alpha: float | None,
+    rank: str | None,
+    device: str,
+    name: str | None,
+    overwrite: bool,
+    as_json: bool,
+) -> None:
     """Change an adapter's strength and/or shrink its rank, exactly where exactness is possible.
 
     --scale S multiplies every delta by S (a negative S flips B, since alpha must stay positive); --alpha A
@@ -122,15 +173,26 @@ def rescale_cmd(adapter: str, out: str, scale: float | None, alpha: float | None
     from loraformat.rescaling import rescale
 
     with progress(None, "rescaling", unit="module") as update:
-        result = rescale(_resolve(adapter), out, scale=scale, alpha=alpha, rank=rank, device=device,
-                         overwrite=overwrite, name=name, progress=update)
+        result = rescale(
+            _resolve(adapter),
+            out,
+            scale=scale,
+            alpha=alpha,
+            rank=rank,
+            device=device,
+            overwrite=overwrite,
+            name=name,
+            progress=update,
+        )
     if as_json:
         emit_json(result.to_json())
         return
     changed = sum(1 for m in result.modules.values() if m["rank_after"] < m["rank_before"])
-    info(f"wrote {result.output} ({len(result.modules)} modules, {changed} truncated, parameters "
-         f"{result.parameters_before:,} -> {result.parameters_after:,}, size {human_bytes(result.file_size_before)}"
-         f" -> {human_bytes(result.file_size_after)}, content {result.content_hash[:16]})")
+    info(
+        f"wrote {result.output} ({len(result.modules)} modules, {changed} truncated, parameters "
+        f"{result.parameters_before:,} -> {result.parameters_after:,}, size {human_bytes(result.file_size_before)}"
+        f" -> {human_bytes(result.file_size_after)}, content {result.content_hash[:16]})"
+    )
     if rank is not None:
         info(_energy_line(result.modules))
 

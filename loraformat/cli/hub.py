@@ -12,8 +12,10 @@ from loraformat.cli.common import emit_json, human_bytes, info, progress, progre
 if TYPE_CHECKING:
     from loraformat.hub.refs import HubSpec
 
-HUB_HELP = ("Hub: a local hub directory (PATH or file://PATH), an http(s):// Hub endpoint, or 'hf'. "
-            "Default: $LORAFORMAT_HUB, else the Hugging Face Hub (HF_ENDPOINT, token from HF_TOKEN or `hf auth login`).")
+HUB_HELP = (
+    "Hub: a local hub directory (PATH or file://PATH), an http(s):// Hub endpoint, or 'hf'. "
+    "Default: $LORAFORMAT_HUB, else the Hugging Face Hub (HF_ENDPOINT, token from HF_TOKEN or `hf auth login`)."
+)
 
 
 def _prepare_hub(hub: str | HubSpec | None) -> HubSpec:
@@ -34,16 +36,33 @@ def _prepare_hub(hub: str | HubSpec | None) -> HubSpec:
 @click.argument("adapter", type=click.Path(path_type=str))
 @click.argument("repo_id")
 @click.option("--hub", help=HUB_HELP)
-@click.option("--revision", "-r", metavar="BRANCH", help="Branch to commit to (created from main if missing). "
-              "Default: main.")
+@click.option(
+    "--revision",
+    "-r",
+    metavar="BRANCH",
+    help="Branch to commit to (created from main if missing). Default: main.",
+)
 @click.option("--tag", help="Also tag the new revision (tags are immutable; an existing tag is an error).")
-@click.option("--private", is_flag=True, help="Create the repository private (Hugging Face Hub; recorded only on "
-              "a local hub, which has no access control).")
+@click.option(
+    "--private",
+    is_flag=True,
+    help="Create the repository private (Hugging Face Hub; recorded only on "
+    "a local hub, which has no access control).",
+)
 @click.option("--message", "-m", help="Commit message (default: a summary of the adapter).")
 @click.option("--no-validate", is_flag=True, help="Push even if validation finds errors.")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
-def push_cmd(adapter: str, repo_id: str, hub: str | None, revision: str | None, tag: str | None, private: bool,
-             message: str | None, no_validate: bool, as_json: bool) -> None:
+def push_cmd(
+    adapter: str,
+    repo_id: str,
+    hub: str | None,
+    revision: str | None,
+    tag: str | None,
+    private: bool,
+    message: str | None,
+    no_validate: bool,
+    as_json: bool,
+) -> None:
     """Publish ADAPTER (a loraformat file or a PEFT directory) to REPO_ID (ORG/NAME) as one revision.
 
     The adapter is validated first (structure, schema, NaN/Inf, content hash). The revision holds
@@ -62,8 +81,17 @@ def push_cmd(adapter: str, repo_id: str, hub: str | None, revision: str | None, 
     spec = _prepare_hub(hub)
     size = _size(adapter)
     with progress(size if spec.kind == "local" else None, "pushing") as update:
-        result = push(adapter, repo_id, hub=spec, revision=revision, tag=tag, private=private, message=message,
-                      validate=not no_validate, progress=update if spec.kind == "local" else None)
+        result = push(
+            adapter,
+            repo_id,
+            hub=spec,
+            revision=revision,
+            tag=tag,
+            private=private,
+            message=message,
+            validate=not no_validate,
+            progress=update if spec.kind == "local" else None,
+        )
     for note in result.warnings:
         warn(f"{adapter}: {note}")
     if as_json:
@@ -72,7 +100,9 @@ def push_cmd(adapter: str, repo_id: str, hub: str | None, revision: str | None, 
     what = "pushed" if result.created else "unchanged (the branch already holds this adapter)"
     tagged = f", tag {result.tag}" if result.tag else ""
     converted = " (converted from PEFT)" if result.converted else ""
-    info(f"{what}: {repo_id}@{result.branch}{tagged} -> commit {result.commit[:12]} on {result.hub}{converted}")
+    info(
+        f"{what}: {repo_id}@{result.branch}{tagged} -> commit {result.commit[:12]} on {result.hub}{converted}"
+    )
     info(f"  {result.url}")
 
 
@@ -87,13 +117,23 @@ def _size(path: str) -> int | None:
 
 @click.command("pull")
 @click.argument("repo_id")
-@click.option("-o", "--output", "out", required=True, type=click.Path(path_type=str),
-              help="Output directory (appears complete or not at all).")
+@click.option(
+    "-o",
+    "--output",
+    "out",
+    required=True,
+    type=click.Path(path_type=str),
+    help="Output directory (appears complete or not at all).",
+)
 @click.option("--hub", help=HUB_HELP)
 @click.option("--revision", "-r", metavar="REV", help="Branch, tag or commit (default: main).")
-@click.option("--overwrite", is_flag=True, help="Replace an existing output directory (once the new one is complete).")
+@click.option(
+    "--overwrite", is_flag=True, help="Replace an existing output directory (once the new one is complete)."
+)
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
-def pull_cmd(repo_id: str, out: str, hub: str | None, revision: str | None, overwrite: bool, as_json: bool) -> None:
+def pull_cmd(
+    repo_id: str, out: str, hub: str | None, revision: str | None, overwrite: bool, as_json: bool
+) -> None:
     """Fetch REPO_ID (ORG/NAME, or a hub reference hf://ORG/NAME@REV / lfhub://ORG/NAME@REV) into a directory.
 
     The download is verified before the directory appears: sizes and hashes against the hub's records, the
@@ -123,8 +163,14 @@ def pull_cmd(repo_id: str, out: str, hub: str | None, revision: str | None, over
         spec_arg, repo_id, revision = ref.hub, ref.repo_id, revision or ref.revision
     spec = _prepare_hub(spec_arg)
     with progress(None, "pulling") as update:
-        result = pull(repo_id, out, hub=spec, revision=revision, overwrite=overwrite,
-                      progress=update if spec.kind == "local" else None)
+        result = pull(
+            repo_id,
+            out,
+            hub=spec,
+            revision=revision,
+            overwrite=overwrite,
+            progress=update if spec.kind == "local" else None,
+        )
     if result.offline:
         warn(f"hub unreachable: used the cached {repo_id}@{result.revision} (commit {result.commit[:12]})")
     if as_json:
@@ -132,8 +178,10 @@ def pull_cmd(repo_id: str, out: str, hub: str | None, revision: str | None, over
         return
     source = "from the cache" if result.cached else f"from {result.hub}"
     checked = f", content {result.content_hash[:16]} verified" if result.content_hash else ""
-    info(f"pulled {repo_id}@{result.revision} (commit {result.commit[:12]}) {source} into {result.output}: "
-         f"{len(result.files)} files, {human_bytes(sum(result.files.values()))}{checked}")
+    info(
+        f"pulled {repo_id}@{result.revision} (commit {result.commit[:12]}) {source} into {result.output}: "
+        f"{len(result.files)} files, {human_bytes(sum(result.files.values()))}{checked}"
+    )
 
 
 @click.command("list")

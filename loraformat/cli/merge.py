@@ -30,19 +30,45 @@ def _parse_size(value: str | None) -> int | None:
 @click.command("merge")
 @click.argument("base", type=click.Path(path_type=str))
 @click.argument("adapters", nargs=-1, required=True, metavar="ADAPTER...")
-@click.option("-o", "--output", "out", required=True, type=click.Path(path_type=str),
-              help="Output model directory (created atomically; loadable with from_pretrained).")
-@click.option("--weight", "weights", multiple=True, type=float,
-              help="Weight of each adapter, in order (repeat once per adapter; default 1).")
+@click.option(
+    "-o",
+    "--output",
+    "out",
+    required=True,
+    type=click.Path(path_type=str),
+    help="Output model directory (created atomically; loadable with from_pretrained).",
+)
+@click.option(
+    "--weight",
+    "weights",
+    multiple=True,
+    type=float,
+    help="Weight of each adapter, in order (repeat once per adapter; default 1).",
+)
 @click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
-@click.option("--dtype", type=click.Choice(["keep", "bf16", "fp16", "fp32"]), default="keep", show_default=True,
-              help="Dtype of the floating-point output tensors.")
+@click.option(
+    "--dtype",
+    type=click.Choice(["keep", "bf16", "fp16", "fp32"]),
+    default="keep",
+    show_default=True,
+    help="Dtype of the floating-point output tensors.",
+)
 @click.option("--max-shard-size", help="Re-shard the output (e.g. 5GB); default: keep the base's shards.")
 @click.option("--no-verify", is_flag=True, help="Skip checking base tensors against the adapters' digests.")
 @click.option("--overwrite", is_flag=True, help="Replace an existing output directory.")
 @click.option("--json", "as_json", is_flag=True, help="Print figures and what was verified as JSON.")
-def merge_cmd(base: str, adapters: tuple[str, ...], out: str, weights: tuple[float, ...], device: str, dtype: str,
-              max_shard_size: str | None, no_verify: bool, overwrite: bool, as_json: bool) -> None:
+def merge_cmd(
+    base: str,
+    adapters: tuple[str, ...],
+    out: str,
+    weights: tuple[float, ...],
+    device: str,
+    dtype: str,
+    max_shard_size: str | None,
+    no_verify: bool,
+    overwrite: bool,
+    as_json: bool,
+) -> None:
     """Merge one or more LoRA adapters into BASE, streaming tensor by tensor, and write OUT.
 
     W' = W + sum_i w_i * s_i * B_i A_i per module (as PEFT's merge_and_unload), computed in fp32 and rounded
@@ -80,8 +106,18 @@ def merge_cmd(base: str, adapters: tuple[str, ...], out: str, weights: tuple[flo
             if tensors:
                 tensors_bar(tensors)
 
-        result = merge(base, paths, out, weights=list(weights) or None, device=device, dtype=dtype,
-                       max_shard_size=shard_size, verify=not no_verify, overwrite=overwrite, progress=update)
+        result = merge(
+            base,
+            paths,
+            out,
+            weights=list(weights) or None,
+            device=device,
+            dtype=dtype,
+            max_shard_size=shard_size,
+            verify=not no_verify,
+            overwrite=overwrite,
+            progress=update,
+        )
     if as_json:
         emit_json(result.to_json())
         return
@@ -92,10 +128,12 @@ def merge_cmd(base: str, adapters: tuple[str, ...], out: str, weights: tuple[flo
         verified = f"{v['tensors']} base tensors verified against recorded digests"
     else:
         verified = "no adapter records base digests (stamp one with 'loraformat convert --base')"
-    info(f"wrote {result.output}: {result.tensors} tensors ({result.tensors_merged} merged, "
-         f"{result.tensors_replaced} replaced, {result.tensors_copied} copied), "
-         f"{human_bytes(result.bytes_written)} in {result.seconds:.2f} s ({human_bytes(result.gb_per_s * 1e9)}/s) on "
-         f"{result.device} ({result.backend}); peak RSS {human_bytes(result.peak_rss_bytes)}; {verified}")
+    info(
+        f"wrote {result.output}: {result.tensors} tensors ({result.tensors_merged} merged, "
+        f"{result.tensors_replaced} replaced, {result.tensors_copied} copied), "
+        f"{human_bytes(result.bytes_written)} in {result.seconds:.2f} s ({human_bytes(result.gb_per_s * 1e9)}/s) on "
+        f"{result.device} ({result.backend}); peak RSS {human_bytes(result.peak_rss_bytes)}; {verified}"
+    )
 
 
 COMMANDS: list[click.Command] = [merge_cmd]

@@ -11,5 +11,16 @@ from loraformat.hub.api import PullResult, PushResult, list_repos, pull, push
 from loraformat.hub.local import RepoListing
 from loraformat.hub.refs import HubRef, HubSpec, is_hub_ref, parse_hub_ref, select_hub
 
-__all__ = ["push", "pull", "list_repos", "PushResult", "PullResult", "RepoListing", "HubSpec", "HubRef",
-           "select_hub", "parse_hub_ref", "is_hub_ref"]
+__all__ = [
+    "push",
+    "pull",
+    "list_repos",
+    "PushResult",
+    "PullResult",
+    "RepoListing",
+    "HubSpec",
+    "HubRef",
+    "select_hub",
+    "parse_hub_ref",
+    "is_hub_ref",
+]

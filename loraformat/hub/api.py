@@ -90,9 +90,12 @@ def _validate(path: Path) -> list[str]:
     if report.errors:
         first = report.errors[0]
         more = f" (and {len(report.errors) - 1} more)" if len(report.errors) > 1 else ""
-        raise AdapterError(f"refusing to push an invalid adapter: {first.code}: {first.location or '-'}: "
-                           f"{first.message}{more}; `loraformat validate --level data` lists every finding, "
-                           "--no-validate pushes anyway", path=path)
+        raise AdapterError(
+            f"refusing to push an invalid adapter: {first.code}: {first.location or '-'}: "
+            f"{first.message}{more}; `loraformat validate --level data` lists every finding, "
+            "--no-validate pushes anyway",
+            path=path,
+        )
     return [f"{w.code}: {w.message}" for w in report.warnings]
 
 
@@ -117,29 +120,48 @@ def _prepare(adapter: Path, tmp: Path, *, repo_id: str, ref: str, validate: bool
             meta = converted.meta
     size = os.path.getsize(weights)
     config = json.dumps(peft_config_from_metadata(meta), indent=2, sort_keys=True) + "\n"
-    card = model_card(meta, repo_id=repo_id, ref=ref, content_hash=meta.content_hash or "(not recorded)", size=size)
-    sources: dict[str, str | bytes] = {WEIGHTS_FILE: weights, CONFIG_FILE: config.encode(),
-                                       CARD_FILE: card.encode()}
+    card = model_card(
+        meta, repo_id=repo_id, ref=ref, content_hash=meta.content_hash or "(not recorded)", size=size
+    )
+    sources: dict[str, str | bytes] = {
+        WEIGHTS_FILE: weights,
+        CONFIG_FILE: config.encode(),
+        CARD_FILE: card.encode(),
+    }
     return _Upload(sources, meta, meta.content_hash, size, not native, notes)
 
 
 def _messages(meta: AdapterMetadata, content_hash: str | None, message: str | None) -> tuple[str, str]:
     ranks = "/".join(str(r) for r in meta.ranks)
-    summary = message or (f"Upload LoRA adapter {meta.name} (rank {ranks}, {len(meta.modules)} modules, "
-                          f"content {(content_hash or 'unknown')[:12]})")
+    summary = message or (
+        f"Upload LoRA adapter {meta.name} (rank {ranks}, {len(meta.modules)} modules, "
+        f"content {(content_hash or 'unknown')[:12]})"
+    )
     bm = meta.base_model
-    description = "\n".join([
-        f"Pushed with loraformat {__version__}.",
-        f"adapter content hash: {content_hash or 'not recorded'}",
-        f"base model: {bm.id or 'not recorded'}" + (f" @ {bm.revision}" if bm.revision else ""),
-        f"base content hash: {bm.content_hash or 'not recorded'}",
-    ])
+    description = "\n".join(
+        [
+            f"Pushed with loraformat {__version__}.",
+            f"adapter content hash: {content_hash or 'not recorded'}",
+            f"base model: {bm.id or 'not recorded'}" + (f" @ {bm.revision}" if bm.revision else ""),
+            f"base content hash: {bm.content_hash or 'not recorded'}",
+        ]
+    )
     return summary, description
 
 
-def push(adapter: str | os.PathLike[str], repo_id: str, *, hub: str | os.PathLike[str] | HubSpec | None = None,
-         revision: str | None = None, tag: str | None = None, private: bool = False, message: str | None = None,
-         validate: bool = True, token: str | None = None, progress: Progress | None = None) -> PushResult:
+def push(
+    adapter: str | os.PathLike[str],
+    repo_id: str,
+    *,
+    hub: str | os.PathLike[str] | HubSpec | None = None,
+    revision: str | None = None,
+    tag: str | None = None,
+    private: bool = False,
+    message: str | None = None,
+    validate: bool = True,
+    token: str | None = None,
+    progress: Progress | None = None,
+) -> PushResult:
     """Publish an adapter (native file or PEFT directory) as one revision of ``repo_id`` on branch ``revision``
     (default main), optionally tagged. ``hub``: a local hub path, ``file://PATH``, an ``http(s)://`` Hub endpoint,
     ``hf``; None = $LORAFORMAT_HUB, else the Hugging Face Hub."""
@@ -157,20 +179,54 @@ def push(adapter: str | os.PathLike[str], repo_id: str, *, hub: str | os.PathLik
         backend = open_backend(spec, token=token, create=True)
         branch = revision or "main"
         if isinstance(backend, LocalHub):
-            commit, created = backend.publish(repo_id, upload.sources, branch=branch, tag=tag, message=summary,
-                                              description=description, private=private, progress=progress)
+            commit, created = backend.publish(
+                repo_id,
+                upload.sources,
+                branch=branch,
+                tag=tag,
+                message=summary,
+                description=description,
+                private=private,
+                progress=progress,
+            )
             url = f"lfhub://{backend.root}/{repo_id}@{commit}"
         else:
-            commit, created, url = backend.publish(repo_id, upload.sources, branch=branch, tag=tag,
-                                                   message=summary, description=description, private=private)
+            commit, created, url = backend.publish(
+                repo_id,
+                upload.sources,
+                branch=branch,
+                tag=tag,
+                message=summary,
+                description=description,
+                private=private,
+            )
     files = {n: (len(s) if isinstance(s, bytes) else upload.size) for n, s in upload.sources.items()}
-    return PushResult(backend.describe(), repo_id, branch, commit, created, tag, url, upload.content_hash, files, upload.converted,
-                      time.perf_counter() - started, upload.warnings)
+    return PushResult(
+        backend.describe(),
+        repo_id,
+        branch,
+        commit,
+        created,
+        tag,
+        url,
+        upload.content_hash,
+        files,
+        upload.converted,
+        time.perf_counter() - started,
+        upload.warnings,
+    )
 
 
-def pull(repo_id: str, out: str | os.PathLike[str], *, hub: str | os.PathLike[str] | HubSpec | None = None,
-         revision: str | None = None, token: str | None = None, overwrite: bool = False,
-         progress: Progress | None = None) -> PullResult:
+def pull(
+    repo_id: str,
+    out: str | os.PathLike[str],
+    *,
+    hub: str | os.PathLike[str] | HubSpec | None = None,
+    revision: str | None = None,
+    token: str | None = None,
+    overwrite: bool = False,
+    progress: Progress | None = None,
+) -> PullResult:
     """Fetch ``repo_id`` at ``revision`` (a branch, tag or commit; default main) into directory ``out``, verified:
     sizes and hashes against the hub's records, the adapter's content hash against its tensor data, the
     metadata against the schema. A revision already in the cache is copied from there without any transfer."""
@@ -184,15 +240,27 @@ def pull(repo_id: str, out: str | os.PathLike[str], *, hub: str | os.PathLike[st
     entry = fetch(backend, repo_id, revision, progress=progress)
     names = [n for n in entry.files if n != RECORD]
     materialize(entry.path, names, out, overwrite=overwrite)
-    return PullResult(backend.describe(), repo_id, revision or "main", entry.commit, os.fspath(out), entry.files, entry.content_hash,
-                      entry.cached, entry.offline, time.perf_counter() - started)
+    return PullResult(
+        backend.describe(),
+        repo_id,
+        revision or "main",
+        entry.commit,
+        os.fspath(out),
+        entry.files,
+        entry.content_hash,
+        entry.cached,
+        entry.offline,
+        time.perf_counter() - started,
+    )
 
 
 def list_repos(hub: str | os.PathLike[str] | HubSpec | None = None) -> list[RepoListing]:
     """Repositories of a local hub with their branches and tags."""
     spec = select_hub(hub)
     if spec.kind != "local":
-        raise UsageError("list works on a local hub (--hub PATH or LORAFORMAT_HUB); browse the Hugging Face Hub "
-                         "on its website or with the `hf` CLI")
+        raise UsageError(
+            "list works on a local hub (--hub PATH or LORAFORMAT_HUB); browse the Hugging Face Hub "
+            "on its website or with the `hf` CLI"
+        )
     assert spec.path is not None
     return LocalHub(spec.path).list_repos()

@@ -94,7 +94,9 @@ def _cached(entry: Path, commit: str, offline: bool = False) -> CachedRevision |
             return None
     except (OSError, TypeError):
         return None
-    return CachedRevision(entry, commit, dict(record.get("files") or {}), record.get("content_hash"), True, offline)
+    return CachedRevision(
+        entry, commit, dict(record.get("files") or {}), record.get("content_hash"), True, offline
+    )
 
 
 def _discard(entry: Path) -> None:
@@ -105,7 +107,9 @@ def _discard(entry: Path) -> None:
     shutil.rmtree(trash, ignore_errors=True)
 
 
-def _resolve(backend: LocalHub | HfHub, repo_id: str, revision: str | None, repo_cache: Path) -> tuple[str, bool]:
+def _resolve(
+    backend: LocalHub | HfHub, repo_id: str, revision: str | None, repo_cache: Path
+) -> tuple[str, bool]:
     """(commit, offline). A Hugging Face commit sha already cached needs no request at all."""
     rev = revision or DEFAULT_BRANCH
     if backend.kind == "hf" and HF_COMMIT.match(rev) and (repo_cache / rev).is_dir():
@@ -133,8 +137,9 @@ def _remember_ref(repo_cache: Path, revision: str | None, commit: str) -> None:
             f.write(commit.encode())
 
 
-def fetch(backend: LocalHub | HfHub, repo_id: str, revision: str | None = None, *,
-          progress: Progress | None = None) -> CachedRevision:
+def fetch(
+    backend: LocalHub | HfHub, repo_id: str, revision: str | None = None, *, progress: Progress | None = None
+) -> CachedRevision:
     """The verified cache entry of ``repo_id@revision``, downloading it first if it is not cached yet."""
     repo_cache = repo_cache_dir(backend, repo_id)
     commit, offline = _resolve(backend, repo_id, revision, repo_cache)
@@ -146,14 +151,17 @@ def fetch(backend: LocalHub | HfHub, repo_id: str, revision: str | None = None, 
             return hit
         _discard(entry)
         if offline:
-            raise HubNetworkError(f"{repo_id}: the cached copy of {commit[:12]} was altered and the hub is "
-                                  "unreachable")
+            raise HubNetworkError(
+                f"{repo_id}: the cached copy of {commit[:12]} was altered and the hub is unreachable"
+            )
     where = f"{repo_id}@{revision or DEFAULT_BRANCH}"
     remote = backend.files(repo_id, commit)
     if WEIGHTS_FILE not in remote:
         raise HubNotFoundError(f"{where}: no {WEIGHTS_FILE} in this revision (is it an adapter repository?)")
     names = [n for n in ADAPTER_FILES if n in remote]
-    expected = {n: Expected(remote[n].size, remote[n].sha256, getattr(remote[n], "git_oid", None)) for n in names}
+    expected = {
+        n: Expected(remote[n].size, remote[n].sha256, getattr(remote[n], "git_oid", None)) for n in names
+    }
     if backend.kind == "local":  # already checked object by object while copying
         expected = {n: Expected(e.size) for n, e in expected.items()}
     stage = temp_name(entry)
@@ -166,10 +174,17 @@ def fetch(backend: LocalHub | HfHub, repo_id: str, revision: str | None = None, 
             synced.result()
         for name in names:
             os.chmod(stage / name, 0o444)
-        record = {"repo": repo_id, "commit": commit, "revision": revision or DEFAULT_BRANCH,
-                  "hub": backend.describe(), "files": {n: e.size for n, e in expected.items()},
-                  "stat": {n: _stat(stage / n) for n in names},
-                  "content_hash": verified.content_hash, "verified": True, "pulled": now_iso()}
+        record = {
+            "repo": repo_id,
+            "commit": commit,
+            "revision": revision or DEFAULT_BRANCH,
+            "hub": backend.describe(),
+            "files": {n: e.size for n, e in expected.items()},
+            "stat": {n: _stat(stage / n) for n in names},
+            "content_hash": verified.content_hash,
+            "verified": True,
+            "pulled": now_iso(),
+        }
         with atomic_file(stage / RECORD) as f:
             f.write((json.dumps(record, indent=1, sort_keys=True) + "\n").encode())
         try:
@@ -189,8 +204,14 @@ def fetch(backend: LocalHub | HfHub, repo_id: str, revision: str | None = None, 
     return CachedRevision(entry, commit, record["files"], verified.content_hash, False)
 
 
-def materialize(entry: Path, files: list[str], out: str | os.PathLike[str], *, overwrite: bool = False,
-                progress: Progress | None = None) -> Path:
+def materialize(
+    entry: Path,
+    files: list[str],
+    out: str | os.PathLike[str],
+    *,
+    overwrite: bool = False,
+    progress: Progress | None = None,
+) -> Path:
     """Put a cache entry's files into ``out`` atomically (the directory appears complete or not at all): hard
     links where the filesystem allows, copies otherwise."""
     out = Path(out)

@@ -16,19 +16,79 @@ from loraformat.metadata import AdapterMetadata
 
 #: licence ids the Hugging Face Hub accepts in card metadata (a common subset; anything else becomes "other")
 HF_LICENSES = {
-    "apache-2.0", "mit", "openrail", "openrail++", "bigscience-openrail-m", "creativeml-openrail-m",
-    "bigscience-bloom-rail-1.0", "bigcode-openrail-m", "afl-3.0", "artistic-2.0", "bsl-1.0", "bsd",
-    "bsd-2-clause", "bsd-3-clause", "bsd-3-clause-clear", "cc", "cc0-1.0", "cc-by-2.0", "cc-by-2.5", "cc-by-3.0",
-    "cc-by-4.0", "cc-by-sa-3.0", "cc-by-sa-4.0", "cc-by-nc-2.0", "cc-by-nc-3.0", "cc-by-nc-4.0", "cc-by-nd-4.0",
-    "cc-by-nc-nd-3.0", "cc-by-nc-nd-4.0", "cc-by-nc-sa-2.0", "cc-by-nc-sa-3.0", "cc-by-nc-sa-4.0", "wtfpl",
-    "ecl-2.0", "epl-1.0", "epl-2.0", "eupl-1.1", "eupl-1.2", "agpl-3.0", "gfdl", "gpl", "gpl-2.0", "gpl-3.0",
-    "lgpl", "lgpl-2.1", "lgpl-3.0", "isc", "mpl-2.0", "odc-by", "odbl", "osl-3.0", "postgresql", "ofl-1.1",
-    "ncsa", "unlicense", "zlib", "pddl", "llama2", "llama3", "llama3.1", "llama3.2", "llama3.3", "llama4",
-    "gemma", "unknown", "other",
+    "apache-2.0",
+    "mit",
+    "openrail",
+    "openrail++",
+    "bigscience-openrail-m",
+    "creativeml-openrail-m",
+    "bigscience-bloom-rail-1.0",
+    "bigcode-openrail-m",
+    "afl-3.0",
+    "artistic-2.0",
+    "bsl-1.0",
+    "bsd",
+    "bsd-2-clause",
+    "bsd-3-clause",
+    "bsd-3-clause-clear",
+    "cc",
+    "cc0-1.0",
+    "cc-by-2.0",
+    "cc-by-2.5",
+    "cc-by-3.0",
+    "cc-by-4.0",
+    "cc-by-sa-3.0",
+    "cc-by-sa-4.0",
+    "cc-by-nc-2.0",
+    "cc-by-nc-3.0",
+    "cc-by-nc-4.0",
+    "cc-by-nd-4.0",
+    "cc-by-nc-nd-3.0",
+    "cc-by-nc-nd-4.0",
+    "cc-by-nc-sa-2.0",
+    "cc-by-nc-sa-3.0",
+    "cc-by-nc-sa-4.0",
+    "wtfpl",
+    "ecl-2.0",
+    "epl-1.0",
+    "epl-2.0",
+    "eupl-1.1",
+    "eupl-1.2",
+    "agpl-3.0",
+    "gfdl",
+    "gpl",
+    "gpl-2.0",
+    "gpl-3.0",
+    "lgpl",
+    "lgpl-2.1",
+    "lgpl-3.0",
+    "isc",
+    "mpl-2.0",
+    "odc-by",
+    "odbl",
+    "osl-3.0",
+    "postgresql",
+    "ofl-1.1",
+    "ncsa",
+    "unlicense",
+    "zlib",
+    "pddl",
+    "llama2",
+    "llama3",
+    "llama3.1",
+    "llama3.2",
+    "llama3.3",
+    "llama4",
+    "gemma",
+    "unknown",
+    "other",
 }
 PIPELINE_TAGS = {
-    "CAUSAL_LM": "text-generation", "SEQ_2_SEQ_LM": "text2text-generation", "SEQ_CLS": "text-classification",
-    "TOKEN_CLS": "token-classification", "QUESTION_ANS": "question-answering",
+    "CAUSAL_LM": "text-generation",
+    "SEQ_2_SEQ_LM": "text2text-generation",
+    "SEQ_CLS": "text-classification",
+    "TOKEN_CLS": "token-classification",
+    "QUESTION_ANS": "question-answering",
     "FEATURE_EXTRACTION": "feature-extraction",
 }
 _HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*(/[A-Za-z0-9][A-Za-z0-9._-]*)?$")
@@ -72,7 +132,10 @@ def card_metadata(meta: AdapterMetadata) -> dict[str, object]:
         if lic in HF_LICENSES:
             data["license"] = lic
         else:
-            data["license"], data["license_name"] = "other", re.sub(r"[^a-z0-9.-]+", "-", lic).strip("-") or "custom"
+            data["license"], data["license_name"] = (
+                "other",
+                re.sub(r"[^a-z0-9.-]+", "-", lic).strip("-") or "custom",
+            )
     if meta.task in PIPELINE_TAGS:
         data["pipeline_tag"] = PIPELINE_TAGS[meta.task]
     return data
@@ -107,7 +170,9 @@ def model_card(meta: AdapterMetadata, *, repo_id: str, ref: str, content_hash: s
     ]
     table = "\n".join(f"| {k} | {v} |" for k, v in rows)
     short = repo_id.split("/")[-1]
-    peft_source = repo_id if ref.startswith("hf://") else f"./{short}"  # a local-hub repo: the pulled directory
+    peft_source = (
+        repo_id if ref.startswith("hf://") else f"./{short}"
+    )  # a local-hub repo: the pulled directory
     description = f"\n{meta.description.strip()}\n" if meta.description and meta.description.strip() else ""
     body = f"""
 # {meta.name}

@@ -95,24 +95,42 @@ class HfHub:
             for f in self.api.list_repo_tree(repo_id, revision=commit, recursive=True):
                 if isinstance(f, RepoFile):
                     safe_relpath(f.path, repo=repo_id)
-                    out[f.path] = RemoteFile(int(f.size), f.lfs.sha256 if f.lfs else None,
-                                             None if f.lfs else f.blob_id)
+                    out[f.path] = RemoteFile(
+                        int(f.size), f.lfs.sha256 if f.lfs else None, None if f.lfs else f.blob_id
+                    )
         return out
 
-    def download(self, repo_id: str, commit: str, names: list[str], dest: Path,
-                 progress: Progress | None = None) -> None:
+    def download(
+        self, repo_id: str, commit: str, names: list[str], dest: Path, progress: Progress | None = None
+    ) -> None:
         """snapshot_download of exactly ``names`` at ``commit`` into dest (a fresh staging directory)."""
         from huggingface_hub import snapshot_download
 
         with self.errors(repo_id, commit):
-            snapshot_download(repo_id, revision=commit, local_dir=dest, allow_patterns=list(names),
-                              token=self.token, endpoint=self.endpoint, max_workers=4)
+            snapshot_download(
+                repo_id,
+                revision=commit,
+                local_dir=dest,
+                allow_patterns=list(names),
+                token=self.token,
+                endpoint=self.endpoint,
+                max_workers=4,
+            )
         shutil.rmtree(dest / ".cache", ignore_errors=True)  # huggingface_hub's own local_dir bookkeeping
 
     # -- publishing ----------------------------------------------------------------------------------------------
-    def publish(self, repo_id: str, sources: Mapping[str, str | os.PathLike[str] | bytes], *,
-                branch: str | None = None, tag: str | None = None, message: str = "", description: str = "",
-                private: bool = False, progress: Progress | None = None) -> tuple[str, bool, str]:
+    def publish(
+        self,
+        repo_id: str,
+        sources: Mapping[str, str | os.PathLike[str] | bytes],
+        *,
+        branch: str | None = None,
+        tag: str | None = None,
+        message: str = "",
+        description: str = "",
+        private: bool = False,
+        progress: Progress | None = None,
+    ) -> tuple[str, bool, str]:
         """One commit holding every file of ``sources`` on ``branch`` (created from main when missing), then
         ``tag`` on that exact commit. Returns (commit sha, whether a new commit was made, commit url)."""
         from huggingface_hub import CommitOperationAdd, get_token
@@ -122,23 +140,30 @@ class HfHub:
         if tag is not None:
             check_ref_name(tag, "tag")
         if self.token is None and not get_token():
-            raise HubAuthError("no Hugging Face token: set HF_TOKEN or run `hf auth login` (pushing needs write "
-                               "access)")
+            raise HubAuthError(
+                "no Hugging Face token: set HF_TOKEN or run `hf auth login` (pushing needs write access)"
+            )
         with self.errors(repo_id, branch):
             self.api.create_repo(repo_id, private=True if private else None, exist_ok=True)
             refs = self.api.list_repo_refs(repo_id)
             tags = {t.name: t.target_commit for t in refs.tags}
             branches = {b.name: b.target_commit for b in refs.branches}
             if tag is not None and tag in tags:
-                raise UsageError(f"tag {tag!r} already exists in {repo_id} (at {tags[tag][:12]}); tags are "
-                                 "immutable: choose another name")
+                raise UsageError(
+                    f"tag {tag!r} already exists in {repo_id} (at {tags[tag][:12]}); tags are "
+                    "immutable: choose another name"
+                )
             if branch not in branches and branch != DEFAULT_BRANCH:
                 self.api.create_branch(repo_id, branch=branch, exist_ok=True)
-            operations = [CommitOperationAdd(path_in_repo=name,
-                                             path_or_fileobj=src if isinstance(src, bytes) else os.fspath(src))
-                          for name, src in sorted(sources.items())]
-            info = self.api.create_commit(repo_id, operations, commit_message=message,
-                                          commit_description=description, revision=branch)
+            operations = [
+                CommitOperationAdd(
+                    path_in_repo=name, path_or_fileobj=src if isinstance(src, bytes) else os.fspath(src)
+                )
+                for name, src in sorted(sources.items())
+            ]
+            info = self.api.create_commit(
+                repo_id, operations, commit_message=message, commit_description=description, revision=branch
+            )
             commit = str(info.oid)
             if tag is not None:
                 self.api.create_tag(repo_id, tag=tag, revision=commit, tag_message=message or None)
@@ -206,7 +231,9 @@ def _chain(exc: BaseException) -> Iterator[BaseException]:
         current = current.__cause__ or current.__context__
 
 
-def map_error(exc: BaseException, *, repo_id: str, revision: str | None, endpoint: str) -> LoraformatError | None:
+def map_error(
+    exc: BaseException, *, repo_id: str, revision: str | None, endpoint: str
+) -> LoraformatError | None:
     """The loraformat error for a huggingface_hub / httpx2 exception; None for something unexpected."""
     import httpx2
     from huggingface_hub import errors as hf
@@ -216,20 +243,28 @@ def map_error(exc: BaseException, *, repo_id: str, revision: str | None, endpoin
         if isinstance(e, hf.OfflineModeIsEnabled):
             return HubNetworkError(f"offline mode is on (HF_HUB_OFFLINE=1): cannot reach {endpoint}")
         if isinstance(e, hf.GatedRepoError):
-            return HubAuthError(f"{repo_id}: gated repository: request access on the Hub, then use a token that "
-                                "has it (HF_TOKEN or `hf auth login`)")
+            return HubAuthError(
+                f"{repo_id}: gated repository: request access on the Hub, then use a token that "
+                "has it (HF_TOKEN or `hf auth login`)"
+            )
         if isinstance(e, hf.RepositoryNotFoundError):
-            return HubNotFoundError(f"{repo_id}: repository not found on {endpoint} (if it is private, check your "
-                                    "token: HF_TOKEN or `hf auth login`)")
+            return HubNotFoundError(
+                f"{repo_id}: repository not found on {endpoint} (if it is private, check your "
+                "token: HF_TOKEN or `hf auth login`)"
+            )
         if isinstance(e, hf.RevisionNotFoundError):
-            return HubNotFoundError(f"{repo_id}: revision {revision!r} not found (no such branch, tag or commit)")
+            return HubNotFoundError(
+                f"{repo_id}: revision {revision!r} not found (no such branch, tag or commit)"
+            )
         if isinstance(e, hf.RemoteEntryNotFoundError):
             return HubNotFoundError(f"{repo_id}{rev}: file not found{_server_says(e)}")
         if isinstance(e, hf.HfHubHTTPError) and _status(e) is not None:
             status = int(_status(e))  # type: ignore[arg-type]
             if status in (401, 403):
-                return HubAuthError(f"{repo_id}: access refused (HTTP {status}): the token is missing, invalid, or "
-                                    f"lacks permission for this repository{_server_says(e)}")
+                return HubAuthError(
+                    f"{repo_id}: access refused (HTTP {status}): the token is missing, invalid, or "
+                    f"lacks permission for this repository{_server_says(e)}"
+                )
             if status == 404:
                 return HubNotFoundError(f"{repo_id}{rev}: not found (HTTP 404){_server_says(e)}")
             if status in (408, 429) or status >= 500:
@@ -238,8 +273,10 @@ def map_error(exc: BaseException, *, repo_id: str, revision: str | None, endpoin
                 return UsageError(f"{repo_id}: conflict (HTTP 409){_server_says(e)}")
             return HubError(f"{repo_id}: the hub refused the request (HTTP {status}){_server_says(e)}")
         if isinstance(e, (httpx2.TransportError, ConnectionError, TimeoutError)):
-            return HubNetworkError(f"cannot reach {endpoint} ({e.__class__.__name__}); check the network, "
-                                   "HF_ENDPOINT and proxies")
+            return HubNetworkError(
+                f"cannot reach {endpoint} ({e.__class__.__name__}); check the network, "
+                "HF_ENDPOINT and proxies"
+            )
         if isinstance(e, hf.HFValidationError):
             return UsageError(f"{repo_id}: {' '.join(str(e).split())[:200]}")
         if isinstance(e, hf.LocalEntryNotFoundError):
@@ -247,5 +284,7 @@ def map_error(exc: BaseException, *, repo_id: str, revision: str | None, endpoin
     if isinstance(exc, hf.LocalEntryNotFoundError):
         return HubNetworkError(f"cannot reach {endpoint} and {repo_id}{rev} is not cached")
     if isinstance(exc, ValueError) and "Invalid metadata in README.md" in str(exc):
-        return HubError(f"{repo_id}: the hub rejected the model card metadata: {' '.join(str(exc).split())[:200]}")
+        return HubError(
+            f"{repo_id}: the hub rejected the model card metadata: {' '.join(str(exc).split())[:200]}"
+        )
     return None

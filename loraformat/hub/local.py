@@ -87,8 +87,9 @@ def canonical_json(obj: Any) -> bytes:
     return json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
 
 
-def copy_hashing(src: str | os.PathLike[str], dst: Path, progress: Progress | None = None, *,
-                 sync: bool = True) -> FileEntry:
+def copy_hashing(
+    src: str | os.PathLike[str], dst: Path, progress: Progress | None = None, *, sync: bool = True
+) -> FileEntry:
     """Copy src to dst and return its sha256 and size from the same single read; ``sync`` fsyncs dst (callers
     that fsync a whole staging tree later pass False)."""
     digest, size = hashlib.sha256(), 0
@@ -116,7 +117,9 @@ class LocalHub:
         marker = self.root / MARKER
         if not marker.exists():
             if not create:
-                raise HubNotFoundError("no loraformat hub here (push to it first, or check --hub)", path=self.root)
+                raise HubNotFoundError(
+                    "no loraformat hub here (push to it first, or check --hub)", path=self.root
+                )
             self._initialise()
         else:
             self._check_marker(marker)
@@ -128,7 +131,9 @@ class LocalHub:
     def _initialise(self) -> None:
         root = self.root
         if root.exists() and (not root.is_dir() or any(p.name != MARKER for p in root.iterdir())):
-            raise UsageError("exists and is not a loraformat hub (expected an empty or new directory)", path=root)
+            raise UsageError(
+                "exists and is not a loraformat hub (expected an empty or new directory)", path=root
+            )
         try:
             root.mkdir(parents=True, exist_ok=True)
             for sub in ("objects", "repos", "tmp"):
@@ -147,8 +152,11 @@ class LocalHub:
         if not isinstance(doc, dict) or doc.get("format") != HUB_FORMAT:
             raise UsageError("is not a loraformat hub marker", path=marker)
         if not isinstance(doc.get("version"), int) or doc["version"] > HUB_VERSION:
-            raise UsageError(f"hub format version {doc.get('version')!r} is newer than this loraformat "
-                             f"understands ({HUB_VERSION})", path=marker)
+            raise UsageError(
+                f"hub format version {doc.get('version')!r} is newer than this loraformat "
+                f"understands ({HUB_VERSION})",
+                path=marker,
+            )
 
     def repo_dir(self, repo_id: str) -> Path:
         org, name = check_repo_id(repo_id).split("/")
@@ -181,7 +189,9 @@ class LocalHub:
         except FileNotFoundError:
             return {"branches": {}, "tags": {}}
         except (OSError, ValueError) as exc:
-            raise VerificationError(f"unreadable refs ({exc.__class__.__name__})", path=d / "refs.json") from None
+            raise VerificationError(
+                f"unreadable refs ({exc.__class__.__name__})", path=d / "refs.json"
+            ) from None
         return {"branches": dict(doc.get("branches") or {}), "tags": dict(doc.get("tags") or {})}
 
     def resolve(self, repo_id: str, revision: str | None = None) -> str:
@@ -212,23 +222,37 @@ class LocalHub:
         except FileNotFoundError:
             raise HubNotFoundError(f"revision {commit} not found in {repo_id}") from None
         if hashlib.sha256(data).hexdigest() != commit:
-            raise VerificationError("revision manifest does not hash to its commit id (corrupted hub)", path=path)
+            raise VerificationError(
+                "revision manifest does not hash to its commit id (corrupted hub)", path=path
+            )
         try:
             doc = json.loads(data)
-            files = {safe_relpath(name, repo=repo_id): FileEntry(str(e["sha256"]), int(e["size"]))
-                     for name, e in doc["files"].items()}
+            files = {
+                safe_relpath(name, repo=repo_id): FileEntry(str(e["sha256"]), int(e["size"]))
+                for name, e in doc["files"].items()
+            }
         except (ValueError, KeyError, TypeError, AttributeError) as exc:
-            raise VerificationError(f"malformed revision manifest ({exc.__class__.__name__})", path=path) from None
+            raise VerificationError(
+                f"malformed revision manifest ({exc.__class__.__name__})", path=path
+            ) from None
         if doc.get("format") != REVISION_FORMAT:
             raise VerificationError("not a loraformat hub revision manifest", path=path)
-        return Revision(commit, doc.get("repo", repo_id), files, list(doc.get("parents") or []),
-                        str(doc.get("message", "")), str(doc.get("created", "")), doc)
+        return Revision(
+            commit,
+            doc.get("repo", repo_id),
+            files,
+            list(doc.get("parents") or []),
+            str(doc.get("message", "")),
+            str(doc.get("created", "")),
+            doc,
+        )
 
     def files(self, repo_id: str, commit: str) -> dict[str, FileEntry]:
         return self.revision(repo_id, commit).files
 
-    def download(self, repo_id: str, commit: str, names: list[str], dest: Path,
-                 progress: Progress | None = None) -> None:
+    def download(
+        self, repo_id: str, commit: str, names: list[str], dest: Path, progress: Progress | None = None
+    ) -> None:
         """Copy the objects of ``names`` into dest, checking each sha256 and size against the manifest (dest is
         a staging directory its caller verifies and fsyncs)."""
         files = self.files(repo_id, commit)
@@ -236,14 +260,18 @@ class LocalHub:
             entry = files[name]
             src = self.object_path(entry.sha256)
             if not src.exists():
-                raise VerificationError(f"{repo_id}@{commit[:12]}: object of {name} is missing (corrupted hub)",
-                                        path=src)
+                raise VerificationError(
+                    f"{repo_id}@{commit[:12]}: object of {name} is missing (corrupted hub)", path=src
+                )
             target = dest / safe_relpath(name, repo=repo_id)
             target.parent.mkdir(parents=True, exist_ok=True)
             got = copy_hashing(src, target, progress, sync=False)
             if got != entry:
-                raise VerificationError(f"{name}: sha256 {got.sha256[:16]}… / {got.size} bytes differ from the "
-                                        f"manifest ({entry.sha256[:16]}… / {entry.size} bytes)", path=src)
+                raise VerificationError(
+                    f"{name}: sha256 {got.sha256[:16]}… / {got.size} bytes differ from the "
+                    f"manifest ({entry.sha256[:16]}… / {entry.size} bytes)",
+                    path=src,
+                )
 
     def list_repos(self) -> list[RepoListing]:
         out = []
@@ -260,9 +288,18 @@ class LocalHub:
         return out
 
     # -- publishing ----------------------------------------------------------------------------------------------
-    def publish(self, repo_id: str, sources: Mapping[str, str | os.PathLike[str] | bytes], *,
-                branch: str | None = None, tag: str | None = None, message: str = "", description: str = "",
-                private: bool = False, progress: Progress | None = None) -> tuple[str, bool]:
+    def publish(
+        self,
+        repo_id: str,
+        sources: Mapping[str, str | os.PathLike[str] | bytes],
+        *,
+        branch: str | None = None,
+        tag: str | None = None,
+        message: str = "",
+        description: str = "",
+        private: bool = False,
+        progress: Progress | None = None,
+    ) -> tuple[str, bool]:
         """Publish ``sources`` ({file name: path or bytes}) as a new revision on ``branch``; returns (commit,
         created). Nothing is published when the branch head already holds exactly these files (as the Hugging
         Face Hub skips an empty commit): the branch (and tag) then point at the existing head."""
@@ -277,15 +314,23 @@ class LocalHub:
             for entry, staged in entries.values():
                 self._store_object(entry, staged)
             with self.lock():
-                return self._commit(repo_id, {n: e for n, (e, _) in entries.items()}, branch=branch, tag=tag,
-                                    message=message, description=description, private=private)
+                return self._commit(
+                    repo_id,
+                    {n: e for n, (e, _) in entries.items()},
+                    branch=branch,
+                    tag=tag,
+                    message=message,
+                    description=description,
+                    private=private,
+                )
         except OSError as exc:
             raise write_error(exc, self.root) from None
         finally:
             shutil.rmtree(stage, ignore_errors=True)
 
-    def _stage(self, sources: Mapping[str, str | os.PathLike[str] | bytes], stage: Path,
-               progress: Progress | None) -> dict[str, tuple[FileEntry, Path]]:
+    def _stage(
+        self, sources: Mapping[str, str | os.PathLike[str] | bytes], stage: Path, progress: Progress | None
+    ) -> dict[str, tuple[FileEntry, Path]]:
         entries = {}
         for i, (name, src) in enumerate(sorted(sources.items())):
             safe_relpath(name)
@@ -310,8 +355,17 @@ class LocalHub:
         os.replace(staged, final)
         fsync_dir(final.parent)
 
-    def _commit(self, repo_id: str, files: dict[str, FileEntry], *, branch: str, tag: str | None, message: str,
-                description: str, private: bool) -> tuple[str, bool]:
+    def _commit(
+        self,
+        repo_id: str,
+        files: dict[str, FileEntry],
+        *,
+        branch: str,
+        tag: str | None,
+        message: str,
+        description: str,
+        private: bool,
+    ) -> tuple[str, bool]:
         d = self.repo_dir(repo_id)
         if not (d / "repo.json").exists():
             (d / "revisions").mkdir(parents=True, exist_ok=True)
@@ -319,16 +373,23 @@ class LocalHub:
                 f.write(canonical_json({"id": repo_id, "created": now_iso(), "private": private}) + b"\n")
         refs = self.refs(repo_id)
         if tag is not None and tag in refs["tags"]:
-            raise UsageError(f"tag {tag!r} already exists in {repo_id} (at {refs['tags'][tag][:12]}); "
-                             "tags are immutable: choose another name")
+            raise UsageError(
+                f"tag {tag!r} already exists in {repo_id} (at {refs['tags'][tag][:12]}); "
+                "tags are immutable: choose another name"
+            )
         head = refs["branches"].get(branch) or refs["branches"].get(DEFAULT_BRANCH)
         if head is not None and self.revision(repo_id, head).files == files:
             commit, created = head, False
         else:
             manifest = {
-                "format": REVISION_FORMAT, "version": HUB_VERSION, "repo": repo_id,
-                "parents": [head] if head else [], "message": message, "description": description,
-                "created": now_iso(), "created_by": {"tool": "loraformat", "version": __version__},
+                "format": REVISION_FORMAT,
+                "version": HUB_VERSION,
+                "repo": repo_id,
+                "parents": [head] if head else [],
+                "message": message,
+                "description": description,
+                "created": now_iso(),
+                "created_by": {"tool": "loraformat", "version": __version__},
                 "files": {n: {"sha256": e.sha256, "size": e.size} for n, e in sorted(files.items())},
             }
             data = canonical_json(manifest)
@@ -367,7 +428,9 @@ def check_consistency(root: str | os.PathLike[str]) -> list[str]:
             for name, entry in rev.files.items():
                 obj = hub.object_path(entry.sha256)
                 if not obj.exists() or obj.stat().st_size != entry.size:
-                    problems.append(f"{listing.repo_id}@{rev.commit[:12]}: object of {name} missing or truncated")
+                    problems.append(
+                        f"{listing.repo_id}@{rev.commit[:12]}: object of {name} missing or truncated"
+                    )
                 elif hashlib.sha256(obj.read_bytes()).hexdigest() != entry.sha256:
                     problems.append(f"{listing.repo_id}@{rev.commit[:12]}: object of {name} is corrupt")
     return problems

@@ -86,7 +86,7 @@ def select_hub(hub: str | os.PathLike[str] | HubSpec | None = None) -> HubSpec:
     if text.startswith(("http://", "https://")):
         return HubSpec("hf", endpoint=text.rstrip("/"))
     if text.startswith(FILE_SCHEME):
-        text = text[len(FILE_SCHEME):]
+        text = text[len(FILE_SCHEME) :]
         if not text:
             raise UsageError("file:// needs a path, e.g. file:///srv/lora-hub")
     return HubSpec("local", path=Path(text).expanduser().absolute())
@@ -103,8 +103,11 @@ def check_repo_id(repo_id: str) -> str:
 def check_ref_name(name: str, what: str = "revision") -> str:
     """Branch and tag names: no '..', no empty or dot-leading segments, nothing that escapes a directory."""
     segments = name.split("/") if isinstance(name, str) else [""]
-    if (not _REF.match(name or "") or any(not s or s.startswith(".") for s in segments)
-            or name.endswith(".lock")):
+    if (
+        not _REF.match(name or "")
+        or any(not s or s.startswith(".") for s in segments)
+        or name.endswith(".lock")
+    ):
         raise UsageError(f"{what} {name!r} is not a valid branch or tag name")
     return name
 
@@ -116,9 +119,9 @@ def is_hub_ref(arg: str) -> bool:
 def parse_hub_ref(arg: str) -> HubRef:
     """Parse ``hf://org/name@rev`` or ``lfhub://[HUBPATH/]org/name@rev`` (see the module docstring)."""
     if arg.startswith(HF_SCHEME):
-        body, hub = arg[len(HF_SCHEME):], HubSpec("hf")
+        body, hub = arg[len(HF_SCHEME) :], HubSpec("hf")
     elif arg.startswith(LOCAL_SCHEME):
-        body, hub = arg[len(LOCAL_SCHEME):], None
+        body, hub = arg[len(LOCAL_SCHEME) :], None
     else:
         raise UsageError(f"{arg!r} is not a hub reference (hf://ORG/NAME[@REV] or lfhub://ORG/NAME[@REV])")
     path_part, at, revision = body.partition("@")
@@ -137,7 +140,9 @@ def parse_hub_ref(arg: str) -> HubRef:
                 raise UsageError(f"{arg!r}: lfhub:// names a local hub directory")
         else:
             if not os.environ.get(ENV_HUB, "").strip():
-                raise UsageError(f"{arg!r}: lfhub://ORG/NAME needs {ENV_HUB} (or write lfhub:///HUB/PATH/ORG/NAME)")
+                raise UsageError(
+                    f"{arg!r}: lfhub://ORG/NAME needs {ENV_HUB} (or write lfhub:///HUB/PATH/ORG/NAME)"
+                )
             hub = select_hub(os.environ[ENV_HUB])
     check_repo_id(path_part)
     if revision:
@@ -149,13 +154,21 @@ def safe_relpath(name: str, *, repo: str = "") -> str:
     """A remote file name that stays inside the output directory, or VerificationError: no absolute paths, no
     '..' segments, no backslashes or NUL bytes (a hostile hub must not write outside DIR)."""
     where = f"{repo}: " if repo else ""
-    bad = (not isinstance(name, str) or not name or "\\" in name or "\x00" in name or name.startswith("/")
-           or re.match(r"^[A-Za-z]:", name) is not None)
+    bad = (
+        not isinstance(name, str)
+        or not name
+        or "\\" in name
+        or "\x00" in name
+        or name.startswith("/")
+        or re.match(r"^[A-Za-z]:", name) is not None
+    )
     if not bad:
         parts = name.split("/")
         bad = any(p in ("", ".", "..") for p in parts) or posixpath.normpath(name) != name
     if bad:
-        raise VerificationError(f"{where}remote file name {name!r} would escape the output directory; refusing")
+        raise VerificationError(
+            f"{where}remote file name {name!r} would escape the output directory; refusing"
+        )
     return name
 
 

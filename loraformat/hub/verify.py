@@ -53,15 +53,18 @@ def verify_download(dest: Path, expected: Mapping[str, Expected], *, where: str)
         except FileNotFoundError:
             raise VerificationError(f"{where}: {name} is missing after the download") from None
         if size != want.size:
-            raise VerificationError(f"{where}: {name} has {size} bytes, the hub records {want.size} (truncated or "
-                                    "altered in transit)")
+            raise VerificationError(
+                f"{where}: {name} has {size} bytes, the hub records {want.size} (truncated or "
+                "altered in transit)"
+            )
         total += size
     weights = dest / WEIGHTS_FILE
     try:
         header = read_header(weights)
     except LoraformatError as exc:
-        raise VerificationError(f"{where}: downloaded {WEIGHTS_FILE} is not a valid safetensors file "
-                                f"({exc.message})") from None
+        raise VerificationError(
+            f"{where}: downloaded {WEIGHTS_FILE} is not a valid safetensors file ({exc.message})"
+        ) from None
     jobs = {"data": (weights, header.data_start, b"", "sha256")}
     for name, want in expected.items():
         path = dest / name
@@ -70,15 +73,19 @@ def verify_download(dest: Path, expected: Mapping[str, Expected], *, where: str)
         elif want.git_oid:
             jobs[f"git:{name}"] = (path, 0, f"blob {want.size}\0".encode(), "sha1")
     with ThreadPoolExecutor(max_workers=min(4, len(jobs))) as pool:
-        futures = {key: pool.submit(file_digest, path, start, prefix=prefix, algo=algo)
-                   for key, (path, start, prefix, algo) in jobs.items()}
+        futures = {
+            key: pool.submit(file_digest, path, start, prefix=prefix, algo=algo)
+            for key, (path, start, prefix, algo) in jobs.items()
+        }
         digests = {key: f.result() for key, f in futures.items()}
     for name, want in expected.items():
         got = digests.get(f"sha256:{name}") or digests.get(f"git:{name}")
         recorded = want.sha256 or want.git_oid
         if recorded and got != recorded:
-            raise VerificationError(f"{where}: {name} hashes to {got[:16]}…, the hub records {recorded[:16]}… "
-                                    "(corrupted in transit or on the hub)")
+            raise VerificationError(
+                f"{where}: {name} hashes to {got[:16]}…, the hub records {recorded[:16]}… "
+                "(corrupted in transit or on the hub)"
+            )
     try:
         adapter = open_adapter(dest, check=True)
     except LoraformatError as exc:
@@ -87,8 +94,10 @@ def verify_download(dest: Path, expected: Mapping[str, Expected], *, where: str)
         native = adapter.source_format == "loraformat"
         recorded = adapter.meta.content_hash if native else None
     if recorded is not None and digests["data"] != recorded:
-        raise VerificationError(f"{where}: tensor data hashes to {digests['data'][:16]}…, the adapter records "
-                                f"{recorded[:16]}… (the tensors were altered)")
+        raise VerificationError(
+            f"{where}: tensor data hashes to {digests['data'][:16]}…, the adapter records "
+            f"{recorded[:16]}… (the tensors were altered)"
+        )
     return Verified(total, recorded, native)
 
 

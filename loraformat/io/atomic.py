@@ -19,10 +19,15 @@ from typing import BinaryIO
 
 from loraformat.errors import OutputExistsError, WriteError
 
-_WRITE_ERRNOS = {errno.ENOSPC: "no space left on device", errno.EFBIG: "file too large (size limit reached)",
-                 errno.EDQUOT: "disk quota exceeded", errno.EROFS: "read-only file system",
-                 errno.EACCES: "permission denied", errno.EPERM: "operation not permitted",
-                 errno.EIO: "I/O error"}
+_WRITE_ERRNOS = {
+    errno.ENOSPC: "no space left on device",
+    errno.EFBIG: "file too large (size limit reached)",
+    errno.EDQUOT: "disk quota exceeded",
+    errno.EROFS: "read-only file system",
+    errno.EACCES: "permission denied",
+    errno.EPERM: "operation not permitted",
+    errno.EIO: "I/O error",
+}
 
 
 def temp_name(final: Path) -> Path:

@@ -47,7 +47,9 @@ def open_checkpoint(path: str | os.PathLike[str]) -> Checkpoint:
     if p.is_file():
         if p.suffix != ".safetensors":
             if p.suffix in (".bin", ".pt", ".pth", ".ckpt"):
-                raise PickleRefusedError("base is a pickle checkpoint; convert it to safetensors first", path=p)
+                raise PickleRefusedError(
+                    "base is a pickle checkpoint; convert it to safetensors first", path=p
+                )
             raise InputNotFoundError("is not a .safetensors file or a model directory", path=p)
         root, files = p.parent, [p]
     elif (p / INDEX_NAME).exists():
@@ -57,12 +59,15 @@ def open_checkpoint(path: str | os.PathLike[str]) -> Checkpoint:
             weight_map = index["weight_map"]
             assert isinstance(weight_map, dict)
         except (ValueError, KeyError, AssertionError, TypeError):
-            raise HeaderError("is not a valid safetensors index (needs a weight_map object)",
-                              path=p / INDEX_NAME) from None
+            raise HeaderError(
+                "is not a valid safetensors index (needs a weight_map object)", path=p / INDEX_NAME
+            ) from None
         names = sorted(set(weight_map.values()))
         for n in names:
             if not isinstance(n, str) or "/" in n or "\\" in n or n.startswith("."):
-                raise HeaderError(f"weight_map names a shard {n!r} outside the directory", path=p / INDEX_NAME)
+                raise HeaderError(
+                    f"weight_map names a shard {n!r} outside the directory", path=p / INDEX_NAME
+                )
         files = [p / n for n in names]
     elif (p / SINGLE_NAME).exists():
         root, files = p, [p / SINGLE_NAME]
@@ -86,7 +91,9 @@ def open_checkpoint(path: str | os.PathLike[str]) -> Checkpoint:
         for name, shard_name in index["weight_map"].items():
             loc = locations.get(name)
             if loc is None or Path(loc[0].path).name != shard_name:
-                raise HeaderError(f"weight_map says {name!r} is in {shard_name} but it is not", path=p / INDEX_NAME)
+                raise HeaderError(
+                    f"weight_map says {name!r} is in {shard_name} but it is not", path=p / INDEX_NAME
+                )
     aux: list[Path] = []
     if p.is_dir():
         weight_files = {f.name for f in files} | {INDEX_NAME}

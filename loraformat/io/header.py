@@ -19,11 +19,28 @@ MAX_HEADER_BYTES = 100_000_000
 
 #: bits per element of every dtype the safetensors format knows
 DTYPE_BITS: dict[str, int] = {
-    "BOOL": 8, "U8": 8, "I8": 8, "F8_E5M2": 8, "F8_E4M3": 8, "F8_E8M0": 8, "F8_E4M3FNUZ": 8, "F8_E5M2FNUZ": 8,
-    "F4": 4, "F6_E2M3": 6, "F6_E3M2": 6,
-    "I16": 16, "U16": 16, "F16": 16, "BF16": 16,
-    "I32": 32, "U32": 32, "F32": 32,
-    "C64": 64, "F64": 64, "I64": 64, "U64": 64,
+    "BOOL": 8,
+    "U8": 8,
+    "I8": 8,
+    "F8_E5M2": 8,
+    "F8_E4M3": 8,
+    "F8_E8M0": 8,
+    "F8_E4M3FNUZ": 8,
+    "F8_E5M2FNUZ": 8,
+    "F4": 4,
+    "F6_E2M3": 6,
+    "F6_E3M2": 6,
+    "I16": 16,
+    "U16": 16,
+    "F16": 16,
+    "BF16": 16,
+    "I32": 32,
+    "U32": 32,
+    "F32": 32,
+    "C64": 64,
+    "F64": 64,
+    "I64": 64,
+    "U64": 64,
 }
 #: dtypes loraformat can do floating-point math on
 FLOAT_DTYPES = frozenset({"F16", "BF16", "F32", "F64"})
@@ -133,7 +150,9 @@ def parse_header_bytes(raw_json: bytes, *, path: str, file_size: int) -> Safeten
         expected = end
     if expected != buffer_size:
         raise _fail(path, f"data buffer is {buffer_size} bytes but the tensors cover {expected}")
-    return SafetensorsHeader(path=path, file_size=file_size, header_size=n, tensors=tensors, metadata=metadata)
+    return SafetensorsHeader(
+        path=path, file_size=file_size, header_size=n, tensors=tensors, metadata=metadata
+    )
 
 
 def read_header(path: str | os.PathLike[str]) -> SafetensorsHeader:

@@ -82,8 +82,9 @@ def write_native(
     return content_hash
 
 
-def _check_before_write(path: str | os.PathLike[str], meta: AdapterMetadata,
-                        shapes: Mapping[str, tuple[str, tuple[int, ...]]]) -> None:
+def _check_before_write(
+    path: str | os.PathLike[str], meta: AdapterMetadata, shapes: Mapping[str, tuple[str, tuple[int, ...]]]
+) -> None:
     from loraformat.adapter import Adapter
     from loraformat.io.header import TensorInfo
     from loraformat.io.tensors import TensorSource
@@ -98,7 +99,9 @@ def _check_before_write(path: str | os.PathLike[str], meta: AdapterMetadata,
         raise AdapterError(f"refusing to write an inconsistent adapter: {where}: {message}{more}", path=path)
 
 
-def file_digest(path: str | os.PathLike[str], start: int = 0, *, prefix: bytes = b"", algo: str = "sha256") -> str:
+def file_digest(
+    path: str | os.PathLike[str], start: int = 0, *, prefix: bytes = b"", algo: str = "sha256"
+) -> str:
     """Hex digest of ``prefix`` + the file's bytes from ``start`` to EOF, read in 4 MiB chunks."""
     digest = hashlib.new(algo)
     digest.update(prefix)

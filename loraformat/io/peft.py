@@ -80,7 +80,7 @@ def split_tensor_keys(keys: list[str], *, path: str) -> tuple[dict[str, dict[str
     for key in keys:
         if not key.startswith(spec.PEFT_PREFIX):
             continue
-        rest = key[len(spec.PEFT_PREFIX):]
+        rest = key[len(spec.PEFT_PREFIX) :]
         for suffix, role in _SUFFIXES.items():
             if rest.endswith(suffix) and len(rest) > len(suffix):
                 modules.setdefault(rest[: -len(suffix)], {})[role] = key
@@ -219,8 +219,9 @@ def peft_config_from_metadata(meta: AdapterMetadata) -> dict[str, Any]:
     r = _default(Counter(m.rank for m in meta.modules.values()))
     alpha = _default(Counter(m.alpha for m in meta.modules.values()))
     rank_pattern = {_anchored(n, names): meta.modules[n].rank for n in names if meta.modules[n].rank != r}
-    alpha_pattern = {_anchored(n, names): _num(meta.modules[n].alpha) for n in names
-                     if meta.modules[n].alpha != alpha}
+    alpha_pattern = {
+        _anchored(n, names): _num(meta.modules[n].alpha) for n in names if meta.modules[n].alpha != alpha
+    }
     config: dict[str, Any] = {
         "peft_type": "LORA",
         "task_type": meta.task if meta.task in PEFT_TASKS else None,
@@ -248,7 +249,9 @@ def peft_config_from_metadata(meta: AdapterMetadata) -> dict[str, Any]:
 
 
 #: PEFT TaskType values (a loraformat task outside these is free text and not passed to PEFT)
-PEFT_TASKS = frozenset({"CAUSAL_LM", "SEQ_CLS", "SEQ_2_SEQ_LM", "TOKEN_CLS", "QUESTION_ANS", "FEATURE_EXTRACTION"})
+PEFT_TASKS = frozenset(
+    {"CAUSAL_LM", "SEQ_CLS", "SEQ_2_SEQ_LM", "TOKEN_CLS", "QUESTION_ANS", "FEATURE_EXTRACTION"}
+)
 _PEFT_TASKS = PEFT_TASKS  # backwards-compatible alias
 
 

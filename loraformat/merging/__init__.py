@@ -128,8 +128,9 @@ def _check_space(plan: Plan, out: Path) -> None:
     except OSError:
         return
     if need > free:
-        raise WriteError(f"needs {need / 1e9:.2f} GB but only {free / 1e9:.2f} GB is free; nothing was written",
-                         path=out)
+        raise WriteError(
+            f"needs {need / 1e9:.2f} GB but only {free / 1e9:.2f} GB is free; nothing was written", path=out
+        )
 
 
 def _write_extras(plan: Plan, tmp: Path) -> int:
@@ -227,15 +228,26 @@ def merge(
         device=dev,
         backend=engine_backend,
         dtype=dtype,
-        adapters=[{"path": a.path, "name": a.meta.name, "weight": w, "modules": len(a.meta.modules),
-                   "content_hash": a.meta.content_hash, "source_format": a.source_format}
-                  for a, w in zip(opened, ws, strict=True)],
+        adapters=[
+            {
+                "path": a.path,
+                "name": a.meta.name,
+                "weight": w,
+                "modules": len(a.meta.modules),
+                "content_hash": a.meta.content_hash,
+                "source_format": a.source_format,
+            }
+            for a, w in zip(opened, ws, strict=True)
+        ],
         shards=[s.name for s in plan.shards],
         tensors=len(plan.tasks),
         tensors_merged=sum(1 for t in plan.tasks if t.terms),
         tensors_replaced=sum(1 for t in plan.tasks if t.replacement is not None),
-        tensors_converted=sum(1 for t, a in zip(plan.tasks, actions, strict=True)
-                              if a == "compute" and not t.terms and t.replacement is None),
+        tensors_converted=sum(
+            1
+            for t, a in zip(plan.tasks, actions, strict=True)
+            if a == "compute" and not t.terms and t.replacement is None
+        ),
         tensors_copied=sum(1 for a in actions if a in ("copy", "copy-replacement")),
         bytes_read=stats.bytes_read,
         bytes_written=stats.bytes_written,
@@ -248,8 +260,9 @@ def merge(
             "tensors": stats.tensors_verified,
             "bytes_hashed": stats.bytes_hashed,
             "adapters_without_digests": plan.unverified_adapters,
-            "structure_hash_checked": [lbl for lbl, m in zip(plan.labels, plan.metas, strict=True)
-                                       if m.base_model.structure_hash],
+            "structure_hash_checked": [
+                lbl for lbl, m in zip(plan.labels, plan.metas, strict=True) if m.base_model.structure_hash
+            ],
         },
         warnings=notes,
     )

@@ -98,8 +98,15 @@ def _source(task: TensorTask) -> tuple[str, int] | None:
 
 
 class Pipeline:
-    def __init__(self, plan: Plan, out_dir: Path, out: Path, device: str,
-                 progress: Progress | None = None, backend: str = "torch") -> None:
+    def __init__(
+        self,
+        plan: Plan,
+        out_dir: Path,
+        out: Path,
+        device: str,
+        progress: Progress | None = None,
+        backend: str = "torch",
+    ) -> None:
         self.plan, self.out_dir, self.out, self.device = plan, out_dir, out, device
         self.backend = backend  # "numpy" (CPU only) or "torch", from choose_backend
         self.progress = progress or (lambda nbytes, tensors: None)
@@ -123,8 +130,10 @@ class Pipeline:
     def run(self) -> Stats:
         plan = self.plan
         try:
-            paths = sorted({s.path for s in plan.ck.shards}
-                           | {t.replacement_bytes.path for t in plan.tasks if t.replacement_bytes is not None})
+            paths = sorted(
+                {s.path for s in plan.ck.shards}
+                | {t.replacement_bytes.path for t in plan.tasks if t.replacement_bytes is not None}
+            )
             self.sources = Sources(paths, mapped=True)
             self.outputs = Outputs(self.out_dir, self.out, [(s.name, s.header, s.size) for s in plan.shards])
             self._count(bytes_written=sum(len(s.header) for s in plan.shards))
@@ -201,17 +210,22 @@ class Pipeline:
                     digest.update(view)
                 finally:
                     view.release()
-                self.sources.drop(base.path, base.start + pos, n)  # the merge faults them in again when it reads
+                self.sources.drop(
+                    base.path, base.start + pos, n
+                )  # the merge faults them in again when it reads
             actual = digest.hexdigest()
             for expected, label in task.digests:
                 if expected != actual:
                     raise HashMismatchError(
                         f"base tensor {task.name!r} differs from the digest recorded by adapter {label}: the base "
                         "changed after the adapter was stamped, or it is another base (--no-verify skips this "
-                        "check)", path=base.path)
+                        "check)",
+                        path=base.path,
+                    )
             read_elsewhere = task.action == "compute" and task.replacement is None or task.action == "copy"
-            self._count(tensors_verified=1, bytes_hashed=base.nbytes,
-                        bytes_read=0 if read_elsewhere else base.nbytes)
+            self._count(
+                tensors_verified=1, bytes_hashed=base.nbytes, bytes_read=0 if read_elsewhere else base.nbytes
+            )
 
     # -- prefetcher -----------------------------------------------------------------------------------------
     def _prefetcher(self) -> None:
@@ -241,8 +255,15 @@ class Pipeline:
             for pos in range(0, run.nbytes, COPY_PIECE):  # in pieces, so that an interrupt is seen quickly
                 self._check_abort()
                 n = min(COPY_PIECE, run.nbytes - pos)
-                scratch = self.outputs.copy(self.sources.fds[run.src], run.src, run.shard, run.src_offset + pos,
-                                            run.dst_offset + pos, n, scratch)
+                scratch = self.outputs.copy(
+                    self.sources.fds[run.src],
+                    run.src,
+                    run.shard,
+                    run.src_offset + pos,
+                    run.dst_offset + pos,
+                    n,
+                    scratch,
+                )
                 self._count(bytes_read=n, bytes_written=n)
                 self.progress(n, 0)
         self.progress(0, len(self.plan.tasks) - len(self.compute))
@@ -276,9 +297,18 @@ class Pipeline:
                 continue
             assert ts.a_key is not None
             mag = adapter.tensor(ts.magnitude_key) if ts.magnitude_key else None
-            terms.append(delta.lora_term(adapter.tensor(ts.a_key), adapter.tensor(ts.b_key), ts.scale, ts.kind,
-                                         fan_in_fan_out=ts.fan_in_fan_out, magnitude=mag, dtype=cd,
-                                         device=device))
+            terms.append(
+                delta.lora_term(
+                    adapter.tensor(ts.a_key),
+                    adapter.tensor(ts.b_key),
+                    ts.scale,
+                    ts.kind,
+                    fan_in_fan_out=ts.fan_in_fan_out,
+                    magnitude=mag,
+                    dtype=cd,
+                    device=device,
+                )
+            )
         return terms
 
     def _memory_rows(self, task: TensorTask, start: int, stop: int) -> Any:
@@ -288,8 +318,16 @@ class Pipeline:
         rows, cols = rows_cols(task.shape)
         return self.plan.adapters[i].tensor(key).reshape(rows, cols)[start:stop]
 
-    def _write_job(self, task: TensorTask, start: int, stop: int, obuf: Buffer, nbytes: int,
-                   release: list[tuple[Pool, Buffer]], event: Any = None) -> None:
+    def _write_job(
+        self,
+        task: TensorTask,
+        start: int,
+        stop: int,
+        obuf: Buffer,
+        nbytes: int,
+        release: list[tuple[Pool, Buffer]],
+        event: Any = None,
+    ) -> None:
         rows, cols = rows_cols(task.shape)
         offset = task.offset + start * cols * _itemsize(task.out_dtype)
         job = WriteJob(task.shard, offset, obuf, nbytes, release, event, tensors_done=int(stop >= rows))

@@ -116,8 +116,9 @@ def pread_into(fd: int, mem: memoryview, offset: int, path: str) -> None:
         except OSError as exc:
             raise InputNotFoundError(f"read failed: {exc.strerror}", path=path) from None
         if k == 0:
-            raise HeaderError("file is shorter than its header says (truncated or changed while merging)",
-                              path=path)
+            raise HeaderError(
+                "file is shorter than its header says (truncated or changed while merging)", path=path
+            )
         got += k
 
 
@@ -171,12 +172,13 @@ class Sources:
 
     def _check(self, path: str, start: int, n: int) -> None:
         if start + n > self.sizes[path]:
-            raise HeaderError("file is shorter than its header says (truncated or changed while merging)",
-                              path=path)
+            raise HeaderError(
+                "file is shorter than its header says (truncated or changed while merging)", path=path
+            )
 
     def view(self, path: str, start: int, n: int) -> memoryview:
         self._check(path, start, n)
-        return memoryview(self.maps[path])[start:start + n]
+        return memoryview(self.maps[path])[start : start + n]
 
     def tensor(self, path: str, start: int, n: int) -> Any:
         """A torch uint8 tensor over the mapped bytes (no copy)."""
@@ -257,8 +259,16 @@ class Outputs:
             raise write_error(exc, self.out) from None
         self._kick(shard, offset, len(mem))
 
-    def copy(self, src_fd: int, src_path: str, shard: int, src_off: int, dst_off: int, n: int,
-             scratch: bytearray | None) -> bytearray | None:
+    def copy(
+        self,
+        src_fd: int,
+        src_path: str,
+        shard: int,
+        src_off: int,
+        dst_off: int,
+        n: int,
+        scratch: bytearray | None,
+    ) -> bytearray | None:
         """Copy a byte range from an input, inside the kernel when it can; returns the scratch buffer used."""
         out_fd = self.fds[shard]
         done = 0
@@ -292,8 +302,12 @@ class Outputs:
         span = self.kick[shard]
         span[0], span[1] = min(span[0], offset), max(span[1], offset + n)
         if span[1] - span[0] >= WRITEBACK_KICK and hasattr(os, "posix_fadvise"):
-            if self.flusher is None:  # its own thread: submitting writeback blocks while the disk queue is full
-                self.flusher = threading.Thread(target=self._flush, name="loraformat-merge-flush", daemon=True)
+            if (
+                self.flusher is None
+            ):  # its own thread: submitting writeback blocks while the disk queue is full
+                self.flusher = threading.Thread(
+                    target=self._flush, name="loraformat-merge-flush", daemon=True
+                )
                 self.flusher.start()
             self.flush_q.put((self.fds[shard], span[0], span[1] - span[0]))
             span[0], span[1] = self.sizes[shard], 0

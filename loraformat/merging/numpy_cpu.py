@@ -109,12 +109,21 @@ def _terms(plan: Plan, task: TensorTask, cd: Any) -> list[Any]:
     terms = []
     for ts in task.terms:
         if ts.kind == "bias":
-            terms.append(delta_np.bias_term_np(_adapter_array(plan, ts.adapter, ts.b_key, cd), ts.scale, dtype=cd))
+            terms.append(
+                delta_np.bias_term_np(_adapter_array(plan, ts.adapter, ts.b_key, cd), ts.scale, dtype=cd)
+            )
             continue
         assert ts.a_key is not None and ts.magnitude_key is None
-        terms.append(delta_np.lora_term_np(
-            _adapter_array(plan, ts.adapter, ts.a_key, cd), _adapter_array(plan, ts.adapter, ts.b_key, cd),
-            ts.scale, ts.kind, fan_in_fan_out=ts.fan_in_fan_out, dtype=cd))
+        terms.append(
+            delta_np.lora_term_np(
+                _adapter_array(plan, ts.adapter, ts.a_key, cd),
+                _adapter_array(plan, ts.adapter, ts.b_key, cd),
+                ts.scale,
+                ts.kind,
+                fan_in_fan_out=ts.fan_in_fan_out,
+                dtype=cd,
+            )
+        )
     return terms
 
 

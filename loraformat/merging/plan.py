@@ -22,8 +22,15 @@ from loraformat.io.tensors import SafetensorsSource
 from loraformat.metadata import AdapterMetadata
 
 #: --dtype choices -> safetensors dtype (None: keep each tensor's dtype)
-DTYPES: dict[str, str | None] = {"keep": None, "bf16": "BF16", "fp16": "F16", "fp32": "F32",
-                                 "bfloat16": "BF16", "float16": "F16", "float32": "F32"}
+DTYPES: dict[str, str | None] = {
+    "keep": None,
+    "bf16": "BF16",
+    "fp16": "F16",
+    "fp32": "F32",
+    "bfloat16": "BF16",
+    "float16": "F16",
+    "float32": "F32",
+}
 #: safetensors dtype -> the name transformers writes into config.json
 _CONFIG_DTYPE = {"BF16": "bfloat16", "F16": "float16", "F32": "float32"}
 
@@ -76,8 +83,11 @@ class TensorTask:
     def whole(self) -> bool:
         """Must be merged in one block: DoRA with per-column channels (Conv1D, embedding) needs column norms
         over every row (mirrors loraformat.ops.delta.channel_axis, without importing torch)."""
-        return any(t.magnitude_key is not None and (t.kind == "embedding" or (t.kind == "linear" and t.fan_in_fan_out))
-                   for t in self.terms)
+        return any(
+            t.magnitude_key is not None
+            and (t.kind == "embedding" or (t.kind == "linear" and t.fan_in_fan_out))
+            for t in self.terms
+        )
 
     @property
     def action(self) -> str:
@@ -151,13 +161,18 @@ def check_paths(ck: Checkpoint, adapters: list[Adapter], out: Path) -> None:
     """Inputs are never written: OUT may not be an input, contain one (--overwrite would delete it), or lie
     inside an input directory."""
     out_r = out.resolve()
-    inputs = [ck.root if ck.path.is_dir() else ck.path, *(Path(s.path) for s in ck.shards),
-              *(Path(a.path) for a in adapters)]
+    inputs = [
+        ck.root if ck.path.is_dir() else ck.path,
+        *(Path(s.path) for s in ck.shards),
+        *(Path(a.path) for a in adapters),
+    ]
     for inp in inputs:
         inp = inp.resolve()
         if out_r == inp or inp.is_relative_to(out_r) or (inp.is_dir() and out_r.is_relative_to(inp)):
-            raise UsageError(f"output would overwrite, contain or sit inside the input {inp}; inputs are never "
-                             "modified", path=out)
+            raise UsageError(
+                f"output would overwrite, contain or sit inside the input {inp}; inputs are never modified",
+                path=out,
+            )
 
 
 def _base_order(ck: Checkpoint) -> list[tuple[str, TensorInfo, str]]:
@@ -168,25 +183,42 @@ def _base_order(ck: Checkpoint) -> list[tuple[str, TensorInfo, str]]:
     return order
 
 
-def _terms_for(index: int, adapter: Adapter, meta: AdapterMetadata, weight: float,
-               ck: Checkpoint) -> dict[str, list[TermSpec]]:
+def _terms_for(
+    index: int, adapter: Adapter, meta: AdapterMetadata, weight: float, ck: Checkpoint
+) -> dict[str, list[TermSpec]]:
     out: dict[str, list[TermSpec]] = {}
     for module, entry in sorted(meta.modules.items()):
         keys = adapter.keys(module)
         s = spec.scale_for(meta.scaling, entry.rank, entry.alpha) * weight
-        out.setdefault(entry.base_tensor, []).append(TermSpec(
-            adapter=index, module=module, kind=entry.kind, a_key=keys.A, b_key=keys.B, scale=s,
-            fan_in_fan_out=entry.fan_in_fan_out, magnitude_key=keys.magnitude))
+        out.setdefault(entry.base_tensor, []).append(
+            TermSpec(
+                adapter=index,
+                module=module,
+                kind=entry.kind,
+                a_key=keys.A,
+                b_key=keys.B,
+                scale=s,
+                fan_in_fan_out=entry.fan_in_fan_out,
+                magnitude_key=keys.magnitude,
+            )
+        )
         if keys.bias is not None:
-            bias_name = entry.base_tensor[: -len(".weight")] + ".bias" if entry.base_tensor.endswith(".weight") \
+            bias_name = (
+                entry.base_tensor[: -len(".weight")] + ".bias"
+                if entry.base_tensor.endswith(".weight")
                 else entry.base_tensor + ".bias"
+            )
             info = ck.info(bias_name)
             if info is None or info.shape != (entry.out_features,):
                 found = "missing" if info is None else f"{list(info.shape)}"
-                raise BaseMismatchError(f"{module}: lora_bias needs a base bias {bias_name!r} of shape "
-                                        f"[{entry.out_features}] ({found})", path=adapter.path)
-            out.setdefault(bias_name, []).append(TermSpec(
-                adapter=index, module=module, kind="bias", a_key=None, b_key=keys.bias, scale=s))
+                raise BaseMismatchError(
+                    f"{module}: lora_bias needs a base bias {bias_name!r} of shape "
+                    f"[{entry.out_features}] ({found})",
+                    path=adapter.path,
+                )
+            out.setdefault(bias_name, []).append(
+                TermSpec(adapter=index, module=module, kind="bias", a_key=None, b_key=keys.bias, scale=s)
+            )
     return out
 
 
@@ -218,21 +250,28 @@ def build_plan(
             more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
             raise BaseMismatchError(f"{where}: {message}{more}", path=adapter.path)
         if meta.dora and w != 1.0:
-            raise UsageError(f"adapter {labels[i]} uses DoRA, whose magnitude vector cannot be weighted "
-                             f"(weight {w:g}); merge it with weight 1")
+            raise UsageError(
+                f"adapter {labels[i]} uses DoRA, whose magnitude vector cannot be weighted "
+                f"(weight {w:g}); merge it with weight 1"
+            )
         metas.append(meta)
         for name, specs in _terms_for(i, adapter, meta, w, ck).items():
             terms.setdefault(name, []).extend(specs)
         for key, base_name in sorted(meta.saved_tensors.items()):
             if base_name in replacements:
                 other = replacements[base_name][0]
-                raise UsageError(f"adapters {labels[other]} and {labels[i]} both replace base tensor "
-                                 f"{base_name!r}; merge them one at a time")
+                raise UsageError(
+                    f"adapters {labels[other]} and {labels[i]} both replace base tensor "
+                    f"{base_name!r}; merge them one at a time"
+                )
             info, rep = ck.info(base_name), adapter.source.infos[key]
             assert info is not None  # base_problems checked it
             if rep.shape != info.shape:
-                raise BaseMismatchError(f"{key}: saved tensor is {list(rep.shape)} but base tensor {base_name!r} "
-                                        f"is {list(info.shape)}", path=adapter.path)
+                raise BaseMismatchError(
+                    f"{key}: saved tensor is {list(rep.shape)} but base tensor {base_name!r} "
+                    f"is {list(info.shape)}",
+                    path=adapter.path,
+                )
             replacements[base_name] = (i, key)
         recorded = meta.base_model.target_digests
         if verify:
@@ -259,40 +298,81 @@ def build_plan(
                 if dt not in FLOAT_DTYPES:
                     raise UnsupportedDtypeError(
                         f"{what} {name!r} is {dt}: cannot merge into {dt} weights (quantized or integer "
-                        "checkpoints need dequantizing first); supported: BF16, F16, F32, F64", path=path)
-        tasks.append(TensorTask(name=name, shape=info.shape, src_dtype=src_dtype, out_dtype=out,
-                                base=Bytes(path, info.start, info.nbytes, info.dtype), replacement=rep,
-                                replacement_bytes=rep_bytes, terms=task_terms, digests=digests.get(name, [])))
+                        "checkpoints need dequantizing first); supported: BF16, F16, F32, F64",
+                        path=path,
+                    )
+        tasks.append(
+            TensorTask(
+                name=name,
+                shape=info.shape,
+                src_dtype=src_dtype,
+                out_dtype=out,
+                base=Bytes(path, info.start, info.nbytes, info.dtype),
+                replacement=rep,
+                replacement_bytes=rep_bytes,
+                terms=task_terms,
+                digests=digests.get(name, []),
+            )
+        )
 
     shards, index = _layout(ck, tasks, max_shard_size, out_dtype, adapters, weights)
-    return Plan(ck=ck, adapters=adapters, metas=metas, weights=weights, labels=labels, tasks=tasks,
-                shards=shards, copy_runs=_copy_runs(tasks), index=index,
-                aux_files=list(ck.aux_files), out_dtype=out_dtype, verify=verify, unverified_adapters=unverified)
+    return Plan(
+        ck=ck,
+        adapters=adapters,
+        metas=metas,
+        weights=weights,
+        labels=labels,
+        tasks=tasks,
+        shards=shards,
+        copy_runs=_copy_runs(tasks),
+        index=index,
+        aux_files=list(ck.aux_files),
+        out_dtype=out_dtype,
+        verify=verify,
+        unverified_adapters=unverified,
+    )
 
 
 def _merge_metadata(adapters: list[Adapter], weights: list[float]) -> str:
-    return json.dumps({
-        "tool": f"loraformat {__version__}",
-        "adapters": [{"name": a.meta.name, "content_hash": a.meta.content_hash, "weight": w}
-                     for a, w in zip(adapters, weights, strict=True)],
-    }, sort_keys=True, separators=(",", ":"))
+    return json.dumps(
+        {
+            "tool": f"loraformat {__version__}",
+            "adapters": [
+                {"name": a.meta.name, "content_hash": a.meta.content_hash, "weight": w}
+                for a, w in zip(adapters, weights, strict=True)
+            ],
+        },
+        sort_keys=True,
+        separators=(",", ":"),
+    )
 
 
-def _layout(ck: Checkpoint, tasks: list[TensorTask], max_shard_size: int | str | None, out_dtype: str | None,
-            adapters: list[Adapter], weights: list[float]) -> tuple[list[OutShard], dict[str, Any] | None]:
+def _layout(
+    ck: Checkpoint,
+    tasks: list[TensorTask],
+    max_shard_size: int | str | None,
+    out_dtype: str | None,
+    adapters: list[Adapter],
+    weights: list[float],
+) -> tuple[list[OutShard], dict[str, Any] | None]:
     """Shard names and tensor placement: the base's own, or huggingface_hub's plan for --max-shard-size."""
     by_name = {t.name: t for t in tasks}
     if max_shard_size is None:
-        groups = [(Path(s.path).name, [n for n, _, p in _base_order(ck) if p == s.path], dict(s.metadata))
-                  for s in ck.shards]
+        groups = [
+            (Path(s.path).name, [n for n, _, p in _base_order(ck) if p == s.path], dict(s.metadata))
+            for s in ck.shards
+        ]
         sharded = ck.index is not None
     else:
         from huggingface_hub.serialization import split_state_dict_into_shards_factory
 
         try:
             split = split_state_dict_into_shards_factory(
-                {t.name: t for t in tasks}, get_storage_size=lambda t: t.out_nbytes,
-                filename_pattern="model{suffix}.safetensors", max_shard_size=max_shard_size)
+                {t.name: t for t in tasks},
+                get_storage_size=lambda t: t.out_nbytes,
+                filename_pattern="model{suffix}.safetensors",
+                max_shard_size=max_shard_size,
+            )
         except ValueError as exc:
             raise UsageError(f"--max-shard-size: {exc}") from None
         meta0 = dict(ck.shards[0].metadata) if ck.shards else {}
@@ -301,12 +381,16 @@ def _layout(ck: Checkpoint, tasks: list[TensorTask], max_shard_size: int | str |
     merged_from = _merge_metadata(adapters, weights)
     shards: list[OutShard] = []
     for shard_index, (fname, names, metadata) in enumerate(groups):
-        if out_dtype is not None:  # keep tensors aligned after a dtype change: wider dtypes first, as safetensors
+        if (
+            out_dtype is not None
+        ):  # keep tensors aligned after a dtype change: wider dtypes first, as safetensors
             position = {n: k for k, n in enumerate(names)}
             names = sorted(names, key=lambda n: (-DTYPE_BITS[by_name[n].out_dtype], position[n]))
         metadata[spec.FORMAT_KEY] = spec.FORMAT_VALUE
         metadata["loraformat.merge"] = merged_from
-        header, offsets = encode_header([(n, by_name[n].out_dtype, by_name[n].shape) for n in names], metadata)
+        header, offsets = encode_header(
+            [(n, by_name[n].out_dtype, by_name[n].shape) for n in names], metadata
+        )
         for n, (begin, _end) in zip(names, offsets, strict=True):
             by_name[n].shard, by_name[n].offset = shard_index, len(header) + begin
         size = len(header) + (offsets[-1][1] if offsets else 0)
@@ -315,8 +399,7 @@ def _layout(ck: Checkpoint, tasks: list[TensorTask], max_shard_size: int | str |
     if sharded:
         extra = dict((ck.index or {}).get("metadata") or {})
         extra["total_size"] = sum(t.out_nbytes for t in tasks)
-        index = {"metadata": extra,
-                 "weight_map": {n: shards[by_name[n].shard].name for n in sorted(by_name)}}
+        index = {"metadata": extra, "weight_map": {n: shards[by_name[n].shard].name for n in sorted(by_name)}}
     names_seen = [s.name for s in shards]
     if len(set(names_seen)) != len(names_seen) or INDEX_NAME in names_seen:
         raise UsageError("the output shard names collide")  # pragma: no cover - defensive
@@ -334,8 +417,13 @@ def _copy_runs(tasks: list[TensorTask]) -> list[CopyRun]:
         if src.nbytes == 0:
             continue
         last = runs[-1] if runs else None
-        if (last is not None and last.src == src.path and last.shard == t.shard
-                and last.src_offset + last.nbytes == src.start and last.dst_offset + last.nbytes == t.offset):
+        if (
+            last is not None
+            and last.src == src.path
+            and last.shard == t.shard
+            and last.src_offset + last.nbytes == src.start
+            and last.dst_offset + last.nbytes == t.offset
+        ):
             last.nbytes += src.nbytes
         else:
             runs.append(CopyRun(src.path, src.start, t.shard, t.offset, src.nbytes))

@@ -121,8 +121,9 @@ def elect_and_merge(deltas: Sequence[torch.Tensor]) -> torch.Tensor:
     return num / count.clamp_min(1.0)
 
 
-def combine_dense(method: str, terms: Sequence[Term], *, density: float, generator: torch.Generator | None = None
-                  ) -> torch.Tensor:
+def combine_dense(
+    method: str, terms: Sequence[Term], *, density: float, generator: torch.Generator | None = None
+) -> torch.Tensor:
     """The dense result of a TIES / DARE method for one module.
 
     The weights are inside the terms' coefficients, so they apply *before* the sign election: a negative
@@ -142,8 +143,14 @@ def combine_dense(method: str, terms: Sequence[Term], *, density: float, generat
     return elect_and_merge([dare_drop(dense(t), density, generator) for t in terms])
 
 
-def compose_module(method: str, terms: Sequence[Term], *, rank: RankSpec | None, density: float = 1.0,
-                   generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor, float]:
+def compose_module(
+    method: str,
+    terms: Sequence[Term],
+    *,
+    rank: RankSpec | None,
+    density: float = 1.0,
+    generator: torch.Generator | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, float]:
     """One composed module as flattened factors (A: k x n, B: m x k) with scale 1, and the energy kept.
 
     ``cat`` stacks; ``linear`` stacks and, where the stacked rank exceeds min(m, n), keeps every singular

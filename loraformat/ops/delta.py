@@ -66,7 +66,8 @@ def delta_weight(
         if all(k == 1 for k in a.shape[2:]):  # 1x1: a plain product over the channel dims
             r = a.shape[0]
             return (b.reshape(b.shape[0], r) @ a.reshape(r, a.shape[1])).reshape(
-                b.shape[0], a.shape[1], *a.shape[2:]) * scale
+                b.shape[0], a.shape[1], *a.shape[2:]
+            ) * scale
         conv = {3: F.conv1d, 4: F.conv2d, 5: F.conv3d}[a.dim()]
         return conv(a.transpose(0, 1), b).transpose(0, 1) * scale
     raise ValueError(f"unknown layer kind {kind!r}")
@@ -90,7 +91,11 @@ def _norm_except(x: torch.Tensor, axis: int) -> torch.Tensor:
 
 
 def dora_weight(
-    weight: torch.Tensor, delta: torch.Tensor, magnitude: torch.Tensor, axis: int, *,
+    weight: torch.Tensor,
+    delta: torch.Tensor,
+    magnitude: torch.Tensor,
+    axis: int,
+    *,
     norm_base: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """DoRA: W' = m / ||W0 + dW|| * (W + dW), one norm per output channel along ``axis``.
@@ -117,8 +122,9 @@ class AdapterDelta:
     magnitude: torch.Tensor | None = None  # DoRA
 
 
-def merge_weight(weight: torch.Tensor, deltas: Sequence[AdapterDelta],
-                 out_dtype: torch.dtype | None = None) -> torch.Tensor:
+def merge_weight(
+    weight: torch.Tensor, deltas: Sequence[AdapterDelta], out_dtype: torch.dtype | None = None
+) -> torch.Tensor:
     """W' for a whole tensor: deltas applied in turn (PEFT's order), computed in fp32/fp64, rounded once."""
     out_dtype = out_dtype or weight.dtype
     cd = compute_dtype(weight.dtype, out_dtype)
@@ -202,10 +208,17 @@ def lora_term(
     )
 
 
-def bias_term(bias_B: torch.Tensor, scale: float, *, dtype: torch.dtype = torch.float32,
-              device: torch.device | str | None = None) -> LoraTerm:
+def bias_term(
+    bias_B: torch.Tensor,
+    scale: float,
+    *,
+    dtype: torch.dtype = torch.float32,
+    device: torch.device | str | None = None,
+) -> LoraTerm:
     """A lora_bias contribution to a base bias of shape (out,)."""
-    return LoraTerm(L=bias_B.reshape(-1).to(device=device, dtype=dtype).contiguous(), R=None, scale=float(scale))
+    return LoraTerm(
+        L=bias_B.reshape(-1).to(device=device, dtype=dtype).contiguous(), R=None, scale=float(scale)
+    )
 
 
 def needs_whole_tensor(terms: Sequence[LoraTerm]) -> bool:

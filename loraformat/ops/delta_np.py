@@ -24,8 +24,12 @@ import numpy as np
 KIND_LINEAR, KIND_EMBEDDING, KIND_CONV = "linear", "embedding", "conv"
 
 #: safetensors dtype -> numpy dtype of its stored elements (BF16 as raw uint16 bit patterns)
-STORAGE: dict[str, type[np.generic]] = {"BF16": np.uint16, "F16": np.float16, "F32": np.float32,
-                                        "F64": np.float64}
+STORAGE: dict[str, type[np.generic]] = {
+    "BF16": np.uint16,
+    "F16": np.float16,
+    "F32": np.float32,
+    "F64": np.float64,
+}
 _BF16 = np.dtype(ml_dtypes.bfloat16)
 
 
@@ -111,8 +115,15 @@ class NpTerm:
     scale: float
 
 
-def lora_term_np(A: np.ndarray, B: np.ndarray, scale: float, kind: str = KIND_LINEAR, *,
-                 fan_in_fan_out: bool = False, dtype: type[np.floating[Any]] = np.float32) -> NpTerm:
+def lora_term_np(
+    A: np.ndarray,
+    B: np.ndarray,
+    scale: float,
+    kind: str = KIND_LINEAR,
+    *,
+    fan_in_fan_out: bool = False,
+    dtype: type[np.floating[Any]] = np.float32,
+) -> NpTerm:
     """As :func:`loraformat.ops.delta.lora_term` (without DoRA): factors made contiguous once, in ``dtype``."""
     L, R = lora_factors(A, B, kind, fan_in_fan_out)
     L, R = np.ascontiguousarray(L, dtype=dtype), np.ascontiguousarray(R, dtype=dtype)
@@ -128,8 +139,9 @@ def bias_term_np(bias_B: np.ndarray, scale: float, *, dtype: type[np.floating[An
     return NpTerm(np.ascontiguousarray(bias_B.reshape(-1), dtype=dtype), None, float(scale))
 
 
-def merge_rows_np_(work: np.ndarray, terms: Sequence[NpTerm], start: int, stop: int,
-                   scratch: np.ndarray | None = None) -> np.ndarray:
+def merge_rows_np_(
+    work: np.ndarray, terms: Sequence[NpTerm], start: int, stop: int, scratch: np.ndarray | None = None
+) -> np.ndarray:
     """Merge rows [start, stop) in place: ``work`` holds those rows in the compute dtype, viewed
     (stop - start, cols); terms apply in turn. ``scratch``: at least work.size elements of work's dtype for the
     products (allocated when None). Returns ``work``.

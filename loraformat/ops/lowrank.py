@@ -52,19 +52,22 @@ def parse_rank_spec(value: int | str | RankSpec | None) -> RankSpec | None:
     else:
         text = str(value).strip()
         if text.lower().startswith(AUTO_PREFIX):
-            raw = text[len(AUTO_PREFIX):]
+            raw = text[len(AUTO_PREFIX) :]
             try:
                 energy = float(raw)
             except ValueError:
-                raise UsageError(f"rank {text!r}: energy {raw!r} is not a number (use e.g. auto:0.99)") from None
+                raise UsageError(
+                    f"rank {text!r}: energy {raw!r} is not a number (use e.g. auto:0.99)"
+                ) from None
             if not (0.0 < energy <= 1.0) or math.isnan(energy):
                 raise UsageError(f"rank {text!r}: energy must be in (0, 1], e.g. auto:0.99")
             return RankSpec(energy=energy)
         try:
             rank = int(text)
         except ValueError:
-            raise UsageError(f"rank {text!r} is neither a positive integer nor auto:E (e.g. 16 or auto:0.99)") \
-                from None
+            raise UsageError(
+                f"rank {text!r} is neither a positive integer nor auto:E (e.g. 16 or auto:0.99)"
+            ) from None
     if rank <= 0:
         raise UsageError(f"rank must be a positive integer, not {rank}")
     return RankSpec(rank=rank)
@@ -77,8 +80,12 @@ class LowRankSVD:
     to rank k lifts only k columns back to full size.
     """
 
-    def __init__(self, U: torch.Tensor | tuple[torch.Tensor, torch.Tensor], S: torch.Tensor,
-                 Vh: torch.Tensor | tuple[torch.Tensor, torch.Tensor]) -> None:
+    def __init__(
+        self,
+        U: torch.Tensor | tuple[torch.Tensor, torch.Tensor],
+        S: torch.Tensor,
+        Vh: torch.Tensor | tuple[torch.Tensor, torch.Tensor],
+    ) -> None:
         self._U, self.S, self._Vh = U, S, Vh
 
     def U_k(self, k: int) -> torch.Tensor:
@@ -139,7 +146,7 @@ def qr_core_svd(A: torch.Tensor, B: torch.Tensor, *, core_dtype: torch.dtype | N
     core_dtype = core_dtype or torch.float64
     Qb, Rb = torch.linalg.qr(B)  # m x k1, k1 x r
     Qa, Ra = torch.linalg.qr(A.mT)  # n x k2, k2 x r
-    core = (Rb.to(core_dtype) @ Ra.to(core_dtype).mT)  # k1 x k2
+    core = Rb.to(core_dtype) @ Ra.to(core_dtype).mT  # k1 x k2
     Uc, S, Vhc = torch.linalg.svd(core, full_matrices=False)
     return LowRankSVD((Qb, Uc.to(Qb.dtype)), S.to(Qb.dtype), (Vhc.to(Qa.dtype), Qa))
 
