@@ -7,7 +7,13 @@ decides the exception class from those headers.
 
 Started by the tests on 127.0.0.1 on a random port (stdlib ThreadingHTTPServer, HTTP/1.1 keep-alive). LFS
 blobs live on disk under ``root``; everything else in memory. Hooks for hostile-server tests:
-``inject_commit`` (arbitrary file names, e.g. ``../escape``) and ``corrupt_blob``.
+``inject_commit`` (arbitrary file names, e.g. ``../escape``), ``corrupt_blob`` and ``hostile``, a dict read on
+every request:
+
+* ``hostile["sha"]``: the commit id repo info answers, whatever the revision (any JSON value: ``"../.."``);
+* ``hostile["tree"]``: {path: {field: value}} merged into (or added to) the tree listing's entries;
+* ``hostile["download"]``: {path: {"length": Content-Length to announce, "body": bytes to send instead,
+  "repeat": how many times to send body, "hang_up": close the connection after sending}}.
 """
 
 from __future__ import annotations
@@ -94,6 +100,7 @@ class HubServer:
         self.tokens = dict(tokens or {})
         self.repos: dict[str, Repo] = {}
         self.requests: list[tuple[str, str]] = []
+        self.hostile: dict[str, Any] = {}
         self.lock = threading.RLock()
         self._counter = 0
         self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), _handler_for(self))
@@ -376,6 +383,12 @@ class _Handler(BaseHTTPRequestHandler):
                 for path, blob in sorted(commit.files.items())
                 if not prefix or path.startswith(prefix + "/")
             ]
+            for path, fields in hub.hostile.get("tree", {}).items():
+                found = [e for e in entries if e["path"] == path]
+                if found:
+                    found[0].update(fields)
+                else:
+                    entries.append({"type": "file", "path": path, **fields})
             return self._send_json(entries)
         if method == "GET" and rest == ["refs"]:
             repo = self._repo(repo_id)
@@ -447,7 +460,7 @@ class _Handler(BaseHTTPRequestHandler):
             "id": repo.repo_id,
             "modelId": repo.repo_id,
             "author": repo.owner,
-            "sha": commit.sha,
+            "sha": self.server_hub.hostile.get("sha", commit.sha),
             "lastModified": repo.created,
             "createdAt": repo.created,
             "private": repo.private,
@@ -573,6 +586,9 @@ class _Handler(BaseHTTPRequestHandler):
         headers = {"X-Repo-Commit": commit.sha, "ETag": f'"{etag}"', "Accept-Ranges": "bytes"}
         if blob.sha256:
             headers.update({"X-Linked-Etag": f'"{blob.sha256}"', "X-Linked-Size": str(blob.size)})
+        evil = self.server_hub.hostile.get("download", {}).get(path)
+        if evil is not None and self.command == "GET":
+            return self._send_hostile(evil, headers)
         start, end = 0, blob.size
         status = 200
         rng = re.match(r"bytes=(\d+)-(\d*)$", self.headers.get("Range") or "")
@@ -595,3 +611,21 @@ class _Handler(BaseHTTPRequestHandler):
         with open(self.server_hub.blob_path(blob.sha256 or ""), "rb") as f:
             self.wfile.flush()
             self.connection.sendfile(f, start, end - start)
+
+    def _send_hostile(self, evil: dict[str, Any], headers: dict[str, str]) -> None:
+        """A download answer that lies: an announced length, a body of another size, a dropped connection."""
+        body, repeat = evil.get("body", b""), int(evil.get("repeat", 1))
+        self.send_response(200)
+        self.send_header("Content-Type", "application/octet-stream")
+        self.send_header("Content-Length", str(evil.get("length", len(body) * repeat)))
+        for k, v in headers.items():
+            self.send_header(k, v)
+        self.end_headers()
+        try:
+            for _ in range(repeat):
+                self.wfile.write(body)
+            self.wfile.flush()
+        except OSError:  # the client stopped reading: what a careful client does
+            pass
+        if evil.get("hang_up", True):
+            self.close_connection = True

@@ -30,8 +30,18 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 from urllib.parse import quote
 
-from loraformat.errors import HubNetworkError, HubNotFoundError
-from loraformat.hub.refs import ADAPTER_FILES, DEFAULT_BRANCH, HF_COMMIT, WEIGHTS_FILE, HubSpec, cache_root
+from loraformat.errors import HubNetworkError, HubNotFoundError, VerificationError
+from loraformat.hub.refs import (
+    ADAPTER_FILES,
+    DEFAULT_BRANCH,
+    HF_COMMIT,
+    WEIGHTS_FILE,
+    HubSpec,
+    cache_root,
+    check_repo_id,
+    safe_relpath,
+)
+from loraformat.hub.untrusted import check_commit, check_size, is_inside, join_under, remove_tree
 from loraformat.hub.verify import Expected, fsync_tree, verify_download
 from loraformat.io.atomic import atomic_dir, atomic_file, check_output, fsync_dir, temp_name, write_error
 from loraformat.metadata import now_iso
@@ -67,7 +77,7 @@ def open_backend(hub: HubSpec, *, token: str | None = None, create: bool = False
 
 def repo_cache_dir(backend: LocalHub | HfHub, repo_id: str) -> Path:
     key = "local" if backend.kind == "local" else backend.cache_key()  # type: ignore[union-attr]
-    org, name = repo_id.split("/")
+    org, name = check_repo_id(repo_id).split("/")
     return cache_root() / "hub" / key / org / name
 
 
@@ -86,25 +96,27 @@ def _stat(path: Path) -> list[int]:
 def _cached(entry: Path, commit: str, offline: bool = False) -> CachedRevision | None:
     """The entry if every file is as it was when the entry was made (size, mtime); None if it was altered."""
     record = _read_record(entry)
-    stats = record.get("stat")
-    if not isinstance(stats, dict) or not stats:
+    stats, files = record.get("stat"), record.get("files")
+    if not isinstance(stats, dict) or not stats or not isinstance(files, dict) or set(files) != set(stats):
         return None
     try:
-        if any(_stat(entry / name) != list(want) for name, want in stats.items()):
+        if any(_stat(join_under(entry, name)) != list(want) for name, want in stats.items()):
             return None
-    except (OSError, TypeError):
+    except (OSError, TypeError, VerificationError):  # a record naming paths outside the entry: altered
         return None
-    return CachedRevision(
-        entry, commit, dict(record.get("files") or {}), record.get("content_hash"), True, offline
-    )
+    return CachedRevision(entry, commit, dict(files), record.get("content_hash"), True, offline)
 
 
 def _discard(entry: Path) -> None:
-    """Move an altered entry aside first (atomic), then delete it."""
+    """Move an altered entry aside first (atomic), then delete it; only ever inside the cache root."""
+    root = cache_root()
+    if not is_inside(root, entry):
+        raise VerificationError(f"refusing to discard {entry}: it is not inside the cache {root}")
     trash = temp_name(entry)
     with contextlib.suppress(OSError):
         os.rename(entry, trash)
-    shutil.rmtree(trash, ignore_errors=True)
+    if trash.exists():
+        remove_tree(trash, root)
 
 
 def _resolve(
@@ -119,7 +131,7 @@ def _resolve(
     except HubNetworkError:
         if backend.kind != "hf":
             raise
-        ref = repo_cache / "refs" / quote(rev, safe="")
+        ref = join_under(repo_cache, "refs", quote(rev, safe=""))
         with contextlib.suppress(OSError):
             commit = ref.read_text("utf-8").strip()
             if HF_COMMIT.match(commit) and (repo_cache / commit).is_dir():
@@ -133,7 +145,7 @@ def _remember_ref(repo_cache: Path, revision: str | None, commit: str) -> None:
         return
     with contextlib.suppress(OSError):
         (repo_cache / "refs").mkdir(parents=True, exist_ok=True)
-        with atomic_file(repo_cache / "refs" / quote(rev, safe=""), overwrite=True) as f:
+        with atomic_file(join_under(repo_cache, "refs", quote(rev, safe="")), overwrite=True) as f:
             f.write(commit.encode())
 
 
@@ -142,8 +154,9 @@ def fetch(
 ) -> CachedRevision:
     """The verified cache entry of ``repo_id@revision``, downloading it first if it is not cached yet."""
     repo_cache = repo_cache_dir(backend, repo_id)
+    where = f"{repo_id}@{revision or DEFAULT_BRANCH}"
     commit, offline = _resolve(backend, repo_id, revision, repo_cache)
-    entry = repo_cache / commit
+    entry = join_under(repo_cache, check_commit(commit, backend.kind, where=where), where=where)
     if entry.is_dir():
         hit = _cached(entry, commit, offline)
         if hit is not None:
@@ -154,11 +167,12 @@ def fetch(
             raise HubNetworkError(
                 f"{repo_id}: the cached copy of {commit[:12]} was altered and the hub is unreachable"
             )
-    where = f"{repo_id}@{revision or DEFAULT_BRANCH}"
     remote = backend.files(repo_id, commit)
     if WEIGHTS_FILE not in remote:
         raise HubNotFoundError(f"{where}: no {WEIGHTS_FILE} in this revision (is it an adapter repository?)")
     names = [n for n in ADAPTER_FILES if n in remote]
+    for name in names:
+        check_size(remote[name].size, name, where=where)
     expected = {
         n: Expected(remote[n].size, remote[n].sha256, getattr(remote[n], "git_oid", None)) for n in names
     }
@@ -174,12 +188,13 @@ def fetch(
             synced.result()
         for name in names:
             os.chmod(stage / name, 0o444)
+        files = {n: e.size for n, e in expected.items()}
         record = {
             "repo": repo_id,
             "commit": commit,
             "revision": revision or DEFAULT_BRANCH,
             "hub": backend.describe(),
-            "files": {n: e.size for n, e in expected.items()},
+            "files": files,
             "stat": {n: _stat(stage / n) for n in names},
             "content_hash": verified.content_hash,
             "verified": True,
@@ -192,16 +207,16 @@ def fetch(
         except OSError:
             if not entry.is_dir():
                 raise
-            shutil.rmtree(stage, ignore_errors=True)  # a concurrent pull put the same revision there first
+            remove_tree(stage, repo_cache)  # a concurrent pull put the same revision there first
         fsync_dir(entry.parent)
     except OSError as exc:
-        shutil.rmtree(stage, ignore_errors=True)
+        remove_tree(stage, repo_cache)
         raise write_error(exc, entry) from None
     except BaseException:
-        shutil.rmtree(stage, ignore_errors=True)
+        remove_tree(stage, repo_cache)
         raise
     _remember_ref(repo_cache, revision, commit)
-    return CachedRevision(entry, commit, record["files"], verified.content_hash, False)
+    return CachedRevision(entry, commit, files, verified.content_hash, False)
 
 
 def materialize(
@@ -218,12 +233,12 @@ def materialize(
     check_output(out, overwrite=overwrite)
     with atomic_dir(out, overwrite=overwrite) as tmp:
         for name in files:
-            target = tmp / name
+            source, target = join_under(entry, name), tmp / safe_relpath(name)
             target.parent.mkdir(parents=True, exist_ok=True)
             try:
-                os.link(entry / name, target)
+                os.link(source, target)
             except OSError:  # another filesystem, or links not supported
-                shutil.copyfile(entry / name, target)
+                shutil.copyfile(source, target)
                 os.chmod(target, 0o644)
             if progress:
                 progress(target.stat().st_size)

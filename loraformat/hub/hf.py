@@ -14,6 +14,7 @@ import shutil
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 from urllib.parse import urlsplit
 
 from loraformat.errors import (
@@ -23,8 +24,13 @@ from loraformat.errors import (
     HubNotFoundError,
     LoraformatError,
     UsageError,
+    VerificationError,
 )
 from loraformat.hub.refs import DEFAULT_BRANCH, check_ref_name, check_repo_id, safe_relpath
+from loraformat.hub.untrusted import GIT_OID, SHA256_HEX, check_commit, check_hex, check_size
+
+if TYPE_CHECKING:
+    from huggingface_hub.hf_api import RepoFile
 
 Progress = Callable[[int], None]
 
@@ -51,6 +57,15 @@ def quiet_logging() -> None:
     from huggingface_hub.utils import logging as hf_logging
 
     hf_logging.set_verbosity_error()
+
+
+def _remote_file(f: RepoFile, where: str) -> RemoteFile:
+    """A tree entry, its size and hashes checked against their formats (they come from the server)."""
+    size = check_size(f.size, f.path, where=where)
+    if f.lfs:
+        sha = check_hex(f.lfs.sha256, SHA256_HEX, what=f"LFS sha256 of {f.path}", where=where)
+        return RemoteFile(size, sha)
+    return RemoteFile(size, None, check_hex(f.blob_id, GIT_OID, what=f"git blob id of {f.path}", where=where))
 
 
 class HfHub:
@@ -84,7 +99,7 @@ class HfHub:
             info = self.api.repo_info(check_repo_id(repo_id), revision=rev)
         if not info.sha:
             raise HubNotFoundError(f"{repo_id}: the hub reported no commit for revision {rev!r}")
-        return info.sha
+        return check_commit(info.sha, "hf", where=f"{repo_id}@{rev}")
 
     def files(self, repo_id: str, commit: str) -> dict[str, RemoteFile]:
         """Every file of the revision; a name that would escape a directory fails the whole listing."""
@@ -94,10 +109,7 @@ class HfHub:
         with self.errors(repo_id, commit):
             for f in self.api.list_repo_tree(repo_id, revision=commit, recursive=True):
                 if isinstance(f, RepoFile):
-                    safe_relpath(f.path, repo=repo_id)
-                    out[f.path] = RemoteFile(
-                        int(f.size), f.lfs.sha256 if f.lfs else None, None if f.lfs else f.blob_id
-                    )
+                    out[safe_relpath(f.path, repo=repo_id)] = _remote_file(f, f"{repo_id}@{commit[:12]}")
         return out
 
     def download(
@@ -193,9 +205,18 @@ class HfHub:
             raise
         except Exception as exc:
             mapped = map_error(exc, repo_id=repo_id, revision=revision, endpoint=self.endpoint)
+            if mapped is None and isinstance(exc, _MALFORMED):
+                mapped = VerificationError(
+                    f"{self.endpoint} sent a malformed answer for {repo_id} "
+                    f"({exc.__class__.__name__}); refusing"
+                )
             if mapped is None:
                 raise
             raise scrub(mapped, self._secrets()) from None
+
+
+#: What parsing a hostile server's JSON can raise inside huggingface_hub (missing keys, wrong types).
+_MALFORMED = (KeyError, TypeError, ValueError, AttributeError, IndexError)
 
 
 def scrub(err: LoraformatError, secrets: list[str]) -> LoraformatError:

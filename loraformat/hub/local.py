@@ -41,6 +41,7 @@ from loraformat.hub.refs import (
     check_repo_id,
     safe_relpath,
 )
+from loraformat.hub.untrusted import SHA256_HEX, check_commit, check_hex, check_size, shown
 from loraformat.io.atomic import atomic_file, fsync_dir, write_error
 from loraformat.metadata import now_iso
 
@@ -163,6 +164,7 @@ class LocalHub:
         return self.root / "repos" / org / name
 
     def object_path(self, sha256: str) -> Path:
+        check_hex(sha256, SHA256_HEX, what="object id", where=str(self.root))
         return self.root / "objects" / sha256[:2] / sha256
 
     @contextlib.contextmanager
@@ -188,11 +190,11 @@ class LocalHub:
             doc = json.loads((d / "refs.json").read_text("utf-8"))
         except FileNotFoundError:
             return {"branches": {}, "tags": {}}
-        except (OSError, ValueError) as exc:
+        except (OSError, ValueError, RecursionError) as exc:
             raise VerificationError(
                 f"unreadable refs ({exc.__class__.__name__})", path=d / "refs.json"
             ) from None
-        return {"branches": dict(doc.get("branches") or {}), "tags": dict(doc.get("tags") or {})}
+        return _checked_refs(doc, d / "refs.json")
 
     def resolve(self, repo_id: str, revision: str | None = None) -> str:
         """Commit id of a branch, a tag, a full commit id or a unique commit prefix (7+ hex digits)."""
@@ -215,7 +217,9 @@ class LocalHub:
         raise HubNotFoundError(f"revision {rev!r} not found in {repo_id} (no such branch, tag or commit)")
 
     def revision(self, repo_id: str, commit: str) -> Revision:
-        """The manifest of ``commit``, checked: its bytes hash to its id, its file names stay inside a directory."""
+        """The manifest of ``commit``, checked: its bytes hash to its id, its file names stay inside a directory,
+        its object ids are sha256 hex digests and its sizes byte counts."""
+        check_commit(commit, "local", where=repo_id)
         path = self._existing_repo(repo_id) / "revisions" / f"{commit}.json"
         try:
             data = path.read_bytes()
@@ -228,10 +232,13 @@ class LocalHub:
         try:
             doc = json.loads(data)
             files = {
-                safe_relpath(name, repo=repo_id): FileEntry(str(e["sha256"]), int(e["size"]))
+                safe_relpath(name, repo=repo_id): FileEntry(
+                    check_hex(e["sha256"], SHA256_HEX, what=f"object id of {name}", where=repo_id),
+                    check_size(e["size"], name, where=repo_id),
+                )
                 for name, e in doc["files"].items()
             }
-        except (ValueError, KeyError, TypeError, AttributeError) as exc:
+        except (ValueError, KeyError, TypeError, AttributeError, RecursionError) as exc:
             raise VerificationError(
                 f"malformed revision manifest ({exc.__class__.__name__})", path=path
             ) from None
@@ -405,6 +412,32 @@ class LocalHub:
         with atomic_file(d / "refs.json", overwrite=True) as f:
             f.write(json.dumps(refs, indent=1, sort_keys=True).encode() + b"\n")
         return commit, created
+
+
+def _checked_refs(doc: Any, path: Path) -> dict[str, dict[str, str]]:
+    """refs.json as {"branches": {name: commit}, "tags": {...}}, every name a valid ref name and every commit
+    64 hex digits: a tampered refs file must not steer paths (VerificationError otherwise)."""
+    if not isinstance(doc, dict):
+        raise VerificationError("refs file is not a JSON object (corrupted or tampered hub)", path=path)
+    out: dict[str, dict[str, str]] = {}
+    for kind in ("branches", "tags"):
+        refs = doc.get(kind) or {}
+        if not isinstance(refs, dict):
+            raise VerificationError(
+                f"refs file: {kind} is not an object (corrupted or tampered hub)", path=path
+            )
+        for name, commit in refs.items():
+            try:
+                check_ref_name(name)
+            except UsageError:
+                what = "branch" if kind == "branches" else "tag"
+                raise VerificationError(
+                    f"refs file names {what} {shown(name)}, not a valid ref name (corrupted or tampered hub)",
+                    path=path,
+                ) from None
+            check_commit(commit, "local", where=f"{path}: {shown(name)}")
+        out[kind] = dict(refs)
+    return out
 
 
 def check_consistency(root: str | os.PathLike[str]) -> list[str]:
