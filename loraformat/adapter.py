@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from loraformat import spec
+from loraformat.constants import METADATA_KEY, PEFT_PREFIX, FindingCode, Format, LayerKind
 from loraformat.errors import AdapterError, InputNotFoundError, PickleRefusedError, SchemaError, UsageError
 from loraformat.io.header import FLOAT_DTYPES, TensorInfo
 from loraformat.io.tensors import MemorySource, SafetensorsSource, TensorSource
@@ -42,8 +43,8 @@ class ModuleKeys:
 def module_keys(
     module: str, entry: ModuleEntry, *, dora: bool = False, lora_bias: bool = False
 ) -> ModuleKeys:
-    prefix = spec.PEFT_PREFIX + module
-    if entry.kind == spec.KIND_EMBEDDING:
+    prefix = PEFT_PREFIX + module
+    if entry.kind == LayerKind.EMBEDDING:
         a, b = f"{prefix}.lora_embedding_A", f"{prefix}.lora_embedding_B"
     else:
         a, b = f"{prefix}.lora_A.weight", f"{prefix}.lora_B.weight"
@@ -58,7 +59,7 @@ def module_keys(
 def expected_shapes(entry: ModuleEntry) -> tuple[tuple[int, ...], tuple[int, ...]]:
     """Shapes of A and B that the metadata entry implies."""
     r = entry.rank
-    if entry.kind == spec.KIND_CONV:
+    if entry.kind == LayerKind.CONV:
         ks = tuple(entry.kernel_size or ())
         return (r, entry.in_features, *ks), (entry.out_features, r, *(1 for _ in ks))
     return (r, entry.in_features), (entry.out_features, r)
@@ -68,7 +69,7 @@ def expected_shapes(entry: ModuleEntry) -> tuple[tuple[int, ...], tuple[int, ...
 class Adapter:
     meta: AdapterMetadata
     source: TensorSource
-    source_format: str  # "loraformat" | "peft" | "peft-pickle"
+    source_format: Format
     path: str
     raw_metadata: dict[str, str] = field(default_factory=dict)  # the safetensors __metadata__ as found
     peft_config: dict[str, Any] | None = None
@@ -121,7 +122,7 @@ class Adapter:
         out: list[tuple[str, str, str]] = []
         infos = self.source.infos
         used: set[str] = set()
-        what = "config" if self.source_format != "loraformat" else "metadata"
+        what = "config" if self.source_format != Format.LORAFORMAT else "metadata"
         for module, entry in sorted(self.meta.modules.items()):
             keys = self.keys(module)
             out.extend(_pair_problems(module, entry, keys, infos, what))
@@ -132,20 +133,30 @@ class Adapter:
                     continue
                 info = infos.get(key)
                 if info is None:
-                    out.append(("missing-tensor", module, f"{role} tensor {key!r} is missing"))
+                    out.append((FindingCode.MISSING_TENSOR, module, f"{role} tensor {key!r} is missing"))
                     continue
                 used.add(key)
                 want = extra_shape if role == "lora_magnitude_vector" else (entry.out_features,)
                 if entry.out_features and info.shape != want:
-                    out.append(("shape-mismatch", module, f"{role} shape {list(info.shape)} != {list(want)}"))
+                    out.append(
+                        (
+                            FindingCode.SHAPE_MISMATCH,
+                            module,
+                            f"{role} shape {list(info.shape)} != {list(want)}",
+                        )
+                    )
                 if info.dtype not in FLOAT_DTYPES:
-                    out.append(("bad-dtype", module, f"{role} dtype {info.dtype} is not floating point"))
+                    out.append(
+                        (FindingCode.BAD_DTYPE, module, f"{role} dtype {info.dtype} is not floating point")
+                    )
         for key in sorted(self.meta.saved_tensors):
             if key not in infos:
-                out.append(("missing-tensor", key, "saved tensor listed in the metadata is missing"))
+                out.append(
+                    (FindingCode.MISSING_TENSOR, key, "saved tensor listed in the metadata is missing")
+                )
             used.add(key)
         for key in sorted(set(infos) - used):
-            out.append(("unexpected-tensor", key, "tensor not described by the metadata"))
+            out.append((FindingCode.UNEXPECTED_TENSOR, key, "tensor not described by the metadata"))
         return out
 
     def check(self) -> None:
@@ -159,7 +170,7 @@ class Adapter:
 
 def _vector_shape(entry: ModuleEntry) -> tuple[int, ...]:
     """Shape of a DoRA magnitude: (out,), or (1, out, 1, ...) for conv layers, as PEFT stores it."""
-    if entry.kind == spec.KIND_CONV:
+    if entry.kind == LayerKind.CONV:
         return (1, entry.out_features, *(1 for _ in entry.kernel_size or ()))
     return (entry.out_features,)
 
@@ -173,16 +184,18 @@ def _pair_problems(
     a, b = infos.get(keys.A), infos.get(keys.B)
     for role, key, info in (("A", keys.A, a), ("B", keys.B, b)):
         if info is None:
-            out.append(("missing-tensor", module, f"lora_{role} tensor {key!r} is missing"))
+            out.append((FindingCode.MISSING_TENSOR, module, f"lora_{role} tensor {key!r} is missing"))
         elif info.dtype not in FLOAT_DTYPES:
-            out.append(("bad-dtype", module, f"lora_{role} dtype {info.dtype} is not floating point"))
+            out.append(
+                (FindingCode.BAD_DTYPE, module, f"lora_{role} dtype {info.dtype} is not floating point")
+            )
     ndim_ok = True
     for role, info, want in (("A", a, want_a), ("B", b, want_b)):
         if info is not None and len(info.shape) != len(want):
             ndim_ok = False
             out.append(
                 (
-                    "wrong-ndim",
+                    FindingCode.WRONG_NDIM,
                     module,
                     f"lora_{role} has {len(info.shape)} dims {list(info.shape)}, expected {len(want)} for a "
                     f"{entry.kind} layer",
@@ -193,19 +206,23 @@ def _pair_problems(
     rank_a = a.shape[0] if a is not None else None
     rank_b = b.shape[1] if b is not None else None
     if rank_a is not None and rank_b is not None and rank_a != rank_b:
-        out.append(("rank-mismatch", module, f"lora_A rank {rank_a} != lora_B rank {rank_b}"))
+        out.append((FindingCode.RANK_MISMATCH, module, f"lora_A rank {rank_a} != lora_B rank {rank_b}"))
         return out
     rank = rank_a if rank_a is not None else rank_b
     if rank is not None and rank != entry.rank:
         out.append(
-            ("metadata-rank", module, f"{what} says rank {entry.rank} but the tensors have rank {rank}")
+            (
+                FindingCode.METADATA_RANK,
+                module,
+                f"{what} says rank {entry.rank} but the tensors have rank {rank}",
+            )
         )
         want_a, want_b = (rank, *want_a[1:]), (want_b[0], rank, *want_b[2:])
     for role, info, want in (("A", a, want_a), ("B", b, want_b)):
         if info is not None and info.shape != want:
             out.append(
                 (
-                    "shape-mismatch",
+                    FindingCode.SHAPE_MISMATCH,
                     module,
                     f"lora_{role} shape {list(info.shape)} != {list(want)} from the {what}",
                 )
@@ -219,13 +236,11 @@ def _pair_problems(
 def parse_native_metadata(raw: dict[str, str], *, path: str) -> AdapterMetadata:
     """Parse and schema-check ``__metadata__["loraformat"]``, applying the versioning rule first."""
     try:
-        document = json.loads(raw[spec.METADATA_KEY])
+        document = json.loads(raw[METADATA_KEY])
     except (ValueError, RecursionError) as exc:
-        raise SchemaError(
-            f"__metadata__[{spec.METADATA_KEY!r}] is not valid JSON ({exc})", path=path
-        ) from None
+        raise SchemaError(f"__metadata__[{METADATA_KEY!r}] is not valid JSON ({exc})", path=path) from None
     if not isinstance(document, dict):
-        raise SchemaError(f"__metadata__[{spec.METADATA_KEY!r}] is not a JSON object", path=path)
+        raise SchemaError(f"__metadata__[{METADATA_KEY!r}] is not a JSON object", path=path)
     spec.check_version(document.get("spec_version"), path=path)
     validate_document(document, path=path)
     return AdapterMetadata.from_dict(document)
@@ -318,12 +333,12 @@ def open_adapter(
     else:
         source = SafetensorsSource(file)
         raw = source.header.metadata
-        if spec.METADATA_KEY in raw:
+        if METADATA_KEY in raw:
             meta = parse_native_metadata(raw, path=str(file))
-            adapter = Adapter(meta, source, "loraformat", str(p), dict(raw), config_data)
+            adapter = Adapter(meta, source, Format.LORAFORMAT, str(p), dict(raw), config_data)
         elif config_data is not None:
             meta = peft_io.metadata_from_peft(config_data, source.infos, name=name, path=str(file))
-            adapter = Adapter(meta, source, "peft", str(p), dict(raw), config_data)
+            adapter = Adapter(meta, source, Format.PEFT, str(p), dict(raw), config_data)
         else:
             raise AdapterError(
                 f"has no loraformat metadata and no {PEFT_CONFIG} beside it; give the PEFT config with "
@@ -358,7 +373,7 @@ def _open_pickle(file: Path, config_data: dict[str, Any], name: str, given: str)
     except ValueError as exc:
         raise AdapterError(str(exc), path=file) from None
     meta = peft_io.metadata_from_peft(config_data, source.infos, name=name, path=str(file))
-    return Adapter(meta, source, "peft-pickle", given, {}, config_data)
+    return Adapter(meta, source, Format.PEFT_PICKLE, given, {}, config_data)
 
 
 def adapter_weights(weights: Sequence[float] | None, n: int) -> list[float]:

@@ -5,12 +5,12 @@ Shared by ``validate --level base``, ``convert --base`` and ``merge``, so all th
 
 from __future__ import annotations
 
-from loraformat import spec
+from loraformat.constants import FindingCode, LayerKind
 from loraformat.hashing import BaseHashes, hash_tensors, structure_hash
 from loraformat.io.checkpoint import Checkpoint
 from loraformat.metadata import AdapterMetadata, ModuleEntry
 
-Problem = tuple[str, str, str]  # (code, location, message)
+Problem = tuple[FindingCode, str, str]  # (code, location, message)
 
 
 def infer_fan_in_fan_out(meta: AdapterMetadata, ck: Checkpoint) -> None:
@@ -22,7 +22,7 @@ def infer_fan_in_fan_out(meta: AdapterMetadata, ck: Checkpoint) -> None:
     square: list[ModuleEntry] = []
     for entry in meta.modules.values():
         info = ck.info(entry.base_tensor)
-        if entry.kind != spec.KIND_LINEAR or info is None or len(info.shape) != 2:
+        if entry.kind != LayerKind.LINEAR or info is None or len(info.shape) != 2:
             continue
         if entry.in_features == entry.out_features:
             square.append(entry)
@@ -45,11 +45,11 @@ def base_problems(meta: AdapterMetadata, ck: Checkpoint) -> list[Problem]:
     for module, entry in sorted(meta.modules.items()):
         info = ck.info(entry.base_tensor)
         if info is None:
-            out.append(("missing-target", module, f"base has no tensor {entry.base_tensor!r}"))
+            out.append((FindingCode.MISSING_TARGET, module, f"base has no tensor {entry.base_tensor!r}"))
         elif info.shape != entry.base_shape:
             out.append(
                 (
-                    "target-shape",
+                    FindingCode.TARGET_SHAPE,
                     module,
                     f"base tensor {entry.base_tensor!r} is {list(info.shape)}, adapter expects "
                     f"{list(entry.base_shape)}",
@@ -57,12 +57,12 @@ def base_problems(meta: AdapterMetadata, ck: Checkpoint) -> list[Problem]:
             )
     for key, base_name in sorted(meta.saved_tensors.items()):
         if ck.info(base_name) is None:
-            out.append(("missing-target", key, f"base has no tensor {base_name!r} to replace"))
+            out.append((FindingCode.MISSING_TARGET, key, f"base has no tensor {base_name!r} to replace"))
     recorded = meta.base_model.structure_hash
     if recorded and recorded != structure_hash(ck):
         out.append(
             (
-                "structure-hash",
+                FindingCode.STRUCTURE_HASH,
                 "base_model.structure_hash",
                 "base structure hash differs from the one recorded: this adapter was made for another base",
             )
@@ -81,7 +81,7 @@ def saved_shape_problems(
         if info is not None and key in shapes and tuple(shapes[key]) != info.shape:
             out.append(
                 (
-                    "saved-shape",
+                    FindingCode.SAVED_SHAPE,
                     key,
                     f"replaces base tensor {base_name!r} of shape {list(info.shape)} "
                     f"but is {list(shapes[key])}",
@@ -95,7 +95,7 @@ def digest_problems(meta: AdapterMetadata, ck: Checkpoint) -> list[Problem]:
     recorded = {k: v for k, v in meta.base_model.target_digests.items() if ck.info(k) is not None}
     actual = hash_tensors(ck, recorded)
     return [
-        ("target-digest", name, "base tensor content differs from the digest the adapter recorded")
+        (FindingCode.TARGET_DIGEST, name, "base tensor content differs from the digest the adapter recorded")
         for name in sorted(recorded)
         if actual[name] != recorded[name]
     ]

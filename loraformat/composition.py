@@ -23,8 +23,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from loraformat import spec as fmt
 from loraformat.adapter import Adapter, adapter_weights, module_keys, open_adapter
+from loraformat.constants import (
+    COMPOSE_METHODS,
+    DENSITY_METHODS,
+    LOWRANK_METHODS,
+    SEEDED_METHODS,
+    ScalingRule,
+)
 from loraformat.errors import ComposeError, UsageError
 from loraformat.io.atomic import check_output
 from loraformat.io.native import data_section_hash, write_native
@@ -37,10 +43,6 @@ if TYPE_CHECKING:
 
     from loraformat.ops.combine import Term
 
-METHODS = ("cat", "linear", "svd", "ties", "dare_linear", "dare_ties")
-LOWRANK_METHODS = ("svd", "ties", "dare_linear", "dare_ties")  # these take --rank
-DENSITY_METHODS = ("ties", "dare_linear", "dare_ties")  # these need --density
-SEEDED_METHODS = ("dare_linear", "dare_ties")
 
 Progress = Callable[[int], None]
 PathLike = str | os.PathLike[str]
@@ -263,8 +265,8 @@ def compose(
     from loraformat.ops import combine
 
     start = time.perf_counter()
-    if method not in METHODS:
-        raise UsageError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
+    if method not in COMPOSE_METHODS:
+        raise UsageError(f"unknown method {method!r}; choose one of {', '.join(COMPOSE_METHODS)}")
     if not adapters:
         raise UsageError("give at least one adapter to compose")
     w = adapter_weights(weights, len(adapters))
@@ -347,7 +349,7 @@ def compose(
         details["forced_different_bases"] = True
     meta = AdapterMetadata(
         modules=modules,
-        scaling=fmt.SCALING_STANDARD,
+        scaling=ScalingRule.STANDARD,
         dora=False,
         bias=bias,
         lora_bias=lora_bias,

@@ -16,6 +16,7 @@ from typing import Any
 
 from loraformat.adapter import PEFT_CONFIG, PEFT_WEIGHTS, Adapter, open_adapter
 from loraformat.base import base_problems, infer_fan_in_fan_out, saved_shape_problems, stamp
+from loraformat.constants import CONVERT_TARGETS, Format
 from loraformat.errors import BaseMismatchError, UsageError
 from loraformat.hashing import hash_base
 from loraformat.io.atomic import atomic_dir
@@ -23,8 +24,6 @@ from loraformat.io.checkpoint import open_checkpoint
 from loraformat.io.native import write_native
 from loraformat.io.peft import peft_config_from_metadata
 from loraformat.metadata import AdapterMetadata, Provenance
-
-TARGETS = ("loraformat", "peft")
 
 
 @dataclass
@@ -80,7 +79,7 @@ def convert(
     src: str | os.PathLike[str],
     dst: str | os.PathLike[str],
     *,
-    to: str = "loraformat",
+    to: str = Format.LORAFORMAT,
     base: str | os.PathLike[str] | None = None,
     name: str | None = None,
     base_id: str | None = None,
@@ -96,14 +95,14 @@ def convert(
     """Convert ``src`` (native file, PEFT dir, PEFT .safetensors + ``config``, pickle with ``allow_pickle``) to
     a native file or (``to="peft"``) a PEFT directory. ``base`` stamps the base identity, both hashes and the
     digests of exactly the targeted tensors, after checking that every target fits."""
-    if to not in TARGETS:
-        raise UsageError(f"--to must be one of {', '.join(TARGETS)}, not {to!r}")
+    if to not in CONVERT_TARGETS:
+        raise UsageError(f"--to must be one of {', '.join(CONVERT_TARGETS)}, not {to!r}")
     src_p, dst_p = Path(src), Path(dst)
     _check_paths(src_p, dst_p, config)
     with open_adapter(src_p, config=config, allow_pickle=allow_pickle) as adapter:
         meta = copy.deepcopy(adapter.meta)
         source_format = adapter.source_format
-        if source_format != "loraformat":
+        if source_format != Format.LORAFORMAT:
             meta.provenance = Provenance(method="convert", source_format=source_format)
         for attr, value in (
             ("name", name),
@@ -127,7 +126,7 @@ def convert(
             stamp(meta, ck, hash_base(ck, use_cache=use_cache, progress=progress), base_id=base_id)
         tensors = adapter_tensors(adapter)
     meta.created_by = {}
-    if to == "peft":
+    if to == Format.PEFT:
         content_hash = write_peft_dir(dst_p, meta, tensors, overwrite=overwrite)
     else:
         content_hash = write_native(dst_p, meta, tensors, overwrite=overwrite)

@@ -24,11 +24,11 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from loraformat.constants import HASH_ALGORITHM
 from loraformat.errors import BaseMismatchError, InputNotFoundError, LoraformatError
 from loraformat.io.atomic import atomic_file
 from loraformat.io.checkpoint import Checkpoint, open_checkpoint
 from loraformat.io.header import TensorInfo
-from loraformat.spec import HASH_ALGORITHM
 
 _DOMAIN = b"loraformat-tensor/1\0"
 _CHUNK = 64 << 20

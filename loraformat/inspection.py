@@ -13,6 +13,7 @@ from collections import Counter
 from typing import Any
 
 from loraformat.adapter import Adapter, open_adapter
+from loraformat.constants import Format
 
 
 def inspect(
@@ -54,7 +55,7 @@ def describe(adapter: Adapter) -> dict[str, Any]:
     trainable = lora + extra
     reduction = 1 - trainable / full if full else 0.0
     bm = meta.base_model
-    native = adapter.source_format == "loraformat"
+    native = adapter.source_format == Format.LORAFORMAT
     return {
         "path": adapter.path,
         "file": adapter.source.path,

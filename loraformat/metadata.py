@@ -11,6 +11,7 @@ from dataclasses import dataclass, field, fields
 from typing import Any
 
 from loraformat import spec
+from loraformat.constants import SPEC_VERSION, LayerKind, ScalingRule
 
 
 def _split_known(cls: type, data: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
@@ -60,9 +61,9 @@ class ModuleEntry:
     @property
     def base_shape(self) -> tuple[int, ...]:
         """The shape of the base weight this module merges into."""
-        if self.kind == spec.KIND_EMBEDDING:
+        if self.kind == LayerKind.EMBEDDING:
             return (self.in_features, self.out_features)
-        if self.kind == spec.KIND_CONV:
+        if self.kind == LayerKind.CONV:
             return (self.out_features, self.in_features, *(self.kernel_size or []))
         if self.fan_in_fan_out:
             return (self.in_features, self.out_features)
@@ -162,7 +163,7 @@ class AdapterMetadata:
     """The whole document stored under ``__metadata__["loraformat"]``."""
 
     modules: dict[str, ModuleEntry]
-    scaling: str = spec.SCALING_STANDARD
+    scaling: str = ScalingRule.STANDARD
     dora: bool = False
     bias: str = "none"
     lora_bias: bool = False
@@ -178,7 +179,7 @@ class AdapterMetadata:
     base_model: BaseModel = field(default_factory=BaseModel)
     provenance: Provenance | None = None
     content_hash: str | None = None
-    spec_version: str = spec.SPEC_VERSION
+    spec_version: str = SPEC_VERSION
     extra: dict[str, Any] = field(default_factory=dict)
 
     def scale(self, module: str) -> float:

@@ -27,6 +27,7 @@ from loraformat.composition import (
     resolve_device,
     shape_factors,
 )
+from loraformat.constants import ScalingRule
 from loraformat.errors import ComposeError, UsageError
 from loraformat.io.native import write_native
 from loraformat.metadata import Parent, Provenance
@@ -145,7 +146,7 @@ def rescale(
             if progress:
                 progress(1)
         if spec is not None:
-            meta.scaling = fmt.SCALING_STANDARD
+            meta.scaling = ScalingRule.STANDARD
         file_size_before = src.file_size
         parent = Parent(
             content_hash=parent_hash(src), weight=scale if scale is not None else 1.0, name=src.meta.name

@@ -1,4 +1,4 @@
-"""Constants of the loraformat adapter format (spec/v1.md) and its versioning rule.
+"""The rules of the loraformat adapter format (spec/v1.md): versioning and scaling; the names are in constants.py.
 
 spec/v1.md §Versioning: a reader accepts files of its own major version, ignores (and preserves) unknown fields
 of a newer minor version, and refuses a newer major version with a message naming both versions.
@@ -8,34 +8,8 @@ from __future__ import annotations
 
 import math
 
+from loraformat.constants import SPEC_MAJOR, SPEC_VERSION, ScalingRule
 from loraformat.errors import SchemaError, UnsupportedVersionError
-
-SPEC_VERSION = "1.0"
-SPEC_MAJOR, SPEC_MINOR = (int(p) for p in SPEC_VERSION.split("."))
-
-#: the ``__metadata__`` key whose value is the loraformat JSON document
-METADATA_KEY = "loraformat"
-#: transformers and PEFT require this in ``__metadata__``
-FORMAT_KEY, FORMAT_VALUE = "format", "pt"
-
-#: tensor key prefix PEFT uses; keeping it makes the file load unchanged in PEFT and vLLM
-PEFT_PREFIX = "base_model.model."
-
-SCALING_STANDARD = "alpha/r"
-SCALING_RSLORA = "alpha/sqrt(r)"
-SCALING_RULES = (SCALING_STANDARD, SCALING_RSLORA)
-
-KIND_LINEAR, KIND_EMBEDDING, KIND_CONV = "linear", "embedding", "conv"
-LAYER_KINDS = (KIND_LINEAR, KIND_EMBEDDING, KIND_CONV)
-
-BIAS_MODES = ("none", "all", "lora_only")
-
-#: identifies the base-model hashing scheme of spec/v1.md §Base-model hashing
-HASH_ALGORITHM = "loraformat-tensor-sha256/1"
-
-#: ModelSpec 1.0.1 keys written beside ours so ecosystem tools recognise the file
-MODELSPEC_VERSION = "1.0.1"
-MODELSPEC_ARCH_SUFFIX = "/lora"
 
 
 def parse_version(text: object, *, path: str | None = None) -> tuple[int, int]:
@@ -63,7 +37,7 @@ def check_version(text: object, *, path: str | None = None) -> tuple[int, int]:
 
 def scale_for(rule: str, rank: int, alpha: float) -> float:
     """The LoRA scaling factor s of spec/v1.md §Scaling: alpha/r, or alpha/sqrt(r) for rsLoRA."""
-    if rule == SCALING_RSLORA:
+    if rule == ScalingRule.RSLORA:
         return alpha / math.sqrt(
             rank
         )  # as PEFT; rank**0.5 differs in the last bit for some ranks (2921, ...)

@@ -17,8 +17,19 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from loraformat import spec
 from loraformat.adapter import PEFT_CONFIG, PEFT_PICKLE, PEFT_WEIGHTS, Adapter, open_adapter
+from loraformat.constants import (
+    FORMAT_KEY,
+    FORMAT_VALUE,
+    HASH_ALGORITHM,
+    LEVELS,
+    METADATA_KEY,
+    FindingCode,
+    Format,
+    Level,
+    ModelSpecKey,
+    Severity,
+)
 from loraformat.errors import (
     AdapterError,
     HeaderError,
@@ -38,26 +49,25 @@ if TYPE_CHECKING:
 
     from loraformat.io.checkpoint import Checkpoint
 
-LEVELS = ("header", "data", "base")
-ERROR, WARNING = "error", "warning"
+ERROR, WARNING = Severity.ERROR, Severity.WARNING
 _SKIP_DIRS = {".git", ".hg", ".svn", "__pycache__", ".cache", ".venv", "node_modules"}
 
 #: typed open errors -> finding code (most specific class first)
-_ERROR_CODES: tuple[tuple[type[LoraformatError], str], ...] = (
-    (HeaderError, "header"),
-    (UnsupportedVersionError, "unsupported-version"),
-    (SchemaError, "schema"),
-    (PickleRefusedError, "pickle-refused"),
-    (AdapterError, "adapter"),
-    (InvalidInputError, "invalid"),
-    (LoraformatError, "unreadable"),
+_ERROR_CODES: tuple[tuple[type[LoraformatError], FindingCode], ...] = (
+    (HeaderError, FindingCode.HEADER),
+    (UnsupportedVersionError, FindingCode.UNSUPPORTED_VERSION),
+    (SchemaError, FindingCode.SCHEMA),
+    (PickleRefusedError, FindingCode.PICKLE_REFUSED),
+    (AdapterError, FindingCode.ADAPTER),
+    (InvalidInputError, FindingCode.INVALID),
+    (LoraformatError, FindingCode.UNREADABLE),
 )
 
 
 @dataclass(frozen=True)
 class Finding:
-    code: str
-    severity: str  # "error" | "warning"
+    code: FindingCode
+    severity: Severity
     location: str  # module path, tensor key, JSON path or file name; "" for the file as a whole
     message: str
 
@@ -103,7 +113,7 @@ class ValidationReport:
             "findings": [f.to_json() for f in self.findings],
         }
 
-    def _add(self, code: str, severity: str, location: str, message: str) -> None:
+    def _add(self, code: FindingCode, severity: Severity, location: str, message: str) -> None:
         self.findings.append(Finding(code, severity, location, message))
 
 
@@ -113,10 +123,10 @@ class ValidationReport:
 def resolve_level(level: str | None, base: object | None) -> str:
     """``--base`` without ``--level`` means level base; level base without a base is a usage error."""
     if level is None:
-        return "base" if base is not None else "header"
+        return Level.BASE if base is not None else Level.HEADER
     if level not in LEVELS:
         raise UsageError(f"--level must be one of {', '.join(LEVELS)}, not {level!r}")
-    if level == "base" and base is None:
+    if level == Level.BASE and base is None:
         raise UsageError("--level base needs --base BASE")
     return level
 
@@ -136,7 +146,7 @@ def validate(
     p = os.fspath(path)
     if not os.path.exists(p):
         raise InputNotFoundError("no such file or directory", path=p)
-    ck = _open_base(base) if level == "base" else None
+    ck = _open_base(base) if level == Level.BASE else None
     return _validate_one(p, level=level, ck=ck, config=config, allow_pickle=allow_pickle)
 
 
@@ -153,7 +163,7 @@ def validate_many(
     opened once for all of them."""
     level = resolve_level(level, base)
     targets = expand_paths(paths)
-    ck = _open_base(base) if level == "base" else None
+    ck = _open_base(base) if level == Level.BASE else None
     return [_validate_one(t, level=level, ck=ck, config=config, allow_pickle=allow_pickle) for t in targets]
 
 
@@ -210,7 +220,7 @@ def _is_peft_dir(p: str) -> bool:
 
 def _is_native_candidate(path: str) -> bool:
     try:
-        return spec.METADATA_KEY in read_header(path).metadata
+        return METADATA_KEY in read_header(path).metadata
     except HeaderError:
         return True  # a broken file is reported, not skipped
     except LoraformatError:
@@ -259,15 +269,21 @@ def _validate_one(
         report.source_format = adapter.source_format
         report.modules = len(adapter.modules)
         _check_header(report, adapter)
-        if level in ("data", "base") and not report.errors:
+        if level in (Level.DATA, Level.BASE) and not report.errors:
             _check_data(report, adapter)
-        if level == "base" and ck is not None and not any(f.code in _STRUCTURAL for f in report.findings):
+        if level == Level.BASE and ck is not None and not any(f.code in _STRUCTURAL for f in report.findings):
             _check_base(report, adapter, ck)
     return report
 
 
 #: findings after which tensors cannot be trusted to be where the metadata says
-_STRUCTURAL = {"missing-tensor", "wrong-ndim", "shape-mismatch", "schema", "header"}
+_STRUCTURAL = {
+    FindingCode.MISSING_TENSOR,
+    FindingCode.WRONG_NDIM,
+    FindingCode.SHAPE_MISMATCH,
+    FindingCode.SCHEMA,
+    FindingCode.HEADER,
+}
 
 
 def _open_error(report: ValidationReport, exc: LoraformatError) -> None:
@@ -284,41 +300,43 @@ def _open_error(report: ValidationReport, exc: LoraformatError) -> None:
 def _schema_findings_of_file(path: str) -> list[Finding]:
     """Every schema violation of a native file's document (open_adapter stops at the first)."""
     try:
-        document = json.loads(read_header(path).metadata[spec.METADATA_KEY])
+        document = json.loads(read_header(path).metadata[METADATA_KEY])
     except (LoraformatError, KeyError, ValueError):
         return []
     if not isinstance(document, dict):
         return []
-    return [Finding("schema", ERROR, where, message) for where, message in schema_violations(document)]
+    return [
+        Finding(FindingCode.SCHEMA, ERROR, where, message) for where, message in schema_violations(document)
+    ]
 
 
 def _check_header(report: ValidationReport, adapter: Adapter) -> None:
     meta = adapter.meta
-    native = adapter.source_format == "loraformat"
+    native = adapter.source_format == Format.LORAFORMAT
     problems = adapter.problems()
     for code, location, message in problems:
         report._add(code, ERROR, location, message)
     if not native and not problems:
         # the resolved PEFT config must make a valid v1 document (e.g. r and lora_alpha positive)
         for where, message in schema_violations(meta.to_dict()):
-            report._add("config", ERROR, f"{PEFT_CONFIG} (resolved) {where}", message)
+            report._add(FindingCode.CONFIG, ERROR, f"{PEFT_CONFIG} (resolved) {where}", message)
     for key, base_name in sorted(meta.saved_tensors.items()):
         if not base_name:
-            report._add("saved-tensor", ERROR, key, "saved tensor names no base tensor to replace")
+            report._add(FindingCode.SAVED_TENSOR, ERROR, key, "saved tensor names no base tensor to replace")
     if native:
         _check_native_keys(report, adapter)
     bm = meta.base_model
-    if bm.hash_algorithm and bm.hash_algorithm != spec.HASH_ALGORITHM:
+    if bm.hash_algorithm and bm.hash_algorithm != HASH_ALGORITHM:
         report._add(
-            "hash-algorithm",
+            FindingCode.HASH_ALGORITHM,
             WARNING,
             "base_model.hash_algorithm",
             f"unknown hash algorithm {bm.hash_algorithm!r} (this reader implements "
-            f"{spec.HASH_ALGORITHM!r}): base hashes cannot be verified",
+            f"{HASH_ALGORITHM!r}): base hashes cannot be verified",
         )
     elif (bm.structure_hash or bm.content_hash or bm.target_digests) and not bm.hash_algorithm:
         report._add(
-            "hash-algorithm",
+            FindingCode.HASH_ALGORITHM,
             WARNING,
             "base_model.hash_algorithm",
             "base hashes are recorded without their hash_algorithm",
@@ -328,23 +346,25 @@ def _check_header(report: ValidationReport, adapter: Adapter) -> None:
 def _check_native_keys(report: ValidationReport, adapter: Adapter) -> None:
     """§Metadata: ``format: pt`` and the ModelSpec keys beside the loraformat document."""
     raw = adapter.raw_metadata
-    if raw.get(spec.FORMAT_KEY) != spec.FORMAT_VALUE:
+    if raw.get(FORMAT_KEY) != FORMAT_VALUE:
         report._add(
-            "format-key",
+            FindingCode.FORMAT_KEY,
             ERROR,
             "__metadata__.format",
-            f"must be {spec.FORMAT_VALUE!r} (transformers and PEFT refuse other values), "
-            f"found {raw.get(spec.FORMAT_KEY)!r}",
+            f"must be {FORMAT_VALUE!r} (transformers and PEFT refuse other values), "
+            f"found {raw.get(FORMAT_KEY)!r}",
         )
     recorded = adapter.meta.content_hash
     if recorded is None:
-        report._add("content-hash", WARNING, "content_hash", "no content hash recorded")
-    ms_hash = raw.get("modelspec.hash_sha256")
-    if ms_hash is None or "modelspec.sai_model_spec" not in raw:
-        report._add("modelspec", WARNING, "__metadata__", "ModelSpec keys (modelspec.*) are missing")
+        report._add(FindingCode.CONTENT_HASH, WARNING, "content_hash", "no content hash recorded")
+    ms_hash = raw.get(ModelSpecKey.HASH_SHA256)
+    if ms_hash is None or ModelSpecKey.SAI_MODEL_SPEC not in raw:
+        report._add(
+            FindingCode.MODELSPEC, WARNING, "__metadata__", "ModelSpec keys (modelspec.*) are missing"
+        )
     elif recorded is not None and ms_hash.lower() != "0x" + recorded:
         report._add(
-            "modelspec",
+            FindingCode.MODELSPEC,
             ERROR,
             "__metadata__.modelspec.hash_sha256",
             f"{ms_hash} differs from content_hash {recorded}",
@@ -362,22 +382,26 @@ def _check_data(report: ValidationReport, adapter: Adapter) -> None:
         try:
             t = adapter.tensor(key)
         except Exception as exc:  # safetensors/torch raise various kinds; each is an unreadable tensor
-            report._add("unreadable-tensor", ERROR, key, f"cannot be read ({exc.__class__.__name__})")
+            report._add(
+                FindingCode.UNREADABLE_TENSOR, ERROR, key, f"cannot be read ({exc.__class__.__name__})"
+            )
             continue
         if _all_finite(t):
             continue
         nan, inf = int(torch.isnan(t).sum()), int(torch.isinf(t).sum())
         if nan or inf:
-            report._add("non-finite", ERROR, key, f"{nan} NaN and {inf} Inf values in {t.numel()} elements")
+            report._add(
+                FindingCode.NON_FINITE, ERROR, key, f"{nan} NaN and {inf} Inf values in {t.numel()} elements"
+            )
     if not report.errors:
         _check_zero_delta(report, adapter)
     meta = adapter.meta
     header = getattr(adapter.source, "header", None)
-    if adapter.source_format == "loraformat" and meta.content_hash and header is not None:
+    if adapter.source_format == Format.LORAFORMAT and meta.content_hash and header is not None:
         actual = data_section_hash(adapter.source.path, header.data_start)
         if actual != meta.content_hash:
             report._add(
-                "content-hash",
+                FindingCode.CONTENT_HASH,
                 ERROR,
                 "content_hash",
                 f"data section hashes to {actual}, metadata records {meta.content_hash}: "
@@ -418,36 +442,37 @@ def _check_zero_delta(report: ValidationReport, adapter: Adapter) -> None:
         message = f"every lora_B is zero: the low-rank delta is zero (only the {', '.join(others)} change the model)"
     else:
         message = "every lora_B is zero: this adapter changes nothing"
-    report._add("zero-delta", WARNING, "", message)
+    report._add(FindingCode.ZERO_DELTA, WARNING, "", message)
 
 
 def _check_base(report: ValidationReport, adapter: Adapter, ck: Checkpoint) -> None:
-    from loraformat.base import base_problems, digest_problems, infer_fan_in_fan_out
+    from loraformat.base import base_problems, digest_problems, infer_fan_in_fan_out, saved_shape_problems
 
     meta = adapter.meta
-    if adapter.source_format != "loraformat":
+    if adapter.source_format != Format.LORAFORMAT:
         # PEFT itself corrects fan_in_fan_out from the layer type when it loads; mirror that
         meta = copy.deepcopy(meta)
         infer_fan_in_fan_out(meta, ck)
-    problems = base_problems(meta, ck)
+    shapes = {key: info.shape for key, info in adapter.source.infos.items()}
+    problems = base_problems(meta, ck) + saved_shape_problems(meta, ck, shapes)
     for code, location, message in problems:
         report._add(code, ERROR, location, message)
     bm = meta.base_model
     if not (bm.structure_hash or bm.target_digests):
         report._add(
-            "unstamped",
+            FindingCode.UNSTAMPED,
             WARNING,
             "base_model",
             "no base hashes recorded: only names and shapes were checked (convert with --base to stamp)",
         )
         return
-    if bm.target_digests and bm.hash_algorithm == spec.HASH_ALGORITHM:
+    if bm.target_digests and bm.hash_algorithm == HASH_ALGORITHM:
         for code, location, message in digest_problems(meta, ck):
             report._add(code, ERROR, location, message)
     missing = sorted({m.base_tensor for m in meta.modules.values()} - set(bm.target_digests))
     if bm.target_digests and missing:
         report._add(
-            "target-digest",
+            FindingCode.TARGET_DIGEST,
             WARNING,
             missing[0],
             f"{len(missing)} target tensor(s) have no recorded digest and were not verified",

@@ -9,8 +9,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from loraformat import spec
 from loraformat.adapter import parse_native_metadata
+from loraformat.constants import METADATA_KEY, PEFT_PREFIX
 from loraformat.io.header import read_header
 from loraformat.io.native import write_native
 from loraformat.metadata import AdapterMetadata, ModuleEntry
@@ -37,8 +37,8 @@ def one_module_adapter(
     )
     b = torch.zeros(out_features, rank) if zero_b else torch.randn(out_features, rank, generator=g)
     tensors = {
-        f"{spec.PEFT_PREFIX}{module}.lora_A.weight": torch.randn(rank, in_features, generator=g),
-        f"{spec.PEFT_PREFIX}{module}.lora_B.weight": b,
+        f"{PEFT_PREFIX}{module}.lora_A.weight": torch.randn(rank, in_features, generator=g),
+        f"{PEFT_PREFIX}{module}.lora_B.weight": b,
     }
     write_native(path, meta, tensors)
     return path
@@ -70,4 +70,4 @@ def rewrite(
 
 
 def document(path: Path) -> dict[str, Any]:
-    return json.loads(read_header(path).metadata[spec.METADATA_KEY])
+    return json.loads(read_header(path).metadata[METADATA_KEY])

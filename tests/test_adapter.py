@@ -11,14 +11,14 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from loraformat import spec
 from loraformat.adapter import PEFT_CONFIG, PEFT_WEIGHTS, expected_shapes, open_adapter
+from loraformat.constants import METADATA_KEY, PEFT_PREFIX, SPEC_VERSION
 from loraformat.conversion import adapter_tensors, convert
 from loraformat.errors import AdapterError, InputNotFoundError, SchemaError, UnsupportedVersionError
 from loraformat.io.native import write_native
 
 Q0 = "model.layers.0.self_attn.q_proj"
-PQ0 = spec.PEFT_PREFIX + Q0
+PQ0 = PEFT_PREFIX + Q0
 
 
 @pytest.fixture(scope="module")
@@ -167,7 +167,7 @@ def test_shape_and_dtype_and_unexpected(native, tmp_path):
     tensors["base_model.model.stray.weight"] = torch.zeros(3)
     tensors["not_peft_at_all"] = torch.zeros(2)
     k = "model.layers.0.self_attn.k_proj"
-    tensors[spec.PEFT_PREFIX + k + ".lora_A.weight"] = torch.zeros(8, 64, dtype=torch.int32)
+    tensors[PEFT_PREFIX + k + ".lora_A.weight"] = torch.zeros(8, 64, dtype=torch.int32)
     _, problems = _problems(tmp_path, meta, tensors)
     assert _codes(problems) == {
         ("shape-mismatch", Q0),
@@ -228,9 +228,9 @@ def _rewrite_document(src: Path, dst: Path, edit) -> None:
     with safe_open(str(src), "pt") as f:
         metadata = dict(f.metadata())
         tensors = {k: f.get_tensor(k) for k in f.keys()}
-    document = json.loads(metadata[spec.METADATA_KEY])
+    document = json.loads(metadata[METADATA_KEY])
     edit(document)
-    metadata[spec.METADATA_KEY] = json.dumps(document)
+    metadata[METADATA_KEY] = json.dumps(document)
     save_file(tensors, str(dst), metadata=metadata)
 
 
@@ -239,7 +239,7 @@ def test_newer_major_refused_newer_minor_read(native, tmp_path):
     _rewrite_document(native, newer, lambda d: d.update(spec_version="2.0"))
     with pytest.raises(UnsupportedVersionError) as err:
         open_adapter(newer)
-    assert "2.0" in str(err.value) and spec.SPEC_VERSION in str(err.value) and str(newer) in str(err.value)
+    assert "2.0" in str(err.value) and SPEC_VERSION in str(err.value) and str(newer) in str(err.value)
 
     minor = tmp_path / "v1_9.safetensors"
     _rewrite_document(native, minor, lambda d: d.update(spec_version="1.9", future_field={"x": 1}))

@@ -13,10 +13,10 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-from loraformat import spec
 from loraformat.adapter import PEFT_CONFIG, PEFT_WEIGHTS, open_adapter
 from loraformat.base import target_tensors
 from loraformat.cli.main import cli
+from loraformat.constants import METADATA_KEY
 from loraformat.conversion import convert
 from loraformat.errors import BaseMismatchError, OutputExistsError, UsageError
 from loraformat.hashing import hash_base
@@ -79,7 +79,7 @@ def test_convert_cli_json_and_file_contents(peft_adapters, llama_base, tmp_path)
     assert md["modelspec.architecture"] == "tiny-llama/lora" and md["modelspec.title"] == "pat"
     data = out.read_bytes()[header.data_start :]
     content = hashlib.sha256(data).hexdigest()
-    doc = json.loads(md[spec.METADATA_KEY])
+    doc = json.loads(md[METADATA_KEY])
     assert content == report["content_hash"] == doc["content_hash"] == md["modelspec.hash_sha256"][2:]
     assert md["modelspec.hash_sha256"] == "0x" + content
     assert doc["created"] == md["modelspec.date"] and doc["license"] == "mit"

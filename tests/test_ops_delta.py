@@ -10,6 +10,7 @@ import torch.nn as nn
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from loraformat.constants import LayerKind
 from loraformat.ops import delta
 from tests.merge_helpers import max_ulp
 
@@ -48,10 +49,10 @@ def _factors(layer: nn.Module) -> tuple[torch.Tensor, torch.Tensor, str]:
         return (
             layer.lora_embedding_A["default"].data,
             layer.lora_embedding_B["default"].data,
-            delta.KIND_EMBEDDING,
+            LayerKind.EMBEDDING,
         )
     A, B = layer.lora_A["default"].weight.data, layer.lora_B["default"].weight.data
-    return A, B, delta.KIND_CONV if A.dim() > 2 else delta.KIND_LINEAR
+    return A, B, LayerKind.CONV if A.dim() > 2 else LayerKind.LINEAR
 
 
 @pytest.fixture(scope="module")

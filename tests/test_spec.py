@@ -16,6 +16,16 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from loraformat import spec
+from loraformat.constants import (
+    BIAS_MODES,
+    HASH_ALGORITHM,
+    METADATA_KEY,
+    MODELSPEC_VERSION,
+    MODULE_KINDS,
+    PEFT_PREFIX,
+    SPEC_VERSION,
+    ScalingRule,
+)
 from loraformat.conversion import convert
 from loraformat.hashing import content_hash_of, structure_hash_of, tensor_digest
 from loraformat.io.header import TensorInfo, read_header
@@ -41,9 +51,7 @@ def full_metadata() -> AdapterMetadata:
         task="CAUSAL_LM",
         license="mit",
         created_by={"tool": "t", "version": "1"},
-        base_model=BaseModel(
-            "org/x", "main", "a" * 64, "b" * 64, spec.HASH_ALGORITHM, {"m.q.weight": "c" * 64}
-        ),
+        base_model=BaseModel("org/x", "main", "a" * 64, "b" * 64, HASH_ALGORITHM, {"m.q.weight": "c" * 64}),
         provenance=Provenance(
             "cat", [Parent("d" * 64, 0.5, "p")], rank=12, source_format="loraformat", details={"k": 1}
         ),
@@ -92,15 +100,15 @@ def test_schema_descriptions_name_existing_spec_sections() -> None:
 
 def test_spec_constants_appear_in_the_spec() -> None:
     for text in (
-        spec.SPEC_VERSION,
-        spec.METADATA_KEY,
-        spec.PEFT_PREFIX,
-        spec.SCALING_STANDARD,
-        spec.SCALING_RSLORA,
-        spec.HASH_ALGORITHM,
-        spec.MODELSPEC_VERSION,
-        *spec.LAYER_KINDS,
-        *spec.BIAS_MODES,
+        SPEC_VERSION,
+        METADATA_KEY,
+        PEFT_PREFIX,
+        ScalingRule.STANDARD,
+        ScalingRule.RSLORA,
+        HASH_ALGORITHM,
+        MODELSPEC_VERSION,
+        *MODULE_KINDS,
+        *BIAS_MODES,
         "loraformat-tensor/1",
         "modelspec.hash_sha256",
         "modelspec.architecture",
@@ -257,3 +265,49 @@ def test_versioning_rule(version: str, ok: bool) -> None:
     else:
         with pytest.raises(UnsupportedVersionError):
             spec.check_version(version)
+
+
+# --- code locations --------------------------------------------------------------------------------------------
+
+#: `loraformat/x.py` optionally followed by backticked names: `a`, `b` (a table cell or a sentence)
+_LOCATION = re.compile(r"`(loraformat/[\w/]+\.py)`((?:(?:,| and)? `[A-Za-z_][\w.]*`)*)")
+
+
+def _top_level_names(path: Path) -> set[str]:
+    import ast
+
+    names: set[str] = set()
+    for node in ast.parse(path.read_text("utf-8")).body:
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+            names.add(node.name)
+        elif isinstance(node, ast.Assign):
+            names.update(t.id for t in node.targets if isinstance(t, ast.Name))
+            for t in node.targets:
+                if isinstance(t, ast.Tuple):
+                    names.update(e.id for e in t.elts if isinstance(e, ast.Name))
+        elif isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name):
+            names.add(node.target.id)
+    return names
+
+
+def spec_code_locations() -> list[tuple[str, str, str]]:
+    """(spec file, code file, name or "") for every code location any spec/ document names."""
+    out = []
+    for doc in sorted((ROOT / "spec").rglob("*.md")):
+        for m in _LOCATION.finditer(doc.read_text("utf-8")):
+            names = re.findall(r"`([A-Za-z_][\w.]*)`", m.group(2))
+            out += [(doc.name, m.group(1), n) for n in names] or [(doc.name, m.group(1), "")]
+    return out
+
+
+def test_every_code_location_the_spec_names_exists() -> None:
+    locations = spec_code_locations()
+    assert len(locations) > 20  # the pattern still finds the spec's pointers
+    missing = []
+    for doc, file, name in locations:
+        path = ROOT / file
+        if not path.is_file():
+            missing.append(f"{doc}: {file}")
+        elif name and name.split(".")[0] not in _top_level_names(path):
+            missing.append(f"{doc}: {file} {name}")
+    assert not missing, "spec names code that does not exist: " + "; ".join(sorted(set(missing)))

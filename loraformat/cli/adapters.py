@@ -8,6 +8,7 @@ from collections.abc import Callable
 import click
 
 from loraformat.cli.common import emit_json, human_bytes, info, progress
+from loraformat.constants import CONVERT_TARGETS, Format
 
 
 @click.command("convert")
@@ -20,7 +21,12 @@ from loraformat.cli.common import emit_json, human_bytes, info, progress
     type=click.Path(path_type=str),
     help="Output: a .safetensors file (--to loraformat) or a directory (--to peft).",
 )
-@click.option("--to", type=click.Choice(["loraformat", "peft"]), default="loraformat", show_default=True)
+@click.option(
+    "--to",
+    type=click.Choice([str(t) for t in CONVERT_TARGETS]),
+    default=str(Format.LORAFORMAT),
+    show_default=True,
+)
 @click.option(
     "--base", type=click.Path(path_type=str), help="Base model: stamp its id, hashes and target digests."
 )

@@ -8,6 +8,7 @@ from __future__ import annotations
 import click
 
 from loraformat.cli.common import emit_json, info
+from loraformat.constants import LEVELS
 
 
 def _resolve(arg: str) -> str:
@@ -25,7 +26,7 @@ def _resolve(arg: str) -> str:
 )
 @click.option(
     "--level",
-    type=click.Choice(["header", "data", "base"]),
+    type=click.Choice([str(level) for level in LEVELS]),
     help="header: structure, schema, shapes; data: + NaN/Inf, zero deltas, content hash; "
     "base: + targets, structure hash, digests.  [default: header, or base with --base]",
 )

@@ -12,6 +12,7 @@ import math
 import re
 
 from loraformat import spec
+from loraformat.constants import LayerKind
 from loraformat.metadata import AdapterMetadata
 
 #: licence ids the Hugging Face Hub accepts in card metadata (a common subset; anything else becomes "other")
@@ -109,7 +110,7 @@ def _range(values: list[float]) -> str:
 def lora_parameters(meta: AdapterMetadata) -> int:
     total = 0
     for m in meta.modules.values():
-        k = math.prod(m.kernel_size or []) if m.kind == spec.KIND_CONV else 1
+        k = math.prod(m.kernel_size or []) if m.kind == LayerKind.CONV else 1
         total += m.rank * m.in_features * k + m.out_features * m.rank
     return total
 

@@ -28,13 +28,14 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
+from loraformat.constants import HubKind
 from loraformat.errors import UsageError, VerificationError
 
 ENV_HUB = "LORAFORMAT_HUB"
 ENV_CACHE = "LORAFORMAT_CACHE"
 DEFAULT_BRANCH = "main"
 HF_SCHEME, LOCAL_SCHEME, FILE_SCHEME = "hf://", "lfhub://", "file://"
-HF_NAMES = {"hf", "huggingface", "hf://", "huggingface.co"}
+HF_NAMES = {HubKind.HF, "huggingface", "hf://", "huggingface.co"}
 
 #: The files an adapter repository holds: PEFT and vLLM load the first two straight from the repo.
 WEIGHTS_FILE = "adapter_model.safetensors"

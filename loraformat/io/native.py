@@ -10,7 +10,16 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from loraformat import __version__, spec
+from loraformat import __version__
+from loraformat.constants import (
+    FORMAT_KEY,
+    FORMAT_VALUE,
+    METADATA_KEY,
+    MODELSPEC_ARCH_SUFFIX,
+    MODELSPEC_VERSION,
+    Format,
+    ModelSpecKey,
+)
 from loraformat.errors import AdapterError
 from loraformat.io.atomic import atomic_file
 from loraformat.io.header import DTYPE_BITS, encode_header
@@ -33,17 +42,17 @@ def build_metadata(meta: AdapterMetadata, content_hash: str) -> dict[str, str]:
     if not meta.created_by:
         meta.created_by = {"tool": "loraformat", "version": __version__}
     document = meta.to_dict()
-    arch = (meta.base_model.id or "unknown").split("/")[-1] + spec.MODELSPEC_ARCH_SUFFIX
+    arch = (meta.base_model.id or "unknown").split("/")[-1] + MODELSPEC_ARCH_SUFFIX
     return {
-        spec.FORMAT_KEY: spec.FORMAT_VALUE,
-        spec.METADATA_KEY: json.dumps(document, sort_keys=True, separators=(",", ":")),
-        "modelspec.sai_model_spec": spec.MODELSPEC_VERSION,
-        "modelspec.architecture": arch,
-        "modelspec.implementation": "https://github.com/huggingface/peft",
-        "modelspec.title": meta.name,
-        "modelspec.description": meta.description,
-        "modelspec.date": meta.created,
-        "modelspec.hash_sha256": "0x" + content_hash,
+        FORMAT_KEY: FORMAT_VALUE,
+        METADATA_KEY: json.dumps(document, sort_keys=True, separators=(",", ":")),
+        ModelSpecKey.SAI_MODEL_SPEC.value: MODELSPEC_VERSION,
+        ModelSpecKey.ARCHITECTURE.value: arch,
+        ModelSpecKey.IMPLEMENTATION.value: "https://github.com/huggingface/peft",
+        ModelSpecKey.TITLE.value: meta.name,
+        ModelSpecKey.DESCRIPTION.value: meta.description,
+        ModelSpecKey.DATE.value: meta.created,
+        ModelSpecKey.HASH_SHA256.value: "0x" + content_hash,
     }
 
 
@@ -72,7 +81,7 @@ def write_native(
     content_hash = digest.hexdigest()
     metadata = build_metadata(meta, content_hash)
     if check:
-        validate_document(json.loads(metadata[spec.METADATA_KEY]), path=os.fspath(path))
+        validate_document(json.loads(metadata[METADATA_KEY]), path=os.fspath(path))
     header, _ = encode_header([(k, *shapes[k]) for k in order], metadata)
     with atomic_file(Path(path), overwrite=overwrite) as f:
         f.write(header)
@@ -92,7 +101,7 @@ def _check_before_write(
     source = TensorSource()
     source.path = os.fspath(path)
     source.infos = {k: TensorInfo(k, dt, shape, 0, 0) for k, (dt, shape) in shapes.items()}
-    problems = Adapter(meta, source, "loraformat", os.fspath(path)).problems()
+    problems = Adapter(meta, source, Format.LORAFORMAT, os.fspath(path)).problems()
     if problems:
         code, where, message = problems[0]
         more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""

@@ -13,7 +13,7 @@ import re
 from collections import Counter
 from typing import Any
 
-from loraformat import spec
+from loraformat.constants import BIAS_MODES, PEFT_PREFIX, Format, LayerKind, ScalingRule
 from loraformat.errors import AdapterError
 from loraformat.io.header import TensorInfo
 from loraformat.metadata import AdapterMetadata, BaseModel, ModuleEntry, Provenance
@@ -78,9 +78,9 @@ def split_tensor_keys(keys: list[str], *, path: str) -> tuple[dict[str, dict[str
     modules: dict[str, dict[str, str]] = {}
     saved: dict[str, str] = {}
     for key in keys:
-        if not key.startswith(spec.PEFT_PREFIX):
+        if not key.startswith(PEFT_PREFIX):
             continue
-        rest = key[len(spec.PEFT_PREFIX) :]
+        rest = key[len(PEFT_PREFIX) :]
         for suffix, role in _SUFFIXES.items():
             if rest.endswith(suffix) and len(rest) > len(suffix):
                 modules.setdefault(rest[: -len(suffix)], {})[role] = key
@@ -134,8 +134,8 @@ def metadata_from_peft(
     lora_bias = _typed(config, "lora_bias", (bool,), False, path)
     bias = _typed(config, "bias", (str,), "none", path)
     modules_to_save = _typed(config, "modules_to_save", (list,), [], path)
-    if bias not in spec.BIAS_MODES:
-        raise _cfg_error(path, f"bias {bias!r} is not one of {', '.join(spec.BIAS_MODES)}")
+    if bias not in BIAS_MODES:
+        raise _cfg_error(path, f"bias {bias!r} is not one of {', '.join(BIAS_MODES)}")
     if not all(isinstance(m, str) for m in modules_to_save):
         raise _cfg_error(path, f"modules_to_save must be a list of strings, got {modules_to_save!r}")
 
@@ -149,13 +149,13 @@ def metadata_from_peft(
         a = infos[a_key].shape if a_key else ()
         b = infos[b_key].shape if b_key else ()
         if "embA" in roles or "embB" in roles:
-            kind, kernel = spec.KIND_EMBEDDING, None
+            kind, kernel = LayerKind.EMBEDDING, None
         elif len(a) > 2:
-            kind, kernel = spec.KIND_CONV, list(a[2:])
+            kind, kernel = LayerKind.CONV, list(a[2:])
         elif len(b) > 2:
-            kind, kernel = spec.KIND_CONV, [1] * (len(b) - 2)
+            kind, kernel = LayerKind.CONV, [1] * (len(b) - 2)
         else:
-            kind, kernel = spec.KIND_LINEAR, None
+            kind, kernel = LayerKind.LINEAR, None
         modules[module] = ModuleEntry(
             kind=kind,
             rank=resolve_pattern(rank_pattern, module, r),
@@ -164,7 +164,7 @@ def metadata_from_peft(
             out_features=b[0] if len(b) > 0 else 0,
             base_tensor=f"{module}.weight",
             # PEFT applies fan_in_fan_out to (Conv1D-)linear layers only; convert --base corrects it per layer
-            fan_in_fan_out=fan_in_fan_out and kind == spec.KIND_LINEAR,
+            fan_in_fan_out=fan_in_fan_out and kind == LayerKind.LINEAR,
             kernel_size=kernel,
         )
     if not modules:
@@ -174,7 +174,7 @@ def metadata_from_peft(
     revision = config.get("revision")
     return AdapterMetadata(
         modules=modules,
-        scaling=spec.SCALING_RSLORA if use_rslora else spec.SCALING_STANDARD,
+        scaling=ScalingRule.RSLORA if use_rslora else ScalingRule.STANDARD,
         dora=use_dora,
         bias=bias,
         lora_bias=lora_bias,
@@ -187,7 +187,7 @@ def metadata_from_peft(
             id=base_id if isinstance(base_id, str) and base_id else None,
             revision=revision if isinstance(revision, str) and revision else None,
         ),
-        provenance=Provenance(method="convert", source_format="peft"),
+        provenance=Provenance(method="convert", source_format=Format.PEFT),
     )
 
 
@@ -232,7 +232,7 @@ def peft_config_from_metadata(meta: AdapterMetadata) -> dict[str, Any]:
         "rank_pattern": rank_pattern,
         "alpha_pattern": alpha_pattern,
         "target_modules": names,
-        "use_rslora": meta.scaling == spec.SCALING_RSLORA,
+        "use_rslora": meta.scaling == ScalingRule.RSLORA,
         # PEFT corrects this per layer anyway (True for GPT-2 Conv1D, False for nn.Linear)
         "fan_in_fan_out": any(m.fan_in_fan_out for m in meta.modules.values()),
         "bias": meta.bias,

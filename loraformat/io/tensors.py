@@ -8,41 +8,22 @@ from __future__ import annotations
 import os
 from typing import TYPE_CHECKING, Any
 
+from loraformat.constants import TORCH_DTYPE_NAMES
 from loraformat.io.header import SafetensorsHeader, TensorInfo, read_header
 
 if TYPE_CHECKING:
     import torch
 
-#: safetensors dtype name <-> torch dtype attribute name
-_ST_TO_TORCH = {
-    "BOOL": "bool",
-    "U8": "uint8",
-    "I8": "int8",
-    "I16": "int16",
-    "U16": "uint16",
-    "I32": "int32",
-    "U32": "uint32",
-    "I64": "int64",
-    "U64": "uint64",
-    "F16": "float16",
-    "BF16": "bfloat16",
-    "F32": "float32",
-    "F64": "float64",
-    "F8_E4M3": "float8_e4m3fn",
-    "F8_E5M2": "float8_e5m2",
-    "C64": "complex64",
-}
-
 
 def torch_dtype(st_dtype: str) -> torch.dtype:
     import torch
 
-    return getattr(torch, _ST_TO_TORCH[st_dtype])
+    return getattr(torch, TORCH_DTYPE_NAMES[st_dtype])
 
 
 def st_dtype(dtype: torch.dtype) -> str:
     name = str(dtype).removeprefix("torch.")
-    for st, tn in _ST_TO_TORCH.items():
+    for st, tn in TORCH_DTYPE_NAMES.items():
         if tn == name:
             return st
     raise ValueError(f"no safetensors dtype for {dtype}")

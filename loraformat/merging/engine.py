@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from loraformat.constants import LayerKind
 from loraformat.errors import HashMismatchError
 from loraformat.hashing import start_tensor_digest
 from loraformat.io.header import DTYPE_BITS
@@ -292,7 +293,7 @@ class Pipeline:
         terms = []
         for ts in task.terms:
             adapter = self.plan.adapters[ts.adapter]
-            if ts.kind == "bias":
+            if ts.kind == LayerKind.BIAS:
                 terms.append(delta.bias_term(adapter.tensor(ts.b_key), ts.scale, dtype=cd, device=device))
                 continue
             assert ts.a_key is not None

@@ -14,6 +14,7 @@ import sys
 from collections.abc import Iterator
 from typing import Any
 
+from loraformat.constants import LayerKind
 from loraformat.errors import UsageError
 from loraformat.io.tensors import SafetensorsSource
 from loraformat.merging import engine
@@ -108,7 +109,7 @@ def _terms(plan: Plan, task: TensorTask, cd: Any) -> list[Any]:
 
     terms = []
     for ts in task.terms:
-        if ts.kind == "bias":
+        if ts.kind == LayerKind.BIAS:
             terms.append(
                 delta_np.bias_term_np(_adapter_array(plan, ts.adapter, ts.b_key, cd), ts.scale, dtype=cd)
             )

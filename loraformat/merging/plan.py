@@ -15,6 +15,7 @@ from typing import Any
 from loraformat import __version__, spec
 from loraformat.adapter import Adapter
 from loraformat.base import base_problems, infer_fan_in_fan_out
+from loraformat.constants import FORMAT_KEY, FORMAT_VALUE, LayerKind
 from loraformat.errors import BaseMismatchError, UnsupportedDtypeError, UsageError
 from loraformat.io.checkpoint import INDEX_NAME, Checkpoint
 from loraformat.io.header import DTYPE_BITS, FLOAT_DTYPES, TensorInfo, encode_header
@@ -85,7 +86,7 @@ class TensorTask:
         over every row (mirrors loraformat.ops.delta.channel_axis, without importing torch)."""
         return any(
             t.magnitude_key is not None
-            and (t.kind == "embedding" or (t.kind == "linear" and t.fan_in_fan_out))
+            and (t.kind == LayerKind.EMBEDDING or (t.kind == LayerKind.LINEAR and t.fan_in_fan_out))
             for t in self.terms
         )
 
@@ -217,7 +218,9 @@ def _terms_for(
                     path=adapter.path,
                 )
             out.setdefault(bias_name, []).append(
-                TermSpec(adapter=index, module=module, kind="bias", a_key=None, b_key=keys.bias, scale=s)
+                TermSpec(
+                    adapter=index, module=module, kind=LayerKind.BIAS, a_key=None, b_key=keys.bias, scale=s
+                )
             )
     return out
 
@@ -386,7 +389,7 @@ def _layout(
         ):  # keep tensors aligned after a dtype change: wider dtypes first, as safetensors
             position = {n: k for k, n in enumerate(names)}
             names = sorted(names, key=lambda n: (-DTYPE_BITS[by_name[n].out_dtype], position[n]))
-        metadata[spec.FORMAT_KEY] = spec.FORMAT_VALUE
+        metadata[FORMAT_KEY] = FORMAT_VALUE
         metadata["loraformat.merge"] = merged_from
         header, offsets = encode_header(
             [(n, by_name[n].out_dtype, by_name[n].shape) for n in names], metadata

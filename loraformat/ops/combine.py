@@ -20,12 +20,12 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+from loraformat.constants import DENSITY_METHODS
+
 if TYPE_CHECKING:
     import torch
 
     from loraformat.ops.lowrank import RankSpec
-
-DENSE_METHODS = ("ties", "dare_linear", "dare_ties")
 
 
 @dataclass
@@ -129,7 +129,7 @@ def combine_dense(
     The weights are inside the terms' coefficients, so they apply *before* the sign election: a negative
     weight negates a task (PEFT elects on unweighted tensors and weights afterwards).
     """
-    if method not in DENSE_METHODS:
+    if method not in DENSITY_METHODS:
         raise ValueError(f"unknown dense method {method!r}")
     if method == "ties":
         return elect_and_merge([trim(dense(t), density) for t in terms])

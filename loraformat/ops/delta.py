@@ -23,10 +23,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from loraformat.constants import LayerKind
 from loraformat.ops.delta_np import lora_factors
-
-KIND_LINEAR, KIND_EMBEDDING, KIND_CONV = "linear", "embedding", "conv"
-KIND_BIAS = "bias"  # lora_bias: s * lora_B.bias added to the base bias
 
 
 def compute_dtype(*dtypes: torch.dtype) -> torch.dtype:
@@ -46,7 +44,7 @@ def delta_weight(
     A: torch.Tensor,
     B: torch.Tensor,
     scale: float,
-    kind: str = KIND_LINEAR,
+    kind: str = LayerKind.LINEAR,
     *,
     fan_in_fan_out: bool = False,
     dtype: torch.dtype | None = None,
@@ -58,11 +56,11 @@ def delta_weight(
     """
     cd = dtype or compute_dtype(A.dtype, B.dtype)
     a, b = A.to(cd), B.to(cd)
-    if kind == KIND_LINEAR:
+    if kind == LayerKind.LINEAR:
         return transpose(b @ a, fan_in_fan_out) * scale
-    if kind == KIND_EMBEDDING:
+    if kind == LayerKind.EMBEDDING:
         return (b @ a).T * scale
-    if kind == KIND_CONV:
+    if kind == LayerKind.CONV:
         if all(k == 1 for k in a.shape[2:]):  # 1x1: a plain product over the channel dims
             r = a.shape[0]
             return (b.reshape(b.shape[0], r) @ a.reshape(r, a.shape[1])).reshape(
@@ -79,7 +77,7 @@ def channel_axis(kind: str, fan_in_fan_out: bool = False) -> int:
     nn.Linear and conv store (out, in, ...): axis 0. Conv1D (fan_in_fan_out) stores (in, out) and PEFT's
     embedding DoRA normalises per embedding dimension, a column of (num_embeddings, dim): axis 1.
     """
-    if kind == KIND_EMBEDDING or (kind == KIND_LINEAR and fan_in_fan_out):
+    if kind == LayerKind.EMBEDDING or (kind == LayerKind.LINEAR and fan_in_fan_out):
         return 1
     return 0
 
@@ -117,7 +115,7 @@ class AdapterDelta:
     A: torch.Tensor
     B: torch.Tensor
     scale: float  # s * weight
-    kind: str = KIND_LINEAR
+    kind: str = LayerKind.LINEAR
     fan_in_fan_out: bool = False
     magnitude: torch.Tensor | None = None  # DoRA
 
@@ -184,7 +182,7 @@ def lora_term(
     A: torch.Tensor,
     B: torch.Tensor,
     scale: float,
-    kind: str = KIND_LINEAR,
+    kind: str = LayerKind.LINEAR,
     *,
     fan_in_fan_out: bool = False,
     magnitude: torch.Tensor | None = None,

@@ -21,7 +21,7 @@ from typing import Any
 import ml_dtypes
 import numpy as np
 
-KIND_LINEAR, KIND_EMBEDDING, KIND_CONV = "linear", "embedding", "conv"
+from loraformat.constants import LayerKind
 
 #: safetensors dtype -> numpy dtype of its stored elements (BF16 as raw uint16 bit patterns)
 STORAGE: dict[str, type[np.generic]] = {
@@ -46,11 +46,11 @@ def lora_factors(A: Any, B: Any, kind: str, fan_in_fan_out: bool = False) -> tup
     B is exactly this product.
     """
     r = A.shape[0]
-    if kind == KIND_LINEAR and not fan_in_fan_out:
+    if kind == LayerKind.LINEAR and not fan_in_fan_out:
         return B, A
-    if kind in (KIND_LINEAR, KIND_EMBEDDING):
+    if kind in (LayerKind.LINEAR, LayerKind.EMBEDDING):
         return A.T, B.T
-    if kind == KIND_CONV:
+    if kind == LayerKind.CONV:
         return B.reshape(B.shape[0], r), A.reshape(r, -1)
     raise ValueError(f"unknown layer kind {kind!r}")
 
@@ -119,7 +119,7 @@ def lora_term_np(
     A: np.ndarray,
     B: np.ndarray,
     scale: float,
-    kind: str = KIND_LINEAR,
+    kind: str = LayerKind.LINEAR,
     *,
     fan_in_fan_out: bool = False,
     dtype: type[np.floating[Any]] = np.float32,

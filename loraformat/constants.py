@@ -1,0 +1,214 @@
+"""The one vocabulary of loraformat: every key, kind, format name, finding code and rule name, declared once.
+
+Modelled on gguf-py's ``constants.py``: code elsewhere imports names from here and never re-declares a string
+that means the same thing. The enums derive from ``str`` so a member equals its spelling (``LayerKind.LINEAR ==
+"linear"``), serialises to JSON as that spelling and can be compared with values read from files. Adding a
+kind, format, layout or finding code means adding it here (and, for a finding code, to spec/v1.md §15 — a test
+keeps the two equal). This module imports nothing from the package, so anything may import it.
+"""
+
+from __future__ import annotations
+
+from enum import Enum
+
+
+class StrEnum(str, Enum):
+    """A str-valued enum whose ``str()`` and ``format()`` are the value on every Python version."""
+
+    def __str__(self) -> str:
+        return str(self.value)
+
+    def __format__(self, spec: str) -> str:
+        return format(str(self.value), spec)
+
+
+# --- spec version (spec/v1.md §13) ------------------------------------------------------------------------
+
+SPEC_VERSION = "1.0"
+SPEC_MAJOR, SPEC_MINOR = (int(p) for p in SPEC_VERSION.split("."))
+
+# --- metadata keys (spec/v1.md §1, §3) --------------------------------------------------------------------
+
+#: the ``__metadata__`` key whose value is the loraformat JSON document
+METADATA_KEY = "loraformat"
+#: transformers and PEFT require this in ``__metadata__``
+FORMAT_KEY, FORMAT_VALUE = "format", "pt"
+
+#: ModelSpec 1.0.1 keys written beside ours so ecosystem tools recognise the file
+MODELSPEC_VERSION = "1.0.1"
+MODELSPEC_ARCH_SUFFIX = "/lora"
+
+
+class ModelSpecKey(StrEnum):
+    """The ``modelspec.*`` keys of ``__metadata__`` (spec/v1.md §3)."""
+
+    SAI_MODEL_SPEC = "modelspec.sai_model_spec"
+    ARCHITECTURE = "modelspec.architecture"
+    IMPLEMENTATION = "modelspec.implementation"
+    TITLE = "modelspec.title"
+    DESCRIPTION = "modelspec.description"
+    DATE = "modelspec.date"
+    HASH_SHA256 = "modelspec.hash_sha256"
+
+
+#: tensor key prefix PEFT uses; keeping it makes the file load unchanged in PEFT and vLLM
+PEFT_PREFIX = "base_model.model."
+
+#: identifies the base-model hashing scheme of spec/v1.md §9
+HASH_ALGORITHM = "loraformat-tensor-sha256/1"
+
+# --- layer kinds and rules (spec/v1.md §5, §6, §12) -------------------------------------------------------
+
+
+class LayerKind(StrEnum):
+    """What one term adds to: the module kinds of the metadata table, plus ``BIAS`` (a ``lora_bias`` term,
+    s·lora_B.bias added to the base bias), which only ever appears in a merge plan."""
+
+    LINEAR = "linear"
+    EMBEDDING = "embedding"
+    CONV = "conv"
+    BIAS = "bias"
+
+
+#: the kinds a module of the metadata table may have (schemas/adapter-v1.schema.json ``kind``)
+MODULE_KINDS = (LayerKind.LINEAR, LayerKind.EMBEDDING, LayerKind.CONV)
+
+
+class ScalingRule(StrEnum):
+    """spec/v1.md §5: s = alpha/r, or alpha/sqrt(r) for rsLoRA."""
+
+    STANDARD = "alpha/r"
+    RSLORA = "alpha/sqrt(r)"
+
+
+#: PEFT's bias modes (spec/v1.md §4)
+BIAS_MODES = ("none", "all", "lora_only")
+
+# --- formats and layouts ----------------------------------------------------------------------------------
+
+
+class Format(StrEnum):
+    """Adapter formats loraformat reads (``Adapter.source_format``) and writes (``convert --to``)."""
+
+    LORAFORMAT = "loraformat"
+    PEFT = "peft"
+    PEFT_PICKLE = "peft-pickle"  # adapter_model.bin, read only with allow_pickle
+
+
+#: formats ``convert --to`` writes
+CONVERT_TARGETS = (Format.LORAFORMAT, Format.PEFT)
+
+
+class StoredLayout(StrEnum):
+    """How a base tensor's values are stored; a merge kernel's codec decodes one layout to fp32 and encodes
+    back to it (loraformat/ops/codec.py). Quantized layouts add their names here."""
+
+    DENSE = "dense"  # a plain floating-point tensor (any dtype in io/header.py FLOAT_DTYPES)
+
+
+#: safetensors dtype name -> torch dtype attribute name
+TORCH_DTYPE_NAMES = {
+    "BOOL": "bool",
+    "U8": "uint8",
+    "I8": "int8",
+    "I16": "int16",
+    "U16": "uint16",
+    "I32": "int32",
+    "U32": "uint32",
+    "I64": "int64",
+    "U64": "uint64",
+    "F16": "float16",
+    "BF16": "bfloat16",
+    "F32": "float32",
+    "F64": "float64",
+    "F8_E4M3": "float8_e4m3fn",
+    "F8_E5M2": "float8_e5m2",
+    "C64": "complex64",
+}
+
+
+class HubKind(StrEnum):
+    """The hub backends (loraformat/hub/)."""
+
+    LOCAL = "local"
+    HF = "hf"
+
+
+# --- validation (spec/v1.md §15) --------------------------------------------------------------------------
+
+
+class Level(StrEnum):
+    """Cumulative validation levels; ``data`` is the default."""
+
+    HEADER = "header"
+    DATA = "data"
+    BASE = "base"
+
+
+LEVELS = (Level.HEADER, Level.DATA, Level.BASE)
+DEFAULT_LEVEL = Level.DATA
+
+
+class Severity(StrEnum):
+    ERROR = "error"
+    WARNING = "warning"
+
+
+class FindingCode(StrEnum):
+    """Every finding ``validate`` reports; spec/v1.md §15 lists exactly these (tests/test_constants.py)."""
+
+    # header level: the container and the document
+    HEADER = "header"
+    UNSUPPORTED_VERSION = "unsupported-version"
+    SCHEMA = "schema"
+    PICKLE_REFUSED = "pickle-refused"
+    ADAPTER = "adapter"
+    CONFIG = "config"
+    INVALID = "invalid"
+    UNREADABLE = "unreadable"
+    # header level: tensors against the module table
+    MISSING_TENSOR = "missing-tensor"
+    WRONG_NDIM = "wrong-ndim"
+    RANK_MISMATCH = "rank-mismatch"
+    METADATA_RANK = "metadata-rank"
+    SHAPE_MISMATCH = "shape-mismatch"
+    BAD_DTYPE = "bad-dtype"
+    UNEXPECTED_TENSOR = "unexpected-tensor"
+    SAVED_TENSOR = "saved-tensor"
+    # header level: metadata keys
+    FORMAT_KEY = "format-key"
+    MODELSPEC = "modelspec"
+    CONTENT_HASH = "content-hash"
+    HASH_ALGORITHM = "hash-algorithm"
+    # data level
+    UNREADABLE_TENSOR = "unreadable-tensor"
+    NON_FINITE = "non-finite"
+    ZERO_DELTA = "zero-delta"
+    # base level
+    MISSING_TARGET = "missing-target"
+    TARGET_SHAPE = "target-shape"
+    SAVED_SHAPE = "saved-shape"
+    STRUCTURE_HASH = "structure-hash"
+    TARGET_DIGEST = "target-digest"
+    UNSTAMPED = "unstamped"
+
+
+# --- compose methods (loraformat/composition.py) ----------------------------------------------------------
+
+
+class ComposeMethod(StrEnum):
+    CAT = "cat"
+    LINEAR = "linear"
+    SVD = "svd"
+    TIES = "ties"
+    DARE_LINEAR = "dare_linear"
+    DARE_TIES = "dare_ties"
+
+
+COMPOSE_METHODS = tuple(ComposeMethod)
+#: methods that take --rank
+LOWRANK_METHODS = (ComposeMethod.SVD, ComposeMethod.TIES, ComposeMethod.DARE_LINEAR, ComposeMethod.DARE_TIES)
+#: methods that build the dense delta and need --density
+DENSITY_METHODS = (ComposeMethod.TIES, ComposeMethod.DARE_LINEAR, ComposeMethod.DARE_TIES)
+#: methods that draw random masks and take --seed
+SEEDED_METHODS = (ComposeMethod.DARE_LINEAR, ComposeMethod.DARE_TIES)
