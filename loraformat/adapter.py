@@ -15,7 +15,14 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from loraformat import spec
-from loraformat.constants import METADATA_KEY, PEFT_PREFIX, FindingCode, Format, LayerKind
+from loraformat.constants import (
+    DIFFUSERS_WEIGHTS_NAME,
+    METADATA_KEY,
+    PEFT_PREFIX,
+    FindingCode,
+    Format,
+    LayerKind,
+)
 from loraformat.errors import AdapterError, InputNotFoundError, PickleRefusedError, SchemaError, UsageError
 from loraformat.io.header import FLOAT_DTYPES, TensorInfo
 from loraformat.io.tensors import MemorySource, SafetensorsSource, TensorSource
@@ -28,6 +35,7 @@ if TYPE_CHECKING:
 PEFT_WEIGHTS = "adapter_model.safetensors"
 PEFT_CONFIG = "adapter_config.json"
 PEFT_PICKLE = "adapter_model.bin"
+DIFFUSERS_WEIGHTS = DIFFUSERS_WEIGHTS_NAME  # what diffusers' save_lora_weights writes
 
 
 @dataclass(frozen=True)
@@ -69,7 +77,7 @@ def expected_shapes(entry: ModuleEntry) -> tuple[tuple[int, ...], tuple[int, ...
 class Adapter:
     meta: AdapterMetadata
     source: TensorSource
-    source_format: Format
+    source_format: Format  # loraformat, peft, peft-pickle, kohya, diffusers
     path: str
     raw_metadata: dict[str, str] = field(default_factory=dict)  # the safetensors __metadata__ as found
     peft_config: dict[str, Any] | None = None
@@ -277,6 +285,8 @@ def _locate(
     """(weights file, adapter name, PEFT config or None) for what the user gave."""
     if p.is_dir():
         weights, pickle_file = p / PEFT_WEIGHTS, p / PEFT_PICKLE
+        if not weights.is_file() and (p / DIFFUSERS_WEIGHTS).is_file():
+            return p / DIFFUSERS_WEIGHTS, p.resolve().name, config_data
         if not weights.is_file():
             if not pickle_file.is_file():
                 raise InputNotFoundError(
@@ -304,12 +314,15 @@ def open_adapter(
     config: str | os.PathLike[str] | dict[str, Any] | None = None,
     allow_pickle: bool = False,
     check: bool = True,
+    base: str | os.PathLike[str] | None = None,
 ) -> Adapter:
     """Open an adapter of any supported layout. ``check`` raises AdapterError if tensors and metadata disagree.
 
     A native file's own metadata always wins over a config; a PEFT-style file needs its adapter_config.json
-    (beside it as ``adapter_model.safetensors``, or given as ``config``). Pickles are refused unless
-    ``allow_pickle``, and then loaded with ``torch.load(weights_only=True)`` (no code runs).
+    (beside it as ``adapter_model.safetensors``, or given as ``config``). kohya and diffusers files are
+    recognised by their keys (io/layouts.py); ``base`` (a pipeline, component folder or checkpoint) resolves
+    kohya's underscored module paths against real module names. Pickles are refused unless ``allow_pickle``,
+    and then loaded with ``torch.load(weights_only=True)`` (no code runs).
     """
     from loraformat.io import peft as peft_io
 
@@ -340,14 +353,29 @@ def open_adapter(
             meta = peft_io.metadata_from_peft(config_data, source.infos, name=name, path=str(file))
             adapter = Adapter(meta, source, Format.PEFT, str(p), dict(raw), config_data)
         else:
-            raise AdapterError(
-                f"has no loraformat metadata and no {PEFT_CONFIG} beside it; give the PEFT config with "
-                "--config, or convert the adapter first",
-                path=file,
-            )
+            adapter = _open_layout(source, name, str(p), base)
     if check:
         adapter.check()
     return adapter
+
+
+def _open_layout(
+    source: SafetensorsSource, name: str, given: str, base: str | os.PathLike[str] | None
+) -> Adapter:
+    """A kohya or diffusers file, seen under canonical keys (a PEFT-keyed file needs its config)."""
+    from loraformat.io.layouts import detect_layout, read_layout
+    from loraformat.io.pipeline import base_module_names
+
+    layout = detect_layout(source.header)
+    if layout == Format.PEFT:
+        raise AdapterError(
+            f"has no loraformat metadata and no {PEFT_CONFIG} beside it; give the PEFT config with "
+            "--config, or convert the adapter first",
+            path=source.path,
+        )
+    modules = base_module_names(base) if base is not None and layout == Format.KOHYA else None
+    meta, renamed = read_layout(source.header, layout, name=name, base_modules=modules)
+    return Adapter(meta, renamed, layout, given, dict(source.header.metadata), None)
 
 
 def _open_pickle(file: Path, config_data: dict[str, Any], name: str, given: str) -> Adapter:

@@ -93,10 +93,62 @@ class Format(StrEnum):
     LORAFORMAT = "loraformat"
     PEFT = "peft"
     PEFT_PICKLE = "peft-pickle"  # adapter_model.bin, read only with allow_pickle
+    KOHYA = "kohya"  # sd-scripts LoRA files (spec/interop/kohya.md)
+    DIFFUSERS = "diffusers"  # pytorch_lora_weights.safetensors (spec/interop/diffusers.md)
 
 
 #: formats ``convert --to`` writes
-CONVERT_TARGETS = (Format.LORAFORMAT, Format.PEFT)
+CONVERT_TARGETS = (Format.LORAFORMAT, Format.PEFT, Format.KOHYA, Format.DIFFUSERS)
+
+# --- diffusion pipelines, kohya and diffusers files (spec/interop/kohya.md, spec/interop/diffusers.md) -----
+
+#: diffusers pipeline sub-folders that LoRA adapters target (module paths are qualified by them)
+PIPELINE_COMPONENTS = ("unet", "transformer", "text_encoder", "text_encoder_2", "text_encoder_3")
+#: a diffusers pipeline directory's index file
+MODEL_INDEX = "model_index.json"
+#: kohya key prefix -> diffusers component (lora_unet_ is the denoiser: unet, or transformer when the base
+#: has no unet)
+KOHYA_PREFIXES = {
+    "lora_unet_": "unet",
+    "lora_te_": "text_encoder",
+    "lora_te1_": "text_encoder",
+    "lora_te2_": "text_encoder_2",
+    "lora_te3_": "text_encoder_3",
+}
+#: kohya training metadata keys start with this; kept across conversions
+KOHYA_TRAINING_PREFIX = "ss_"
+#: sd-scripts' hashes of the tensor data, recomputed on every kohya write, never copied
+KOHYA_HASH_KEYS = ("sshs_model_hash", "sshs_legacy_hash")
+#: provenance.details key that keeps a converted kohya file's ss_* metadata
+KOHYA_DETAILS_KEY = "kohya_metadata"
+#: ss_* training metadata -> what it means, in the order inspect shows it
+KOHYA_PLAIN_WORDS = {
+    "ss_output_name": "name",
+    "ss_base_model_version": "base model",
+    "ss_sd_model_name": "trained on checkpoint",
+    "ss_new_sd_model_hash": "checkpoint sha256",
+    "ss_sd_model_hash": "checkpoint legacy hash",
+    "ss_network_module": "network module",
+    "ss_network_dim": "rank (network dim)",
+    "ss_network_alpha": "alpha (network alpha)",
+    "ss_network_args": "network arguments",
+    "ss_training_started_at": "training started (unix time)",
+    "ss_training_finished_at": "training finished (unix time)",
+    "ss_num_train_images": "training images",
+    "ss_num_epochs": "epochs",
+    "ss_max_train_steps": "steps",
+    "ss_learning_rate": "learning rate",
+    "ss_unet_lr": "unet learning rate",
+    "ss_text_encoder_lr": "text encoder learning rate",
+    "ss_optimizer": "optimizer",
+    "ss_resolution": "resolution",
+    "ss_mixed_precision": "mixed precision",
+    "ss_seed": "seed",
+    "ss_clip_skip": "clip skip",
+}
+#: diffusers' __metadata__ key holding each component's LoraConfig, and its LoRA weights file name
+DIFFUSERS_METADATA_KEY = "lora_adapter_metadata"
+DIFFUSERS_WEIGHTS_NAME = "pytorch_lora_weights.safetensors"
 
 
 class StoredLayout(StrEnum):

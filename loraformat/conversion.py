@@ -16,14 +16,37 @@ from typing import Any
 
 from loraformat.adapter import PEFT_CONFIG, PEFT_WEIGHTS, Adapter, open_adapter
 from loraformat.base import base_problems, infer_fan_in_fan_out, saved_shape_problems, stamp
+from loraformat.components import check_pipeline_base, fits_as_is, qualify, requalified_tensors
 from loraformat.constants import CONVERT_TARGETS, Format
 from loraformat.errors import BaseMismatchError, UsageError
 from loraformat.hashing import hash_base
 from loraformat.io.atomic import atomic_dir
 from loraformat.io.checkpoint import open_checkpoint
+from loraformat.io.diffusers import write_diffusers
+from loraformat.io.kohya import write_kohya
+from loraformat.io.names import split_component
 from loraformat.io.native import write_native
 from loraformat.io.peft import peft_config_from_metadata
+from loraformat.io.pipeline import is_pipeline
 from loraformat.metadata import AdapterMetadata, Provenance
+
+
+def _write_native(out: Path, meta: AdapterMetadata, tensors: dict[str, Any], *, overwrite: bool) -> str:
+    return write_native(out, meta, tensors, overwrite=overwrite)
+
+
+def _write_peft(out: Path, meta: AdapterMetadata, tensors: dict[str, Any], *, overwrite: bool) -> str:
+    return write_peft_dir(out, meta, tensors, overwrite=overwrite)
+
+
+#: convert --to NAME -> writer(output, metadata, canonical tensors, overwrite=) returning the content hash;
+#: engine exports add their entry here
+WRITERS: dict[Format, Callable[..., str]] = {
+    Format.LORAFORMAT: _write_native,
+    Format.PEFT: _write_peft,
+    Format.KOHYA: write_kohya,
+    Format.DIFFUSERS: write_diffusers,
+}
 
 
 @dataclass
@@ -91,43 +114,61 @@ def convert(
     overwrite: bool = False,
     use_cache: bool = True,
     progress: Callable[[int], None] | None = None,
+    component: str | None = None,
 ) -> ConvertResult:
-    """Convert ``src`` (native file, PEFT dir, PEFT .safetensors + ``config``, pickle with ``allow_pickle``) to
-    a native file or (``to="peft"``) a PEFT directory. ``base`` stamps the base identity, both hashes and the
-    digests of exactly the targeted tensors, after checking that every target fits."""
+    """Convert ``src`` (native file, PEFT dir, PEFT .safetensors + ``config``, pickle with ``allow_pickle``,
+    kohya or diffusers file) to any of CONVERT_TARGETS (constants.py): a native file, a PEFT directory, a kohya or diffusers file.
+    ``base`` stamps the base identity, both hashes and the digests of exactly the targeted tensors, after
+    checking that every target fits; a diffusers pipeline base is checked per component (and resolves kohya
+    names) but not stamped. ``component`` declares which pipeline model a single-model adapter is for."""
     if to not in CONVERT_TARGETS:
         raise UsageError(f"--to must be one of {', '.join(CONVERT_TARGETS)}, not {to!r}")
     src_p, dst_p = Path(src), Path(dst)
     _check_paths(src_p, dst_p, config)
-    with open_adapter(src_p, config=config, allow_pickle=allow_pickle) as adapter:
+    with open_adapter(src_p, config=config, allow_pickle=allow_pickle, base=base) as adapter:
         meta = copy.deepcopy(adapter.meta)
         source_format = adapter.source_format
-        if source_format != Format.LORAFORMAT:
-            meta.provenance = Provenance(method="convert", source_format=source_format)
-        for attr, value in (
-            ("name", name),
-            ("description", description),
-            ("task", task),
-            ("license", license),
-        ):
-            if value is not None:
-                setattr(meta, attr, value)
-        if base_id is not None:
-            meta.base_model.id = base_id
-        if base is not None:
-            ck = open_checkpoint(base)
-            infer_fan_in_fan_out(meta, ck)
-            shapes = {k: info.shape for k, info in adapter.source.infos.items()}
-            problems = base_problems(meta, ck) + saved_shape_problems(meta, ck, shapes)
-            if problems:
-                _, where, message = problems[0]
-                more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
-                raise BaseMismatchError(f"does not fit base {base}: {where}: {message}{more}", path=src)
-            stamp(meta, ck, hash_base(ck, use_cache=use_cache, progress=progress), base_id=base_id)
         tensors = adapter_tensors(adapter)
+    if source_format != Format.LORAFORMAT:
+        read = meta.provenance
+        keep = read is not None and read.source_format == source_format
+        meta.provenance = read if keep else Provenance(method="convert", source_format=source_format)
+    if component is not None:
+        qualify(meta, component)
+        tensors = requalified_tensors(tensors, component)
+    for attr, value in (("name", name), ("description", description), ("task", task), ("license", license)):
+        if value is not None:
+            setattr(meta, attr, value)
+    if base_id is not None:
+        meta.base_model.id = base_id
+    if base is not None:
+        _check_base(meta, base, tensors, src, base_id=base_id, use_cache=use_cache, progress=progress)
     meta.created_by = {}
-    if to == Format.PEFT:
-        content_hash = write_peft_dir(dst_p, meta, tensors, overwrite=overwrite)
-    else:
-        content_hash = write_native(dst_p, meta, tensors, overwrite=overwrite)
+    content_hash = WRITERS[to](dst_p, meta, tensors, overwrite=overwrite)
     return ConvertResult(str(dst), to, content_hash, len(meta.modules), base is not None, source_format)
+
+
+def _check_base(
+    meta: AdapterMetadata,
+    base: str | os.PathLike[str],
+    tensors: dict[str, Any],
+    src: str | os.PathLike[str],
+    *,
+    base_id: str | None,
+    use_cache: bool,
+    progress: Callable[[int], None] | None,
+) -> None:
+    """Refuse an adapter that does not fit the base; stamp a single-checkpoint base's identity."""
+    qualified = any(split_component(m)[0] for m in meta.modules)
+    if is_pipeline(base) or (qualified and not fits_as_is(meta, base)):
+        check_pipeline_base(meta, base, path=os.fspath(src))
+        return
+    ck = open_checkpoint(base)
+    infer_fan_in_fan_out(meta, ck)
+    shapes = {k: tuple(t.shape) for k, t in tensors.items()}
+    problems = base_problems(meta, ck) + saved_shape_problems(meta, ck, shapes)
+    if problems:
+        _, where, message = problems[0]
+        more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
+        raise BaseMismatchError(f"does not fit base {base}: {where}: {message}{more}", path=src)
+    stamp(meta, ck, hash_base(ck, use_cache=use_cache, progress=progress), base_id=base_id)

@@ -13,7 +13,7 @@ from collections import Counter
 from typing import Any
 
 from loraformat.adapter import Adapter, open_adapter
-from loraformat.constants import Format
+from loraformat.constants import KOHYA_DETAILS_KEY, KOHYA_TRAINING_PREFIX, Format
 
 
 def inspect(
@@ -99,9 +99,38 @@ def describe(adapter: Adapter) -> dict[str, Any]:
         },
         "tensors": len(infos),
         "dtypes": dict(sorted(Counter(i.dtype for i in infos.values()).items())),
-        "provenance": meta.provenance.to_dict() if native and meta.provenance else None,
+        "provenance": meta.provenance.to_dict() if meta.provenance else None,
+        "components": _components(meta),
+        "kohya_training": _kohya_training(adapter),
         "modules": modules,
     }
+
+
+def _components(meta: Any) -> dict[str, int]:
+    """Modules per diffusion-pipeline component (empty for a single-model adapter)."""
+    from loraformat.io.names import split_component
+
+    counts = Counter(split_component(m)[0] for m in meta.modules)
+    return {c: n for c, n in sorted(counts.items()) if c is not None}
+
+
+def _kohya_training(adapter: Adapter) -> dict[str, Any] | None:
+    """ss_* training metadata (of the file, or kept in the provenance of a converted one), in plain words."""
+    from loraformat.io import kohya
+    from loraformat.io.native import data_section_hash
+    from loraformat.io.tensors import SafetensorsSource
+
+    raw = adapter.raw_metadata
+    prov = adapter.meta.provenance
+    if not any(k.startswith(KOHYA_TRAINING_PREFIX) for k in raw) and prov is not None:
+        raw = prov.details.get(KOHYA_DETAILS_KEY) or {}
+    if not any(k.startswith(KOHYA_TRAINING_PREFIX) for k in raw) and "sshs_model_hash" not in raw:
+        return None
+    src = adapter.source
+    data_hash = None
+    if "sshs_model_hash" in raw and isinstance(src, SafetensorsSource) and raw is adapter.raw_metadata:
+        data_hash = data_section_hash(src.path, src.header.data_start)
+    return kohya.describe_training(raw, data_hash)
 
 
 def reduction_text(trainable: int, full: int) -> str:
@@ -182,6 +211,20 @@ def format_text(d: dict[str, Any]) -> str:
             + (f" from {prov['source_format']}" if prov.get("source_format") else "")
             + (f" of {parents}" if parents else "")
         )
+    if d.get("components"):
+        lines.append("components   " + ", ".join(f"{c} ({n} modules)" for c, n in d["components"].items()))
+    training = d.get("kohya_training")
+    if training:
+        lines.append("training     kohya sd-scripts metadata:")
+        lines += [f"  {k:<28} {v}" for k, v in training["fields"].items()]
+        if training["other_keys"]:
+            lines.append(f"  {'other ss_* keys':<28} {len(training['other_keys'])}")
+        state = training["sshs_model_hash_state"]
+        if training["sshs_model_hash"]:
+            what = {"matches": "matches the tensor data", "stale": "STALE: does not match the tensor data"}
+            lines.append(
+                f"  {'sshs_model_hash':<28} {training['sshs_model_hash'][:16]}… {what.get(state, '')}"
+            )
     if d["created"]:
         by = d["created_by"]
         lines.append(

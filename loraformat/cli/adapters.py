@@ -8,7 +8,8 @@ from collections.abc import Callable
 import click
 
 from loraformat.cli.common import emit_json, human_bytes, info, progress
-from loraformat.constants import CONVERT_TARGETS, Format
+from loraformat.constants import CONVERT_TARGETS, PIPELINE_COMPONENTS, Format
+from loraformat.io.pipeline import is_pipeline
 
 
 @click.command("convert")
@@ -19,16 +20,25 @@ from loraformat.constants import CONVERT_TARGETS, Format
     "dst",
     required=True,
     type=click.Path(path_type=str),
-    help="Output: a .safetensors file (--to loraformat) or a directory (--to peft).",
+    help="Output: a .safetensors file (--to loraformat, kohya, diffusers) or a directory (--to peft).",
 )
 @click.option(
     "--to",
     type=click.Choice([str(t) for t in CONVERT_TARGETS]),
     default=str(Format.LORAFORMAT),
     show_default=True,
+    help="Output layout, e.g. --to kohya for ComfyUI/A1111, --to diffusers for load_lora_weights.",
 )
 @click.option(
-    "--base", type=click.Path(path_type=str), help="Base model: stamp its id, hashes and target digests."
+    "--base",
+    type=click.Path(path_type=str),
+    help="Base model (checkpoint, component folder or diffusers pipeline): check every target fits, resolve "
+    "kohya names against its modules, and stamp a checkpoint's id, hashes and target digests.",
+)
+@click.option(
+    "--component",
+    type=click.Choice(list(PIPELINE_COMPONENTS)),
+    help="Which pipeline model a single-model adapter is for (needed for --to kohya), e.g. --component unet.",
 )
 @click.option("--name", help="Adapter name recorded in the metadata.")
 @click.option("--base-id", help="Base model id (hub repo id or name) to record.")
@@ -55,12 +65,14 @@ def convert_cmd(
     description: str | None,
     task: str | None,
     license_: str | None,
+    component: str | None,
     config: str | None,
     allow_pickle: bool,
     overwrite: bool,
     as_json: bool,
 ) -> None:
-    """Convert an adapter (PEFT directory, PEFT .safetensors + config, pickle, native) to loraformat or PEFT.
+    """Convert an adapter (native, PEFT directory or .safetensors + config, pickle, kohya, diffusers) to
+    loraformat, PEFT, kohya or diffusers; alpha and per-module ranks are kept.
 
     The input is never modified; the output appears only when complete. Exit codes: 0 written, 1 invalid
     input or base mismatch, 2 usage/I-O error (e.g. the output exists without --overwrite).
@@ -71,13 +83,16 @@ def convert_cmd(
       loraformat convert adapter.safetensors --to peft -o ./peft-adapter
       loraformat convert ./old-adapter -o adapter.safetensors --allow-pickle   # adapter_model.bin
       loraformat convert weights.safetensors --config adapter_config.json -o adapter.safetensors
+      loraformat convert civitai_lora.safetensors --base ./sd15-pipeline -o adapter.safetensors
+      loraformat convert adapter.safetensors --to kohya -o comfyui_lora.safetensors
+      loraformat convert ./unet-peft-adapter --component unet --to diffusers -o pytorch_lora_weights.safetensors
     """
     from loraformat.conversion import convert
     from loraformat.hub.resolve import resolve_adapter_arg
 
     src = resolve_adapter_arg(src)
     bar: contextlib.AbstractContextManager[Callable[[int], None] | None] = contextlib.nullcontext(None)
-    if base is not None:
+    if base is not None and not is_pipeline(base):
         from loraformat.io.checkpoint import open_checkpoint
 
         bar = progress(open_checkpoint(base).total_bytes, "hashing base")
@@ -96,6 +111,7 @@ def convert_cmd(
             allow_pickle=allow_pickle,
             overwrite=overwrite,
             progress=update,
+            component=component,
         )
     if as_json:
         emit_json(result.to_json())

@@ -7,6 +7,7 @@ import hashlib
 import json
 import os
 from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -73,22 +74,49 @@ def write_native(
     shapes = {k: (st_dtype(t.dtype), tuple(t.shape)) for k, t in tensors.items()}
     if check:
         _check_before_write(path, meta, shapes)
+    encoded = encode_tensors(tensors)
+    metadata = build_metadata(meta, encoded.content_hash)
+    if check:
+        validate_document(json.loads(metadata[METADATA_KEY]), path=os.fspath(path))
+    write_encoded(path, encoded, metadata, overwrite=overwrite)
+    return encoded.content_hash
+
+
+@dataclass
+class EncodedTensors:
+    """Tensors as safetensors will lay them out: the order, dtype and shape of each, the raw bytes, and the
+    sha256 of the data section (which metadata may need before the header is written)."""
+
+    order: list[str]
+    shapes: dict[str, tuple[str, tuple[int, ...]]]
+    blobs: dict[str, bytes]
+    content_hash: str
+
+    def entries(self) -> list[tuple[str, str, tuple[int, ...]]]:
+        return [(k, *self.shapes[k]) for k in self.order]
+
+
+def encode_tensors(tensors: Mapping[str, torch.Tensor]) -> EncodedTensors:
+    """Serialise tensors in safetensors' own order and hash the data section."""
+    shapes = {k: (st_dtype(t.dtype), tuple(t.shape)) for k, t in tensors.items()}
     order = layout_order(shapes)
     blobs = {k: tensor_to_bytes(tensors[k]) for k in order}
     digest = hashlib.sha256()
     for k in order:
         digest.update(blobs[k])
-    content_hash = digest.hexdigest()
-    metadata = build_metadata(meta, content_hash)
-    if check:
-        validate_document(json.loads(metadata[METADATA_KEY]), path=os.fspath(path))
-    header, _ = encode_header([(k, *shapes[k]) for k in order], metadata)
+    return EncodedTensors(order, shapes, blobs, digest.hexdigest())
+
+
+def write_encoded(
+    path: str | os.PathLike[str], encoded: EncodedTensors, metadata: dict[str, str], *, overwrite: bool
+) -> None:
+    """Write header + data atomically (temporary name, fsync, rename), releasing each blob once written."""
+    header, _ = encode_header(encoded.entries(), metadata)
     with atomic_file(Path(path), overwrite=overwrite) as f:
         f.write(header)
-        for k in order:
-            f.write(blobs[k])
-            blobs[k] = b""  # release as we go: peak memory stays near one copy
-    return content_hash
+        for k in encoded.order:
+            f.write(encoded.blobs[k])
+            encoded.blobs[k] = b""  # release as we go: peak memory stays near one copy
 
 
 def _check_before_write(

@@ -94,3 +94,35 @@ class MemorySource(TensorSource):
 
     def get(self, name: str) -> torch.Tensor:
         return self._tensors[name]
+
+
+class RenamedSource(SafetensorsSource):
+    """A safetensors file in another layout (kohya, diffusers) seen under loraformat's canonical PEFT keys.
+
+    ``names`` maps canonical key -> key in the file. The byte offsets stay the file's, so raw readers (the numpy
+    merge backend, hashing) read the same bytes; tensors the map leaves out (kohya's alpha scalars, which the
+    reader folded into the metadata) are invisible.
+    """
+
+    def __init__(
+        self,
+        path: str | os.PathLike[str],
+        names: dict[str, str],
+        header: SafetensorsHeader | None = None,
+    ) -> None:
+        super().__init__(path, header)
+        self.names = dict(names)
+        file_infos = self.header.tensors
+        self.infos = {
+            canonical: TensorInfo(
+                canonical,
+                file_infos[key].dtype,
+                file_infos[key].shape,
+                file_infos[key].start,
+                file_infos[key].end,
+            )
+            for canonical, key in self.names.items()
+        }
+
+    def get(self, name: str) -> torch.Tensor:
+        return super().get(self.names[name])

@@ -21,10 +21,11 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from loraformat.adapter import Adapter, adapter_weights, open_adapter
+from loraformat.adapter import Adapter, adapter_weights
 from loraformat.errors import UsageError, WriteError
 from loraformat.io.atomic import atomic_dir, check_output, write_error
 from loraformat.io.checkpoint import INDEX_NAME, open_checkpoint
+from loraformat.io.pipeline import is_pipeline
 from loraformat.merging.engine import Pipeline, Progress
 from loraformat.merging.numpy_cpu import choose_backend
 from loraformat.merging.plan import Plan, build_plan, check_paths, resolve_dtype
@@ -55,6 +56,7 @@ class MergeResult:
     peak_gpu_bytes: int
     verified: dict[str, Any] = field(default_factory=dict)
     warnings: list[str] = field(default_factory=list)
+    components: dict[str, Any] = field(default_factory=dict)  # per pipeline component, for a pipeline base
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -109,16 +111,20 @@ def resolve_device(device: str) -> str:
     raise UsageError(f"--device must be auto, cpu, cuda or cuda:N, not {device!r}")
 
 
-def _open_adapters(adapters: list[Any]) -> tuple[list[Adapter], list[Adapter]]:
-    opened, owned = [], []
-    for a in adapters:
-        if isinstance(a, Adapter):
-            opened.append(a)
-        else:
-            adapter = open_adapter(a)
-            opened.append(adapter)
-            owned.append(adapter)
-    return opened, owned
+def _open_adapters(
+    adapters: list[Any], base: str | os.PathLike[str]
+) -> tuple[list[Adapter], list[Adapter], list[str]]:
+    """Opened adapters (kohya names resolved against the base), each narrowed to the component the base is
+    when it targets a diffusers pipeline; the notes say which components were left out."""
+    from loraformat.merging.pipeline import narrow_to_folder, open_for_base
+
+    opened, owned = open_for_base(adapters, base)
+    notes = []
+    for i, adapter in enumerate(opened):
+        opened[i], left_out = narrow_to_folder(adapter, base)
+        if left_out:
+            notes.append(f"{adapter.path}: only the {base} component was merged, not {', '.join(left_out)}")
+    return opened, owned, notes
 
 
 def _check_space(plan: Plan, out: Path) -> None:
@@ -196,7 +202,16 @@ def merge(
         raise UsageError("give at least one adapter to merge")
     ws = adapter_weights(weights, len(adapters))
     out_dtype = resolve_dtype(dtype)
-    opened, owned = _open_adapters(list(adapters))
+    if is_pipeline(base):
+        from loraformat.merging.pipeline import merge_pipeline
+
+        options = dict(
+            device=device, dtype=dtype, max_shard_size=max_shard_size, verify=verify, progress=progress
+        )
+        return merge_pipeline(
+            base, list(adapters), out, weights=ws, overwrite=overwrite, backend=backend, **options
+        )
+    opened, owned, notes = _open_adapters(list(adapters), base)
     try:
         ck = open_checkpoint(base)
         check_paths(ck, opened, out)
@@ -206,7 +221,6 @@ def merge(
         engine_backend = choose_backend(backend, dev, plan)
         if engine_backend == "torch":
             _import_torch_in_background()  # overlaps the first copies and the digest checks
-        notes = []
         if not verify:
             notes.append("--no-verify: base tensors were not checked against the adapters' recorded digests")
             warnings.warn(notes[-1], stacklevel=2)
