@@ -20,6 +20,8 @@ _LAZY = {
     "convert": "loraformat.conversion",
     "hash_base": "loraformat.hashing",
     "merge": "loraformat.merging",
+    "extract": "loraformat.extraction",
+    "unmerge": "loraformat.unmerging",
     "compose": "loraformat.composition",
     "rescale": "loraformat.rescaling",
     "spectrum": "loraformat.rescaling",

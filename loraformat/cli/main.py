@@ -36,9 +36,9 @@ def cli(ctx: click.Context, debug: bool, quiet: bool) -> None:
 
 
 def _register() -> None:
-    from loraformat.cli import adapters, check, compose, hub, merge
+    from loraformat.cli import adapters, check, compose, extract, hub, merge
 
-    for module in (check, adapters, merge, compose, hub):
+    for module in (check, adapters, merge, extract, compose, hub):
         for command in module.COMMANDS:
             cli.add_command(command)
 

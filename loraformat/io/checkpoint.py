@@ -7,10 +7,13 @@ import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from loraformat.errors import HeaderError, InputNotFoundError, PickleRefusedError
 from loraformat.io.header import SafetensorsHeader, TensorInfo, read_header
+
+if TYPE_CHECKING:
+    import torch
 
 INDEX_NAME = "model.safetensors.index.json"
 SINGLE_NAME = "model.safetensors"
@@ -107,3 +110,17 @@ def open_checkpoint(path: str | os.PathLike[str]) -> Checkpoint:
                     continue
                 aux.append(rel / fn)
     return Checkpoint(path=p, root=root, shards=shards, index=index, locations=locations, aux_files=aux)
+
+
+def read_tensor(ck: Checkpoint, name: str) -> torch.Tensor:
+    """One tensor of the checkpoint, through safetensors' safe_open, opened for this tensor only.
+
+    A handle kept open keeps every page it has touched mapped into the process, so reading a whole model
+    through one handle grows the resident set to the model's size; opening per tensor (a header parse, far
+    cheaper than the read) keeps it bounded by the tensor at hand.
+    """
+    from safetensors import safe_open
+
+    shard = ck.shard_of(name)
+    with safe_open(shard.path, framework="pt") as f:
+        return f.get_tensor(name)
