@@ -51,6 +51,10 @@ class ModelSpecKey(StrEnum):
     HASH_SHA256 = "modelspec.hash_sha256"
 
 
+#: the key ``loraformat merge`` writes into every output shard's ``__metadata__``: the adapters and weights merged
+#: (JSON), which ``unmerge`` checks its adapters against
+MERGE_RECORD_KEY = "loraformat.merge"
+
 #: tensor key prefix PEFT uses; keeping it makes the file load unchanged in PEFT and vLLM
 PEFT_PREFIX = "base_model.model."
 

@@ -20,8 +20,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from loraformat import spec as fmt
 from loraformat.base import stamp
+from loraformat.constants import PEFT_PREFIX, LayerKind, ScalingRule
 from loraformat.errors import InvalidInputError, UsageError
 from loraformat.extraction_plan import ALL_LINEAR, ExtractPlan, Pair, parse_targets, plan_extract
 from loraformat.hashing import BaseHashes, hash_base
@@ -168,12 +168,12 @@ def _extract_module(run: _Run, pair: Pair) -> None:
     error = float(residual.double().square().sum()) ** 0.5 / total**0.5
     del delta, residual
     module = pair.module
-    keys_prefix = fmt.PEFT_PREFIX + module
+    keys_prefix = PEFT_PREFIX + module
     run.tensors[f"{keys_prefix}.lora_A.weight"] = A.cpu()
     run.tensors[f"{keys_prefix}.lora_B.weight"] = B.cpu()
     out_f, in_f = pair.base.shape
     run.modules[module] = ModuleEntry(
-        kind=fmt.KIND_LINEAR,
+        kind=LayerKind.LINEAR,
         rank=dec.rank,
         alpha=float(dec.rank),
         in_features=in_f,
@@ -203,7 +203,7 @@ def _changed_others(run: _Run, plan: ExtractPlan, same: set[str], save: bool) ->
         elif pair.module in target_modules:
             item["reason"] = "belongs to a LoRA target module, which PEFT cannot also save whole"
         else:
-            run.tensors[fmt.PEFT_PREFIX + pair.name] = read_tensor(run.tuned, pair.name)
+            run.tensors[PEFT_PREFIX + pair.name] = read_tensor(run.tuned, pair.name)
             item["saved"], item["reason"] = True, "saved whole (modules_to_save)"
         changed.append(item)
         run.progress(1)
@@ -214,10 +214,10 @@ def _metadata(
     run: _Run, changed: list[dict[str, Any]], hashes: tuple[BaseHashes, BaseHashes], name: str
 ) -> AdapterMetadata:
     base_hashes, tuned_hashes = hashes
-    saved = {fmt.PEFT_PREFIX + c["name"]: c["name"] for c in changed if c["saved"]}
+    saved = {PEFT_PREFIX + c["name"]: c["name"] for c in changed if c["saved"]}
     meta = AdapterMetadata(
         modules=run.modules,
-        scaling=fmt.SCALING_STANDARD,
+        scaling=ScalingRule.STANDARD,
         modules_to_save=sorted({n.rsplit(".", 1)[0] for n in saved.values()}),
         saved_tensors=saved,
         name=name,

@@ -26,12 +26,11 @@ from typing import Any
 
 from loraformat.adapter import Adapter, adapter_weights, open_adapter
 from loraformat.base import target_tensors
+from loraformat.constants import MERGE_RECORD_KEY
 from loraformat.errors import BaseMismatchError, ComposeError, UsageError
 from loraformat.hashing import hash_tensors
 from loraformat.io.checkpoint import open_checkpoint
 from loraformat.merging import MergeResult, Progress, merge
-
-MERGE_RECORD_KEY = "loraformat.merge"  # written by loraformat merge into every output shard's metadata
 
 
 def _check_additive(adapter: Adapter) -> None:

@@ -15,7 +15,7 @@ from typing import Any
 from loraformat import __version__, spec
 from loraformat.adapter import Adapter
 from loraformat.base import base_problems, infer_fan_in_fan_out
-from loraformat.constants import FORMAT_KEY, FORMAT_VALUE, LayerKind
+from loraformat.constants import FORMAT_KEY, FORMAT_VALUE, MERGE_RECORD_KEY, LayerKind
 from loraformat.errors import BaseMismatchError, UnsupportedDtypeError, UsageError
 from loraformat.io.checkpoint import INDEX_NAME, Checkpoint
 from loraformat.io.header import DTYPE_BITS, FLOAT_DTYPES, TensorInfo, encode_header
@@ -390,7 +390,7 @@ def _layout(
             position = {n: k for k, n in enumerate(names)}
             names = sorted(names, key=lambda n: (-DTYPE_BITS[by_name[n].out_dtype], position[n]))
         metadata[FORMAT_KEY] = FORMAT_VALUE
-        metadata["loraformat.merge"] = merged_from
+        metadata[MERGE_RECORD_KEY] = merged_from
         header, offsets = encode_header(
             [(n, by_name[n].out_dtype, by_name[n].shape) for n in names], metadata
         )
