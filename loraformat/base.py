@@ -21,15 +21,15 @@ def infer_fan_in_fan_out(meta: AdapterMetadata, ck: Checkpoint) -> None:
     votes: set[bool] = set()
     square: list[ModuleEntry] = []
     for entry in meta.modules.values():
-        info = ck.info(entry.base_tensor)
-        if entry.kind != LayerKind.LINEAR or info is None or len(info.shape) != 2:
+        shape = ck.logical_shape(entry.base_tensor)
+        if entry.kind != LayerKind.LINEAR or shape is None or len(shape) != 2:
             continue
         if entry.in_features == entry.out_features:
             square.append(entry)
-        elif info.shape == (entry.in_features, entry.out_features):
+        elif shape == (entry.in_features, entry.out_features):
             entry.fan_in_fan_out = True
             votes.add(True)
-        elif info.shape == (entry.out_features, entry.in_features):
+        elif shape == (entry.out_features, entry.in_features):
             entry.fan_in_fan_out = False
             votes.add(False)
     if len(votes) == 1:
@@ -43,15 +43,15 @@ def base_problems(meta: AdapterMetadata, ck: Checkpoint) -> list[Problem]:
     a base tensor of its own shape, and the recorded structure hash matches."""
     out: list[Problem] = []
     for module, entry in sorted(meta.modules.items()):
-        info = ck.info(entry.base_tensor)
-        if info is None:
+        shape = ck.logical_shape(entry.base_tensor)
+        if shape is None:
             out.append((FindingCode.MISSING_TARGET, module, f"base has no tensor {entry.base_tensor!r}"))
-        elif info.shape != entry.base_shape:
+        elif shape != entry.base_shape:
             out.append(
                 (
                     FindingCode.TARGET_SHAPE,
                     module,
-                    f"base tensor {entry.base_tensor!r} is {list(info.shape)}, adapter expects "
+                    f"base tensor {entry.base_tensor!r} is {list(shape)}, adapter expects "
                     f"{list(entry.base_shape)}",
                 )
             )

@@ -24,7 +24,7 @@ class StrEnum(str, Enum):
 
 # --- spec version (spec/v1.md §13) ------------------------------------------------------------------------
 
-SPEC_VERSION = "1.0"
+SPEC_VERSION = "1.1"  # 1.1: base_model.quantization (spec/v1.md §8 Base quantization)
 SPEC_MAJOR, SPEC_MINOR = (int(p) for p in SPEC_VERSION.split("."))
 
 # --- metadata keys (spec/v1.md §1, §3) --------------------------------------------------------------------
@@ -162,6 +162,36 @@ class StoredLayout(StrEnum):
     DENSE = "dense"  # a plain floating-point tensor (any dtype in io/header.py FLOAT_DTYPES)
 
 
+class QuantMethod(StrEnum):
+    """``base_model.quantization.method`` (spec/v1.md §8, Base quantization): how the training base was stored."""
+
+    BNB_NF4 = "bnb-nf4"
+    BNB_FP4 = "bnb-fp4"
+    BNB_INT8 = "bnb-int8"
+    FP8_E4M3 = "fp8-e4m3"
+    FP8_E5M2 = "fp8-e5m2"
+
+
+QUANT_METHODS = tuple(QuantMethod)
+#: bitsandbytes 4-bit methods -> bitsandbytes' quant_type
+QUANT_4BIT = {QuantMethod.BNB_NF4: "nf4", QuantMethod.BNB_FP4: "fp4"}
+
+
+class Fp8ScaleLayout(StrEnum):
+    """How FP8 weights are scaled (spec/interop/fp8.md): one scale, one per output row, one per tile."""
+
+    TENSOR = "tensor"
+    CHANNEL = "channel"
+    BLOCK = "block"
+
+
+FP8_SCALE_LAYOUTS = tuple(Fp8ScaleLayout)
+#: dtypes a quantized weight is dequantized to for compute (bitsandbytes' compute dtype)
+COMPUTE_DTYPES = ("bfloat16", "float16", "float32")
+#: where ``base_model.quantization`` was read from
+QUANT_SOURCES = ("config", "peft-card", "user")
+
+
 #: safetensors dtype name -> torch dtype attribute name
 TORCH_DTYPE_NAMES = {
     "BOOL": "bool",
@@ -236,6 +266,7 @@ class FindingCode(StrEnum):
     MODELSPEC = "modelspec"
     CONTENT_HASH = "content-hash"
     HASH_ALGORITHM = "hash-algorithm"
+    QUANTIZATION = "quantization"
     # data level
     UNREADABLE_TENSOR = "unreadable-tensor"
     NON_FINITE = "non-finite"

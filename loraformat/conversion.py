@@ -21,14 +21,16 @@ from loraformat.constants import CONVERT_TARGETS, Format
 from loraformat.errors import BaseMismatchError, UsageError
 from loraformat.hashing import hash_base
 from loraformat.io.atomic import atomic_dir
-from loraformat.io.checkpoint import open_checkpoint
+from loraformat.io.checkpoint import Checkpoint, open_checkpoint, read_config, read_model_card
 from loraformat.io.diffusers import write_diffusers
 from loraformat.io.kohya import write_kohya
 from loraformat.io.names import split_component
 from loraformat.io.native import write_native
 from loraformat.io.peft import peft_config_from_metadata
 from loraformat.io.pipeline import is_pipeline
-from loraformat.metadata import AdapterMetadata, Provenance
+from loraformat.io.quantized import attach as attach_quantized
+from loraformat.metadata import AdapterMetadata, BaseQuantization, Provenance
+from loraformat.quantization import from_peft_card, from_quantization_config, parse_user_spec
 
 
 def _write_native(out: Path, meta: AdapterMetadata, tensors: dict[str, Any], *, overwrite: bool) -> str:
@@ -98,6 +100,25 @@ def _check_paths(src: Path, dst: Path, config: str | os.PathLike[str] | None) ->
             )
 
 
+def training_quantization(
+    source_format: str, adapter_path: str, ck: Checkpoint | None, user: str | None
+) -> tuple[bool, BaseQuantization | None]:
+    """(whether anything said so, the base quantization) of spec §8 Base quantization: ``--base-quantization``
+    wins; else the base's config.json ``quantization_config``; else the bitsandbytes config a PEFT card lists."""
+    if user is not None:
+        return True, parse_user_spec(user)
+    if ck is not None:
+        config = read_config(ck)
+        if config is not None and config.get("quantization_config") is not None:
+            return True, from_quantization_config(config["quantization_config"], "config")
+    if source_format != Format.LORAFORMAT:
+        card = read_model_card(adapter_path)
+        found = from_peft_card(card) if card else None
+        if found is not None:
+            return True, found
+    return False, None
+
+
 def convert(
     src: str | os.PathLike[str],
     dst: str | os.PathLike[str],
@@ -106,6 +127,7 @@ def convert(
     base: str | os.PathLike[str] | None = None,
     name: str | None = None,
     base_id: str | None = None,
+    base_quantization: str | None = None,
     description: str | None = None,
     task: str | None = None,
     license: str | None = None,
@@ -120,7 +142,9 @@ def convert(
     kohya or diffusers file) to any of CONVERT_TARGETS (constants.py): a native file, a PEFT directory, a kohya or diffusers file.
     ``base`` stamps the base identity, both hashes and the digests of exactly the targeted tensors, after
     checking that every target fits; a diffusers pipeline base is checked per component (and resolves kohya
-    names) but not stamped. ``component`` declares which pipeline model a single-model adapter is for."""
+    names) but not stamped. ``component`` declares which pipeline model a single-model adapter is for.
+    ``base_quantization`` (``--base-quantization``) records how the training base was quantized, overriding the
+    base's config and a PEFT card (:func:`training_quantization`)."""
     if to not in CONVERT_TARGETS:
         raise UsageError(f"--to must be one of {', '.join(CONVERT_TARGETS)}, not {to!r}")
     src_p, dst_p = Path(src), Path(dst)
@@ -128,6 +152,7 @@ def convert(
     with open_adapter(src_p, config=config, allow_pickle=allow_pickle, base=base) as adapter:
         meta = copy.deepcopy(adapter.meta)
         source_format = adapter.source_format
+        adapter_path = adapter.path
         tensors = adapter_tensors(adapter)
     if source_format != Format.LORAFORMAT:
         read = meta.provenance
@@ -141,6 +166,10 @@ def convert(
             setattr(meta, attr, value)
     if base_id is not None:
         meta.base_model.id = base_id
+    ck = open_checkpoint(base) if base is not None and not is_pipeline(base) else None
+    found, quant = training_quantization(source_format, adapter_path, ck, base_quantization)
+    if found:
+        meta.base_model.quantization = quant
     if base is not None:
         _check_base(meta, base, tensors, src, base_id=base_id, use_cache=use_cache, progress=progress)
     meta.created_by = {}
@@ -164,6 +193,7 @@ def _check_base(
         check_pipeline_base(meta, base, path=os.fspath(src))
         return
     ck = open_checkpoint(base)
+    attach_quantized(ck, check_scales=False)  # a quantized base: targets have their logical shapes
     infer_fan_in_fan_out(meta, ck)
     shapes = {k: tuple(t.shape) for k, t in tensors.items()}
     problems = base_problems(meta, ck) + saved_shape_problems(meta, ck, shapes)

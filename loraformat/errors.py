@@ -103,6 +103,11 @@ class UnsupportedDtypeError(InvalidInputError):
     """A tensor dtype loraformat cannot merge into (e.g. fp8 with scales)."""
 
 
+class UnsupportedQuantizationError(InvalidInputError):
+    """A quantized base or quantization config loraformat cannot merge into (GPTQ, AWQ, int4, unknown), or whose
+    tensors contradict it (missing, mis-shaped, NaN or zero scales)."""
+
+
 class ComposeError(InvalidInputError):
     """Adapters that cannot be composed as asked (shape conflict, different bases without --force)."""
 

@@ -75,6 +75,7 @@ def describe(adapter: Adapter) -> dict[str, Any]:
             "content_hash": bm.content_hash,
             "hash_algorithm": bm.hash_algorithm,
             "target_digests": len(bm.target_digests),
+            "quantization": bm.quantization.to_dict() if bm.quantization else None,
         },
         "content_hash": meta.content_hash if native else None,
         "scaling": meta.scaling,
@@ -142,6 +143,26 @@ def reduction_text(trainable: int, full: int) -> str:
     return f"{trainable:,} vs {full:,}: {abs(pct):.0f}% {word}"
 
 
+def quantization_text(q: dict[str, Any] | None) -> str:
+    """'bnb-nf4 (block 64, double quant, compute bfloat16; from config)', or '16-bit weights (not quantized)'."""
+    if not q:
+        return "16-bit weights (no quantization recorded)"
+    details = []
+    block = q.get("block_size")
+    if block is not None:
+        details.append(
+            "block " + ("x".join(str(b) for b in block) if isinstance(block, list) else str(block))
+        )
+    if q.get("scale_layout"):
+        details.append(f"{q['scale_layout']} scales")
+    if q.get("double_quant"):
+        details.append("double quant")
+    if q.get("compute_dtype"):
+        details.append(f"compute {q['compute_dtype']}")
+    text = ", ".join(details) + (f"; from {q['source']}" if q.get("source") else "")
+    return f"{q.get('method')}" + (f" ({text})" if text else "")
+
+
 def _short(h: str | None) -> str:
     return h[:16] + "…" if h else "-"
 
@@ -181,6 +202,7 @@ def format_text(d: dict[str, Any]) -> str:
             if bm["hash_algorithm"]
             else ""
         ),
+        f"  trained on {quantization_text(bm['quantization'])}",
         f"rank         {_join(d['ranks'])}",
         f"alpha        {_join(d['alphas'])}",
         f"scaling      {d['scaling']} = {_join(d['scales'])}",

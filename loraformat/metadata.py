@@ -71,6 +71,36 @@ class ModuleEntry:
 
 
 @dataclass
+class BaseQuantization:
+    """spec/v1.md §Base quantization (1.1): how the base the adapter was trained against was quantized."""
+
+    method: str  # bnb-nf4 | bnb-fp4 | bnb-int8 | fp8-e4m3 | fp8-e5m2 (constants.QuantMethod)
+    block_size: int | list[int] | None = None  # bnb 4-bit: elements per block; fp8 block layout: [rows, cols]
+    double_quant: bool | None = None  # bnb 4-bit: the block scales are themselves 8-bit quantized
+    compute_dtype: str | None = None  # bfloat16 | float16 | float32
+    scale_layout: str | None = None  # fp8: tensor | channel | block
+    source: str | None = None  # where it was read: config | peft-card | user
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        d: dict[str, Any] = {
+            "method": self.method,
+            "block_size": list(self.block_size) if isinstance(self.block_size, list) else self.block_size,
+            "double_quant": self.double_quant,
+            "compute_dtype": self.compute_dtype,
+            "scale_layout": self.scale_layout,
+            "source": self.source,
+        }
+        return {**self.extra, **d}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> BaseQuantization:
+        known, extra = _split_known(cls, data)
+        known.setdefault("method", "")
+        return cls(**known, extra=extra)
+
+
+@dataclass
 class BaseModel:
     """spec/v1.md §Base model identity."""
 
@@ -80,6 +110,7 @@ class BaseModel:
     content_hash: str | None = None
     hash_algorithm: str | None = None
     target_digests: dict[str, str] = field(default_factory=dict)  # base tensor name -> hex digest
+    quantization: BaseQuantization | None = None  # 1.1: the base was quantized for training (QLoRA, FP8)
     extra: dict[str, Any] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
@@ -90,12 +121,15 @@ class BaseModel:
             "content_hash": self.content_hash,
             "hash_algorithm": self.hash_algorithm,
             "target_digests": dict(sorted(self.target_digests.items())),
+            "quantization": self.quantization.to_dict() if self.quantization else None,
         }
         return {**self.extra, **d}
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> BaseModel:
         known, extra = _split_known(cls, data)
+        q = known.get("quantization")
+        known["quantization"] = BaseQuantization.from_dict(q) if isinstance(q, dict) else None
         return cls(**known, extra=extra)
 
     def same_base(self, other: BaseModel) -> bool:

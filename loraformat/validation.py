@@ -42,6 +42,7 @@ from loraformat.errors import (
     UsageError,
 )
 from loraformat.io.header import FLOAT_DTYPES, read_header
+from loraformat.metadata import BaseQuantization
 from loraformat.schema import violations as schema_violations
 
 if TYPE_CHECKING:
@@ -247,11 +248,14 @@ def _search(root: str) -> list[str]:
 
 def _open_base(base: str | os.PathLike[str] | Checkpoint | None) -> Checkpoint:
     from loraformat.io.checkpoint import Checkpoint, open_checkpoint
+    from loraformat.io.quantized import attach
 
     if isinstance(base, Checkpoint):
         return base
     assert base is not None
-    return open_checkpoint(base)
+    ck = open_checkpoint(base)
+    attach(ck, check_scales=False)  # packed 4-bit targets are checked against their logical shapes
+    return ck
 
 
 def _validate_one(
@@ -341,6 +345,17 @@ def _check_header(report: ValidationReport, adapter: Adapter) -> None:
             "base_model.hash_algorithm",
             "base hashes are recorded without their hash_algorithm",
         )
+    if bm.quantization is not None:
+        _check_quantization(report, bm.quantization)
+
+
+def _check_quantization(report: ValidationReport, q: BaseQuantization) -> None:
+    """§Base quantization: an unknown method is a warning (a newer writer), an inconsistent record an error."""
+    from loraformat.quantization import problems
+
+    for location, message in problems(q):
+        severity = WARNING if location.endswith(".method") else ERROR
+        report._add(FindingCode.QUANTIZATION, severity, location, message)
 
 
 def _check_native_keys(report: ValidationReport, adapter: Adapter) -> None:

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 
+from loraformat import spec
 from loraformat.cli.main import main
 from loraformat.conversion import convert
 from loraformat.errors import AdapterError
@@ -72,14 +73,14 @@ def test_native_file_facts(peft_adapters, llama_base: Path, tmp_path: Path) -> N
     out = tmp_path / "plain.safetensors"
     convert(peft_adapters["plain"], out, base=llama_base, base_id="test/llama", license="apache-2.0")
     d = inspect(out)
-    assert d["source_format"] == "loraformat" and d["spec_version"] == "1.0"
+    assert d["source_format"] == "loraformat" and d["spec_version"] == spec.SPEC_VERSION
     assert d["base_model"]["id"] == "test/llama" and d["base_model"]["target_digests"] == 14
     assert len(d["base_model"]["structure_hash"]) == 64 and len(d["content_hash"]) == 64
     assert d["license"] == "apache-2.0" and d["provenance"]["source_format"] == "peft"
     assert d["parameters"] == inspect(peft_adapters["plain"])["parameters"]
     text = format_text(d)
     for fragment in (
-        "format       loraformat (spec 1.0)",
+        f"format       loraformat (spec {spec.SPEC_VERSION})",
         "base         test/llama",
         "rank         8",
         "scaling      alpha/r = 2",

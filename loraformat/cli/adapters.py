@@ -42,6 +42,12 @@ from loraformat.io.pipeline import is_pipeline
 )
 @click.option("--name", help="Adapter name recorded in the metadata.")
 @click.option("--base-id", help="Base model id (hub repo id or name) to record.")
+@click.option(
+    "--base-quantization",
+    help="How the training base was quantized (spec §8 Base quantization), overriding what the base config and "
+    "the PEFT card say: none, or METHOD[,key=value...], e.g. bnb-nf4,block_size=64,double_quant=true,"
+    "compute_dtype=bfloat16 or fp8-e4m3,scale_layout=block,block_size=128x128.",
+)
 @click.option("--description", help="Free-text description.")
 @click.option("--task", help="Task, e.g. CAUSAL_LM or 'summarisation'.")
 @click.option("--license", "license_", help="License identifier, e.g. apache-2.0.")
@@ -62,6 +68,7 @@ def convert_cmd(
     base: str | None,
     name: str | None,
     base_id: str | None,
+    base_quantization: str | None,
     description: str | None,
     task: str | None,
     license_: str | None,
@@ -85,6 +92,7 @@ def convert_cmd(
       loraformat convert weights.safetensors --config adapter_config.json -o adapter.safetensors
       loraformat convert civitai_lora.safetensors --base ./sd15-pipeline -o adapter.safetensors
       loraformat convert adapter.safetensors --to kohya -o comfyui_lora.safetensors
+      loraformat convert ./qlora-adapter -o a.safetensors --base-quantization bnb-nf4,double_quant=true
       loraformat convert ./unet-peft-adapter --component unet --to diffusers -o pytorch_lora_weights.safetensors
     """
     from loraformat.conversion import convert
@@ -104,6 +112,7 @@ def convert_cmd(
             base=base,
             name=name,
             base_id=base_id,
+            base_quantization=base_quantization,
             description=description,
             task=task,
             license=license_,

@@ -29,6 +29,9 @@ class Checkpoint:
     index: dict[str, Any] | None = None
     locations: dict[str, tuple[SafetensorsHeader, TensorInfo]] = field(default_factory=dict)
     aux_files: list[Path] = field(default_factory=list)  # every non-weight file, relative to root
+    #: weight name -> the shape a LoRA module sees, where it differs from the stored one (packed 4-bit
+    #: weights); filled by loraformat.io.quantized.attach
+    logical_shapes: dict[str, tuple[int, ...]] = field(default_factory=dict)
 
     @property
     def total_bytes(self) -> int:
@@ -38,8 +41,44 @@ class Checkpoint:
         loc = self.locations.get(name)
         return loc[1] if loc else None
 
+    def logical_shape(self, name: str) -> tuple[int, ...] | None:
+        """The shape a module targeting ``name`` must have (the stored shape unless quantized packed)."""
+        if name in self.logical_shapes:
+            return self.logical_shapes[name]
+        info = self.info(name)
+        return info.shape if info is not None else None
+
     def shard_of(self, name: str) -> SafetensorsHeader:
         return self.locations[name][0]
+
+
+CONFIG_NAME = "config.json"
+CARD_NAME = "README.md"
+MAX_CONFIG_BYTES = 16 << 20  # config files are small; a larger one is not read
+
+
+def read_config(ck: Checkpoint) -> dict[str, Any] | None:
+    """The checkpoint's config.json as a dict, or None when absent, too large or not a JSON object."""
+    path = ck.root / CONFIG_NAME
+    try:
+        if not path.is_file() or path.stat().st_size > MAX_CONFIG_BYTES:
+            return None
+        data = json.loads(path.read_text("utf-8"))
+    except (OSError, ValueError):
+        return None
+    return data if isinstance(data, dict) else None
+
+
+def read_model_card(adapter_path: str | os.PathLike[str]) -> str | None:
+    """README.md of an adapter directory (or beside an adapter file), or None."""
+    p = Path(adapter_path)
+    path = (p if p.is_dir() else p.parent) / CARD_NAME
+    try:
+        if not path.is_file() or path.stat().st_size > MAX_CONFIG_BYTES:
+            return None
+        return path.read_text("utf-8", errors="replace")
+    except OSError:
+        return None
 
 
 def open_checkpoint(path: str | os.PathLike[str]) -> Checkpoint:

@@ -1,0 +1,148 @@
+"""FP8 E4M3 weights with per-tensor, per-channel or block scales, as pure numpy math (no file or network I/O).
+
+W = q * scale in fp32, q an E4M3 value (finite max 448). The three scale layouts of the checkpoints we merge into
+(spec/interop/fp8.md; loraformat/io/fp8.py detects them):
+
+- ``tensor``: one scale for the whole weight (compressed-tensors ``weight_scale`` of shape [] or [1]);
+- ``channel``: one scale per output row (compressed-tensors ``weight_scale`` of shape [out, 1] or [out]);
+- ``block``: one scale per (bo x bi) tile, ``weight_scale_inv`` of shape ceil(out/bo) x ceil(in/bi) with partial
+  edge tiles (DeepSeek-V3, Qwen3 FP8: transformers' ``fp8`` quant method, weight_block_size [128, 128]).
+
+Fresh scales are computed the way those formats define them: absmax / 448 over the tensor, row or tile, rounded
+to the scale's stored dtype (an all-zero group gets the dtype's epsilon, as compressed-tensors does, so that no
+scale is zero); q = E4M3(clip(W / scale, -448, 448)), round to nearest even. Block layouts are computed one
+block-row (bo rows) at a time, so a merge can stream a tensor in whole block-rows.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import ml_dtypes
+import numpy as np
+
+E4M3_MAX = 448.0
+_E4M3 = np.dtype(ml_dtypes.float8_e4m3fn)
+#: uint8 bit pattern -> fp32 value (a table lookup is the fastest decode numpy has)
+_DECODE = np.arange(256, dtype=np.uint8).view(_E4M3).astype(np.float32)
+#: safetensors dtype of a scale tensor -> numpy dtype it is stored in
+SCALE_DTYPES: dict[str, Any] = {"F32": np.float32, "BF16": ml_dtypes.bfloat16, "F16": np.float16}
+
+
+@dataclass(frozen=True)
+class Fp8Layout:
+    """How one weight of shape (rows, cols) is scaled."""
+
+    kind: str  # tensor | channel | block
+    block: tuple[int, int] = (128, 128)  # (rows, cols) of a tile, for kind == "block"
+    scale_dtype: str = "F32"
+
+    def scale_shape(self, rows: int, cols: int) -> tuple[int, ...]:
+        """The canonical scale shape for a (rows, cols) weight."""
+        if self.kind == "tensor":
+            return (1,)
+        if self.kind == "channel":
+            return (rows, 1)
+        return (math.ceil(rows / self.block[0]), math.ceil(cols / self.block[1]))
+
+    def accepts(self, scale_shape: tuple[int, ...], rows: int, cols: int) -> bool:
+        """Whether a stored scale shape fits this layout (per-tensor [] or [1]; per-channel [out] or [out, 1])."""
+        if self.kind == "tensor":
+            return scale_shape in ((), (1,))
+        if self.kind == "channel":
+            return scale_shape in ((rows,), (rows, 1))
+        return tuple(scale_shape) == self.scale_shape(rows, cols)
+
+    @property
+    def row_group(self) -> int:
+        """Rows that share scales: a streaming merge hands the codec whole groups."""
+        return self.block[0] if self.kind == "block" else 1
+
+
+def scale_problem(scale: np.ndarray) -> str | None:
+    """Why a stored scale cannot be decoded with (NaN, infinite, zero or negative), or None."""
+    s = np.asarray(scale, dtype=np.float32)
+    if not np.isfinite(s).all():
+        return "holds NaN or infinite scales"
+    if (s <= 0).any():
+        return "holds zero or negative scales"
+    return None
+
+
+def _expand_cols(row_scales: np.ndarray, layout: Fp8Layout, cols: int) -> np.ndarray:
+    """Scales of one block-row (shape (tiles,)) -> one scale per column."""
+    return np.repeat(row_scales.astype(np.float32), layout.block[1])[:cols]
+
+
+def decode_rows(q: np.ndarray, scale: np.ndarray, layout: Fp8Layout, row0: int = 0) -> np.ndarray:
+    """E4M3 bit patterns ``q`` (uint8, rows [row0, row0 + len(q)) of the weight) -> fp32 values.
+
+    ``scale`` is the weight's whole scale tensor; for ``block``, ``row0`` must start a block-row."""
+    out = _DECODE[q]
+    s = np.asarray(scale, dtype=np.float32)
+    rows, cols = q.shape
+    if layout.kind == "tensor":
+        out *= s.reshape(-1)[0]
+    elif layout.kind == "channel":
+        out *= s.reshape(-1)[row0 : row0 + rows, None]
+    else:
+        bo = layout.block[0]
+        if row0 % bo:
+            raise ValueError(f"row {row0} does not start a block of {bo} rows")
+        for r in range(0, rows, bo):
+            out[r : r + bo] *= _expand_cols(s[(row0 + r) // bo], layout, cols)
+    return out
+
+
+def _round_scale(s: np.ndarray, scale_dtype: str) -> np.ndarray:
+    """absmax / 448 rounded to the stored dtype; an all-zero group gets that dtype's epsilon (never 0)."""
+    dt = SCALE_DTYPES[scale_dtype]
+    stored = s.astype(dt)
+    eps = np.array(ml_dtypes.finfo(dt).eps if dt is ml_dtypes.bfloat16 else np.finfo(dt).eps, dtype=dt)
+    return np.where(stored == 0, eps, stored).astype(np.float32)
+
+
+def fresh_scales(x: np.ndarray, layout: Fp8Layout, row0: int = 0) -> np.ndarray:
+    """Scales for fp32 rows ``x``: per tensor a (1,) array, per channel (rows, 1), per block (tiles_r, tiles_c)."""
+    rows, cols = x.shape
+    if layout.kind == "tensor":
+        amax = np.abs(x).max(initial=0.0).reshape(1)
+    elif layout.kind == "channel":
+        amax = np.abs(x).max(axis=1, initial=0.0).reshape(rows, 1)
+    else:
+        bo, bi = layout.block
+        tiles_r, tiles_c = math.ceil(rows / bo), math.ceil(cols / bi)
+        amax = np.zeros((tiles_r, tiles_c), dtype=np.float32)
+        pad_c = tiles_c * bi - cols
+        for t in range(tiles_r):
+            a = np.abs(x[t * bo : (t + 1) * bo])
+            if pad_c:
+                a = np.pad(a, ((0, 0), (0, pad_c)))
+            amax[t] = a.reshape(a.shape[0], tiles_c, bi).max(axis=(0, 2))
+    return _round_scale(amax.astype(np.float32) / np.float32(E4M3_MAX), layout.scale_dtype)
+
+
+def encode_rows(x: np.ndarray, scale: np.ndarray, layout: Fp8Layout, row0: int = 0) -> np.ndarray:
+    """fp32 rows -> E4M3 bit patterns (uint8) with the given scales (``fresh_scales`` of the same rows, or the
+    whole weight's for tensor/channel with ``row0``)."""
+    rows, cols = x.shape
+    s = np.asarray(scale, dtype=np.float32)
+    if layout.kind == "tensor":
+        y = x / s.reshape(-1)[0]
+    elif layout.kind == "channel":
+        y = x / s.reshape(-1)[row0 : row0 + rows, None]
+    else:
+        bo = layout.block[0]
+        y = np.empty_like(x)
+        for r in range(0, rows, bo):
+            np.divide(x[r : r + bo], _expand_cols(s[(row0 + r) // bo], layout, cols), out=y[r : r + bo])
+    np.clip(y, -E4M3_MAX, E4M3_MAX, out=y)
+    return y.astype(_E4M3).view(np.uint8)
+
+
+def quantize(x: np.ndarray, layout: Fp8Layout) -> tuple[np.ndarray, np.ndarray]:
+    """A whole fp32 weight -> (E4M3 bit patterns, fresh scales in the layout's canonical shape)."""
+    scale = fresh_scales(x, layout)
+    return encode_rows(x, scale, layout), scale

@@ -1,0 +1,94 @@
+"""loraformat.ops.fp8 against compressed-tensors (per-tensor, per-channel: its own quantize/dequantize are the
+oracle) and against the DeepSeek-V3 block rule (128x128 tiles, partial edges, W = q * scale_inv)."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+ct_forward = pytest.importorskip("compressed_tensors.quantization.lifecycle.forward")
+from compressed_tensors.quantization import QuantizationArgs  # noqa: E402
+
+from loraformat.ops import fp8  # noqa: E402
+
+
+def _ct_args(strategy: str) -> QuantizationArgs:
+    return QuantizationArgs(num_bits=8, type="float", strategy=strategy, symmetric=True, dynamic=False)
+
+
+def _weight(rows: int, cols: int, seed: int = 0) -> np.ndarray:
+    return (np.random.default_rng(seed).standard_normal((rows, cols)) * 0.05).astype(np.float32)
+
+
+@pytest.mark.parametrize("strategy,kind", [("tensor", "tensor"), ("channel", "channel")])
+def test_tensor_and_channel_scales_match_compressed_tensors(strategy: str, kind: str) -> None:
+    x = _weight(96, 80)
+    x[5] = 0.0  # an all-zero row: compressed-tensors gives it epsilon, never a zero scale
+    layout = fp8.Fp8Layout(kind)
+    q, scale = fp8.quantize(x, layout)
+    xt = torch.from_numpy(x)
+    amax = xt.abs().amax() if kind == "tensor" else xt.abs().amax(dim=1, keepdim=True)
+    from compressed_tensors.quantization.utils import calculate_qparams
+
+    ref_scale, zp = calculate_qparams(-amax, amax, _ct_args(strategy))
+    assert np.array_equal(scale.reshape(-1), ref_scale.reshape(-1).numpy())
+    ref_q = ct_forward.quantize(xt, ref_scale, zp, _ct_args(strategy), dtype=torch.float8_e4m3fn)
+    assert np.array_equal(q, ref_q.view(torch.uint8).numpy())
+    ref_w = ct_forward.dequantize(ref_q, ref_scale, zp, _ct_args(strategy), dtype=torch.float32)
+    assert np.array_equal(fp8.decode_rows(q, scale, layout), ref_w.numpy())
+
+
+@pytest.mark.parametrize("shape", [(256, 384), (300, 200), (128, 128), (5, 700)])
+def test_block_scales_follow_the_deepseek_rule(shape: tuple[int, int]) -> None:
+    rows, cols = shape
+    x = _weight(rows, cols, 1)
+    layout = fp8.Fp8Layout("block", (128, 128))
+    q, scale = fp8.quantize(x, layout)
+    assert scale.shape == (math.ceil(rows / 128), math.ceil(cols / 128))
+    for i in range(scale.shape[0]):  # absmax / 448 per tile, edge tiles partial
+        for j in range(scale.shape[1]):
+            tile = x[i * 128 : (i + 1) * 128, j * 128 : (j + 1) * 128]
+            assert scale[i, j] == np.float32(np.abs(tile).max()) / np.float32(448.0)
+    expanded = np.repeat(np.repeat(scale, 128, 0), 128, 1)[:rows, :cols]
+    ref = torch.from_numpy(x / expanded).clamp(-448, 448).to(torch.float8_e4m3fn)
+    assert np.array_equal(q, ref.view(torch.uint8).numpy())
+    decoded = fp8.decode_rows(q, scale, layout)
+    assert np.array_equal(decoded, ref.float().numpy() * expanded)
+    assert np.abs(decoded - x).max() <= np.abs(x).max() / 16  # within one E4M3 step of the tile
+
+
+def test_block_rows_stream_like_the_whole_tensor() -> None:
+    x = _weight(300, 200, 2)
+    layout = fp8.Fp8Layout("block", (128, 128))
+    q, scale = fp8.quantize(x, layout)
+    parts = [fp8.decode_rows(q[r : r + 128], scale, layout, row0=r) for r in range(0, 300, 128)]
+    assert np.array_equal(np.concatenate(parts), fp8.decode_rows(q, scale, layout))
+    with pytest.raises(ValueError, match="block"):
+        fp8.decode_rows(q[3:10], scale, layout, row0=3)
+
+
+def test_bf16_scales_are_rounded_before_use() -> None:
+    x = _weight(64, 64, 3)
+    layout = fp8.Fp8Layout("channel", scale_dtype="BF16")
+    q, scale = fp8.quantize(x, layout)
+    assert np.array_equal(scale, scale.astype(fp8.SCALE_DTYPES["BF16"]).astype(np.float32))
+    assert np.abs(fp8.decode_rows(q, scale, layout) - x).max() < np.abs(x).max() / 8
+
+
+@pytest.mark.parametrize(
+    "scale,problem",
+    [(np.array([np.nan], np.float32), "NaN"), (np.array([0.0], np.float32), "zero"), (np.ones(3), None)],
+)
+def test_scale_problems(scale: np.ndarray, problem: str | None) -> None:
+    found = fp8.scale_problem(scale)
+    assert (found is None) if problem is None else (problem in (found or ""))
+
+
+def test_layout_scale_shapes() -> None:
+    assert fp8.Fp8Layout("block").accepts((3, 2), 300, 200)
+    assert not fp8.Fp8Layout("block").accepts((2, 2), 300, 200)
+    assert fp8.Fp8Layout("channel").accepts((300,), 300, 200)
+    assert fp8.Fp8Layout("tensor").accepts((), 300, 200)
