@@ -13,9 +13,10 @@ BASE's hashes and target digests, with provenance ``extract``.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -127,15 +128,47 @@ def _check_paths(base: Checkpoint, tuned: Checkpoint, out: Path, overwrite: bool
     check_output(out, overwrite=overwrite)
 
 
-def _decode_delta(run: _Run, pair: Pair) -> torch.Tensor:
-    """W_tuned - W_base in fp32 (fp64 when an input is fp64), on the run's device; one tensor pair in memory."""
+def _read_pair(run: _Run, pair: Pair) -> tuple[torch.Tensor, torch.Tensor]:
+    return read_tensor(run.base, pair.name), read_tensor(run.tuned, pair.name)
+
+
+def _pairs(run: _Run, pairs: list[Pair]) -> Iterator[tuple[Pair, tuple[torch.Tensor, torch.Tensor]]]:
+    """Each pair with its two tensors, the next pair read on a thread while this one is decomposed (the page
+    faults of a cold read overlap the math). At most two pairs are in memory."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(1, thread_name_prefix="loraformat-extract-read") as pool:
+        ahead = pool.submit(_read_pair, run, pairs[0]) if pairs else None
+        for i, pair in enumerate(pairs):
+            assert ahead is not None
+            loaded = ahead.result()
+            ahead = pool.submit(_read_pair, run, pairs[i + 1]) if i + 1 < len(pairs) else None
+            yield pair, loaded
+
+
+@contextlib.contextmanager
+def _compute_threads(device: str) -> Iterator[None]:
+    """One core is left to the reader thread: on a busy or small machine, OpenMP threads that wait for a core
+    make a dense SVD or product several times slower than fewer threads that do not."""
+    import torch
+
+    previous = torch.get_num_threads()
+    if device == "cpu":
+        torch.set_num_threads(max(1, min(previous, (os.cpu_count() or 1) - 1)))
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
+
+
+def _decode_delta(run: _Run, pair: Pair, loaded: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+    """W_tuned - W_base in fp32 (fp64 when an input is fp64), on the run's device."""
     import torch
 
     wide = torch.float64 if "F64" in (pair.base.dtype, pair.tuned.dtype) else torch.float32
-    base = read_tensor(run.base, pair.name)
+    base, tuned = loaded
     delta = base.to(run.device, wide)
-    del base
-    delta.neg_().add_(read_tensor(run.tuned, pair.name).to(run.device, wide))
+    delta.neg_().add_(tuned.to(run.device, wide))
     if not bool(torch.isfinite(delta).all()):
         raise InvalidInputError(
             f"tensor {pair.name!r}: TUNED - BASE is not finite (NaN or Inf in one of them)",
@@ -150,11 +183,11 @@ def _factor_dtype(run: _Run, pair: Pair) -> torch.dtype:
     return torch_dtype(run.dtype or pair.tuned.dtype)
 
 
-def _extract_module(run: _Run, pair: Pair) -> None:
+def _extract_module(run: _Run, pair: Pair, loaded: tuple[torch.Tensor, torch.Tensor]) -> None:
     """Decompose one changed target and keep its factors, metadata entry and report line."""
     from loraformat.ops.extract import decompose
 
-    delta = _decode_delta(run, pair)
+    delta = _decode_delta(run, pair, loaded)
     total = float(delta.double().square().sum())
     if total == 0.0:
         run.zero.append(pair.name)
@@ -282,10 +315,11 @@ def extract(
     digests_b, digests_t = hashes[0].tensor_digests, hashes[1].tensor_digests
     same = {p.name for p in (*plan.targets, *plan.others) if digests_b[p.name] == digests_t[p.name]}
     run = _Run(bck, tck, spec, min_rank, max_rank, dev, fdtype, exact, progress or (lambda n: None))
-    for pair in plan.targets:
-        if pair.name not in same:
-            _extract_module(run, pair)
-        run.progress(1)
+    run.progress(len(same & {p.name for p in plan.targets}))
+    with _compute_threads(dev):
+        for pair, loaded in _pairs(run, [p for p in plan.targets if p.name not in same]):
+            _extract_module(run, pair, loaded)
+            run.progress(1)
     changed = _changed_others(run, plan, same, save_changed)
     if not run.modules:
         raise UsageError(

@@ -28,8 +28,8 @@ from loraformat.ops.lowrank import RankSpec
 if TYPE_CHECKING:
     import torch
 
-#: matrices with at most this many elements (e.g. 512 x 512) are decomposed exactly: it is faster than sketching
-EXACT_MAX_ELEMENTS = 1 << 18
+#: matrices with at most this many elements (e.g. 256 x 256) are decomposed exactly: it is as fast as sketching
+EXACT_MAX_ELEMENTS = 1 << 16
 #: extra sketch columns beyond the rank: the approximation error falls with p, the cost grows linearly
 MIN_OVERSAMPLE = 10
 #: stop iterating once a pass lowers the residual energy by less than this fraction of it
