@@ -62,6 +62,14 @@ class WriteError(LoraformatError):
     """Writing an output failed (disk full, file size limit, permissions); nothing was left behind."""
 
 
+class IncompleteSplitError(LoraformatError):
+    """``merge --assemble``: a worker's share is missing or its done-file does not match the plan."""
+
+
+class DistributedError(LoraformatError):
+    """A distributed task kept failing (its worker died every time) or the cluster could not be reached."""
+
+
 # --- invalid input (exit 1) -------------------------------------------------------------------------------
 
 

@@ -98,3 +98,39 @@ def quantized_bases(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]
         "fp8-channel": make_ct_fp8_base(base, root / "fp8-channel", scheme="FP8_DYNAMIC"),
         "fp8-block": make_block_fp8_base(base, root / "fp8-block"),
     }
+
+
+@pytest.fixture(scope="session")
+def stamped_adapter(tmp_path_factory, peft_adapters, llama_base) -> Path:
+    """A loraformat adapter with recorded base digests, so every worker verifies its targets."""
+    from loraformat.conversion import convert
+
+    path = tmp_path_factory.mktemp("split") / "a.safetensors"
+    convert(peft_adapters["plain"], path, base=llama_base)
+    return path
+
+
+@pytest.fixture(scope="session")
+def split_reference(tmp_path_factory, llama_base, stamped_adapter) -> dict[str, bytes]:
+    """The one-machine merge every split merge must equal byte for byte (5 output shards)."""
+    from loraformat.cli.main import main
+    from tests.test_merge_split import SHARD_SIZE, tree_bytes
+
+    out = tmp_path_factory.mktemp("ref") / "one"
+    with pytest.raises(SystemExit) as exc:
+        main(
+            [
+                "-q",
+                "merge",
+                str(llama_base),
+                str(stamped_adapter),
+                "-o",
+                str(out),
+                "--max-shard-size",
+                SHARD_SIZE,
+            ]
+        )
+    assert exc.value.code in (0, None)
+    files = tree_bytes(out)
+    assert sum(name.endswith(".safetensors") for name in files) == 5
+    return files

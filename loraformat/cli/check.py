@@ -5,6 +5,8 @@ Both stay header-only by default, so neither imports torch (validate imports it 
 
 from __future__ import annotations
 
+from typing import Any
+
 import click
 
 from loraformat.cli.common import emit_json, info
@@ -38,6 +40,22 @@ def _resolve(arg: str) -> str:
 @click.option(
     "--allow-pickle", is_flag=True, help="Load adapter_model.bin with torch.load(weights_only=True)."
 )
+@click.option(
+    "--jobs",
+    type=int,
+    metavar="N",
+    help="Validate in N local processes (0: one per core); the report is the same as a one-process run.",
+)
+@click.option(
+    "--ray",
+    "ray_address",
+    is_flag=False,
+    flag_value="auto",
+    default=None,
+    metavar="[ADDRESS]",
+    help="Validate on a Ray cluster whose nodes see the paths (default address: RAY_ADDRESS or the local "
+    "cluster). Put it after the paths, or write --ray=ADDRESS.",
+)
 def validate_cmd(
     paths: tuple[str, ...],
     base: str | None,
@@ -46,6 +64,8 @@ def validate_cmd(
     as_json: bool,
     config: str | None,
     allow_pickle: bool,
+    jobs: int | None,
+    ray_address: str | None,
 ) -> None:
     """Check adapters: native .safetensors files, PEFT directories, or directories searched for both.
 
@@ -57,11 +77,19 @@ def validate_cmd(
       loraformat validate adapter.safetensors
       loraformat validate ./adapters/ --level data --strict --json
       loraformat validate adapter.safetensors --base ./base-model
+      loraformat validate /shared/tenants/ --base /shared/base --jobs 8
+      loraformat validate /shared/tenants/ --base /shared/base --ray=ray://head:10001
     """
     from loraformat.validation import summarize, validate_many
 
     resolved = [_resolve(p) for p in paths]
-    reports = validate_many(resolved, base=base, level=level, config=config, allow_pickle=allow_pickle)
+    options: dict[str, Any] = dict(base=base, level=level, config=config, allow_pickle=allow_pickle)
+    if jobs is not None or ray_address is not None:
+        from loraformat.distributed import validate as validate_distributed
+
+        reports = validate_distributed(resolved, jobs=jobs, address=ray_address, **options)
+    else:
+        reports = validate_many(resolved, **options)
     summary = summarize(reports, strict=strict)
     ok = summary["invalid"] == 0
     if as_json:

@@ -6,6 +6,7 @@ import contextlib
 import os
 import sys
 import warnings
+from typing import Any
 
 import click
 
@@ -57,6 +58,44 @@ def _parse_size(value: str | None) -> int | None:
 @click.option("--no-verify", is_flag=True, help="Skip checking base tensors against the adapters' digests.")
 @click.option("--overwrite", is_flag=True, help="Replace an existing output directory.")
 @click.option("--json", "as_json", is_flag=True, help="Print figures and what was verified as JSON.")
+@click.option(
+    "--shard",
+    "share",
+    metavar="I/N",
+    help="Write only worker I's share of OUT's shards (I from 0 to N-1), for any scheduler; then --assemble N.",
+)
+@click.option(
+    "--assemble",
+    "assemble_workers",
+    type=int,
+    metavar="N",
+    help="After all N workers of --shard I/N finished: check their done-files and commit OUT.",
+)
+@click.option(
+    "--ray",
+    "ray_address",
+    is_flag=False,
+    flag_value="auto",
+    default=None,
+    metavar="[ADDRESS]",
+    help="Run the shares as Ray tasks (default address: RAY_ADDRESS or the local cluster; 'local' starts one).",
+)
+@click.option(
+    "--workers",
+    type=int,
+    help="With --ray: number of shares (default: one per free CPU slot, at most one per shard).",
+)
+@click.option("--ray-cpus", type=float, default=1.0, show_default=True, help="With --ray: CPUs per task.")
+@click.option(
+    "--ray-gpus", type=float, help="With --ray: GPUs per task (default: 1 when the cluster has GPUs, else 0)."
+)
+@click.option(
+    "--retries",
+    type=int,
+    default=3,
+    show_default=True,
+    help="With --ray: retries of a task whose worker died.",
+)
 def merge_cmd(
     base: str,
     adapters: tuple[str, ...],
@@ -68,6 +107,13 @@ def merge_cmd(
     no_verify: bool,
     overwrite: bool,
     as_json: bool,
+    share: str | None,
+    assemble_workers: int | None,
+    ray_address: str | None,
+    workers: int | None,
+    ray_cpus: float,
+    ray_gpus: float | None,
+    retries: int,
 ) -> None:
     """Merge one or more LoRA adapters into BASE, streaming tensor by tensor, and write OUT.
 
@@ -79,6 +125,12 @@ def merge_cmd(
     Examples:
       loraformat merge ./Llama-3-8B adapter.safetensors -o ./merged
       loraformat merge ./base a.safetensors b.safetensors --weight 0.7 --weight 0.3 -o ./blend --json
+
+    \b
+    Split across machines that share a file system (workers numbered from 0; any scheduler):
+      loraformat merge ./base a.safetensors -o ./merged --shard 3/8     # on each of 8 machines, I = 0..7
+      loraformat merge ./base a.safetensors -o ./merged --assemble 8    # once, after all 8 finished
+      loraformat merge ./base a.safetensors -o ./merged --ray ray://head:10001 --workers 16
     """
     from loraformat.hub.resolve import resolve_adapter_arg
     from loraformat.merging import merge
@@ -91,8 +143,30 @@ def merge_cmd(
 
     if weights and len(weights) != len(adapters):
         raise UsageError(f"got {len(weights)} --weight for {len(adapters)} adapter(s); give one per adapter")
+    modes = [
+        m for m, on in (("--shard", share), ("--assemble", assemble_workers), ("--ray", ray_address)) if on
+    ]
+    if len(modes) > 1:
+        raise UsageError(f"{' and '.join(modes)} cannot be combined; give one")
+    if ray_address is None and (workers is not None or ray_gpus is not None):
+        raise UsageError("--workers and --ray-gpus go with --ray")
     shard_size = _parse_size(max_shard_size)
     paths = [resolve_adapter_arg(a) for a in adapters]
+    common: dict[str, Any] = dict(
+        weights=list(weights) or None, dtype=dtype, max_shard_size=shard_size, overwrite=overwrite
+    )
+    if assemble_workers is not None:
+        from loraformat.merging.split import assemble
+
+        done = assemble(base, paths, out, assemble_workers, **common)
+        if as_json:
+            emit_json(done.to_json())
+        else:
+            info(
+                f"assembled {done.output} from {done.workers} worker(s): {len(done.shards)} shards, "
+                f"{human_bytes(done.bytes_total)} in all; {done.seconds:.2f} s"
+            )
+        return
     if no_verify:
         warn("--no-verify: base tensors will not be checked against the adapters' recorded digests")
     with contextlib.ExitStack() as stack, warnings.catch_warnings():
@@ -106,6 +180,25 @@ def merge_cmd(
             if tensors:
                 tensors_bar(tensors)
 
+        if share is not None:
+            _run_share(base, paths, out, share, common, device, no_verify, update, as_json)
+            return
+        if ray_address is not None:
+            _run_ray(
+                base,
+                paths,
+                out,
+                ray_address,
+                common,
+                device,
+                no_verify,
+                workers,
+                ray_cpus,
+                ray_gpus,
+                retries,
+                as_json,
+            )
+            return
         result = merge(
             base,
             paths,
@@ -133,6 +226,75 @@ def merge_cmd(
         f"{result.tensors_replaced} replaced, {result.tensors_copied} copied), "
         f"{human_bytes(result.bytes_written)} in {result.seconds:.2f} s ({human_bytes(result.gb_per_s * 1e9)}/s) on "
         f"{result.device} ({result.backend}); peak RSS {human_bytes(result.peak_rss_bytes)}; {verified}"
+    )
+
+
+def _run_share(
+    base: str,
+    paths: list[str],
+    out: str,
+    share: str,
+    common: dict[str, Any],
+    device: str,
+    no_verify: bool,
+    update: Any,
+    as_json: bool,
+) -> None:
+    from loraformat.merging.split import merge_share
+
+    result = merge_share(
+        base, paths, out, share, device=device, verify=not no_verify, progress=update, **common
+    )
+    if as_json:
+        emit_json(result.to_json())
+        return
+    where = f"worker {result.worker}/{result.workers}"
+    if result.skipped:
+        info(f"{where}: already done (its done-file and shards match); nothing to do")
+        return
+    info(
+        f"{where}: wrote {len(result.shards)} of the output's shards, {human_bytes(result.bytes_written)} in "
+        f"{result.seconds:.2f} s ({human_bytes(result.gb_per_s * 1e9)}/s), {result.tensors_verified} base tensors "
+        f"verified; after all {result.workers} workers: --assemble {result.workers}"
+    )
+
+
+def _run_ray(
+    base: str,
+    paths: list[str],
+    out: str,
+    address: str,
+    common: dict[str, Any],
+    device: str,
+    no_verify: bool,
+    workers: int | None,
+    cpus: float,
+    gpus: float | None,
+    retries: int,
+    as_json: bool,
+) -> None:
+    from loraformat.distributed import merge as distributed_merge
+
+    result = distributed_merge(
+        base,
+        paths,
+        out,
+        address=address,
+        workers=workers,
+        num_cpus=cpus,
+        num_gpus=gpus,
+        max_retries=retries,
+        device=device,
+        verify=not no_verify,
+        **common,
+    )
+    if as_json:
+        emit_json(result.to_json())
+        return
+    info(
+        f"wrote {result.output} on Ray: {result.workers} task(s) on {len(result.nodes)} node(s), "
+        f"{len(result.shards)} shards, {human_bytes(result.bytes_total)} in {result.seconds:.2f} s "
+        f"(assemble {result.assemble_seconds:.2f} s; {result.recovered} share(s) recovered from a dead worker)"
     )
 
 

@@ -120,25 +120,7 @@ def atomic_dir(final: str | os.PathLike[str], *, overwrite: bool = False) -> Ite
     try:
         tmp.mkdir()
         yield tmp
-        for child in tmp.rglob("*"):
-            if child.is_file() and not child.is_symlink():
-                with open(child, "rb") as f:
-                    os.fsync(f.fileno())
-        fsync_dir(tmp)
-        if final.exists() or final.is_symlink():
-            if not overwrite:
-                raise OutputExistsError("appeared while writing; left untouched", path=final)
-            trash = temp_name(final)
-            os.replace(final, trash)
-            try:
-                os.replace(tmp, final)
-            except OSError:
-                os.replace(trash, final)  # put the old output back
-                trash = None
-                raise
-        else:
-            os.rename(tmp, final)  # fails rather than clobbers if a non-empty dir appeared meanwhile
-        fsync_dir(final.parent)
+        trash = commit_dir(tmp, final, overwrite=overwrite)
     except OSError as exc:
         _remove(tmp)
         if not _is_ours(exc, tmp):
@@ -150,6 +132,31 @@ def atomic_dir(final: str | os.PathLike[str], *, overwrite: bool = False) -> Ite
     finally:
         if trash is not None:
             _remove(trash)
+
+
+def commit_dir(tmp: Path, final: Path, *, overwrite: bool) -> Path | None:
+    """fsync every file of a finished temporary directory and rename it to ``final`` (replacing an existing
+    one only with ``overwrite``); returns the replaced old output, renamed aside, for the caller to remove."""
+    for child in tmp.rglob("*"):
+        if child.is_file() and not child.is_symlink():
+            with open(child, "rb") as f:
+                os.fsync(f.fileno())
+    fsync_dir(tmp)
+    trash: Path | None = None
+    if final.exists() or final.is_symlink():
+        if not overwrite:
+            raise OutputExistsError("appeared while writing; left untouched", path=final)
+        trash = temp_name(final)
+        os.replace(final, trash)
+        try:
+            os.replace(tmp, final)
+        except OSError:
+            os.replace(trash, final)  # put the old output back
+            raise
+    else:
+        os.rename(tmp, final)  # fails rather than clobbers if a non-empty dir appeared meanwhile
+    fsync_dir(final.parent)
+    return trash
 
 
 def _remove(path: Path) -> None:

@@ -8,7 +8,7 @@ from __future__ import annotations
 import copy
 import json
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -143,6 +143,21 @@ class Plan:
     @property
     def total_bytes(self) -> int:
         return sum(s.size for s in self.shards)
+
+    def subset(self, shard_indices: list[int]) -> Plan:
+        """The plan of only these output shards (renumbered in order), for one worker of a split merge: the
+        same tasks, offsets and headers, so the files it writes are byte for byte those of the whole merge."""
+        keep = sorted(set(shard_indices))
+        renumber = {old: new for new, old in enumerate(keep)}
+        tasks = [replace(t, shard=renumber[t.shard]) for t in self.tasks if t.shard in renumber]
+        return replace(
+            self,
+            tasks=tasks,
+            shards=[self.shards[i] for i in keep],
+            copy_runs=_copy_runs(tasks),
+            index=None,
+            aux_files=[],
+        )
 
     def config_patch(self) -> dict[str, str]:
         """config.json keys to rewrite when --dtype changed the weights' dtype."""
