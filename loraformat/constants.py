@@ -299,3 +299,8 @@ LOWRANK_METHODS = (ComposeMethod.SVD, ComposeMethod.TIES, ComposeMethod.DARE_LIN
 DENSITY_METHODS = (ComposeMethod.TIES, ComposeMethod.DARE_LINEAR, ComposeMethod.DARE_TIES)
 #: methods that draw random masks and take --seed
 SEEDED_METHODS = (ComposeMethod.DARE_LINEAR, ComposeMethod.DARE_TIES)
+
+# --- split merges (loraformat/merging/split.py, docs/scale.md) ------------------------------------------------
+
+#: format tag of a split merge's done-file; a change of its fields bumps the number
+SHARE_DONE_FORMAT = "loraformat.merge-share/1"

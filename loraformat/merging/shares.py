@@ -15,10 +15,10 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from loraformat.constants import SHARE_DONE_FORMAT
 from loraformat.errors import UsageError
 
-#: the done-file's format tag; a change of its fields bumps the number
-DONE_FORMAT = "loraformat.merge-share/1"
+DONE_FORMAT = SHARE_DONE_FORMAT
 #: upper bounds on what a done-file may hold: it comes from a shared directory and is untrusted
 MAX_WORKERS = 65536
 MAX_DONE_BYTES = 4 << 20
