@@ -8,6 +8,7 @@ adapters' recorded digests while they stream (engine.py); the output directory a
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import json
 import os
@@ -17,6 +18,7 @@ import sys
 import threading
 import time
 import warnings
+from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -127,6 +129,33 @@ def _open_adapters(
     return opened, owned, notes
 
 
+@contextlib.contextmanager
+def planned(
+    base: str | os.PathLike[str],
+    adapters: Sequence[str | os.PathLike[str] | Adapter],
+    out: Path,
+    weights: list[float],
+    out_dtype: str | None,
+    max_shard_size: int | str | None,
+    verify: bool,
+    overwrite: bool,
+) -> Iterator[tuple[Plan, list[str]]]:
+    """Open and check every input and plan the merge from headers: (the plan, notes for the result). The
+    adapters this opened are closed on exit. Shared by the one-machine merge and the split merge's workers."""
+    opened, owned, notes = _open_adapters(list(adapters), base)
+    try:
+        ck = open_checkpoint(base)
+        check_paths(ck, opened, out)
+        check_output(out, overwrite=overwrite)
+        plan = build_plan(
+            ck, opened, weights, out_dtype=out_dtype, max_shard_size=max_shard_size, verify=verify
+        )
+        yield plan, notes
+    finally:
+        for a in owned:
+            a.close()
+
+
 def _check_space(plan: Plan, out: Path) -> None:
     need = plan.total_bytes + sum((plan.ck.root / f).stat().st_size for f in plan.aux_files)
     try:
@@ -211,13 +240,8 @@ def merge(
         return merge_pipeline(
             base, list(adapters), out, weights=ws, overwrite=overwrite, backend=backend, **options
         )
-    opened, owned, notes = _open_adapters(list(adapters), base)
-    try:
-        ck = open_checkpoint(base)
-        check_paths(ck, opened, out)
-        check_output(out, overwrite=overwrite)
+    with planned(base, adapters, out, ws, out_dtype, max_shard_size, verify, overwrite) as (plan, notes):
         dev = resolve_device(device)
-        plan = build_plan(ck, opened, ws, out_dtype=out_dtype, max_shard_size=max_shard_size, verify=verify)
         engine_backend = choose_backend(backend, dev, plan)
         if engine_backend == "torch":
             _import_torch_in_background()  # overlaps the first copies and the digest checks
@@ -233,9 +257,6 @@ def merge(
             except OSError as exc:
                 raise write_error(exc, out) from None
         seconds = time.perf_counter() - t0
-    finally:
-        for a in owned:
-            a.close()
     actions = [t.action for t in plan.tasks]
     return MergeResult(
         output=str(out),
@@ -251,7 +272,7 @@ def merge(
                 "content_hash": a.meta.content_hash,
                 "source_format": a.source_format,
             }
-            for a, w in zip(opened, ws, strict=True)
+            for a, w in zip(plan.adapters, ws, strict=True)
         ],
         shards=[s.name for s in plan.shards],
         tensors=len(plan.tasks),

@@ -28,12 +28,13 @@ from typing import Any
 
 from loraformat.adapter import Adapter, adapter_weights
 from loraformat.errors import IncompleteSplitError, UsageError
-from loraformat.io.atomic import check_output, commit_dir, fsync_dir, write_error
-from loraformat.io.checkpoint import INDEX_NAME, open_checkpoint
+from loraformat.io.atomic import commit_dir, fsync_dir, write_error
+from loraformat.io.checkpoint import INDEX_NAME
 from loraformat.io.native import file_digest
+from loraformat.io.pipeline import is_pipeline
 from loraformat.merging.engine import Pipeline, Progress
 from loraformat.merging.numpy_cpu import choose_backend
-from loraformat.merging.plan import Plan, build_plan, check_paths, resolve_dtype
+from loraformat.merging.plan import Plan, resolve_dtype
 from loraformat.merging.shares import (
     DoneFileError,
     DoneRecord,
@@ -110,22 +111,24 @@ def _planned(
     verify: bool,
     overwrite: bool,
 ) -> Iterator[Plan]:
-    """Open and check every input and plan the merge from headers, exactly as a one-machine merge does."""
-    from loraformat.merging import _open_adapters
+    """The one-machine merge's own input checks and plan (a diffusers pipeline is split per component by
+    merging each component directory on its own)."""
+    from loraformat.merging import planned
 
     if not adapters:
         raise UsageError("give at least one adapter to merge")
+    if is_pipeline(base):
+        raise UsageError(
+            "a split merge takes one model directory, not a diffusers pipeline: split it per component "
+            "(BASE/unet, BASE/text_encoder, ...)",
+            path=base,
+        )
     ws = adapter_weights(weights, len(adapters))
-    out_dtype = resolve_dtype(dtype)
-    opened, owned = _open_adapters(list(adapters))
-    try:
-        ck = open_checkpoint(base)
-        check_paths(ck, opened, out)
-        check_output(out, overwrite=overwrite)
-        yield build_plan(ck, opened, ws, out_dtype=out_dtype, max_shard_size=max_shard_size, verify=verify)
-    finally:
-        for a in owned:
-            a.close()
+    with planned(base, adapters, out, ws, resolve_dtype(dtype), max_shard_size, verify, overwrite) as (
+        plan,
+        _,
+    ):
+        yield plan
 
 
 def _adapter_digest(adapter: Adapter) -> str:
