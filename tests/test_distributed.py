@@ -57,18 +57,20 @@ def test_ray_merge_is_byte_identical_on_two_nodes(
     assert not any(p.exists() for p in staging_dirs(out))
 
 
-def _kill_first_share_task(cluster, stop: threading.Event) -> list[int]:
-    killed: list[int] = []
+def _kill_a_share_mid_write(cluster, out: Path, stop: threading.Event) -> list[int]:
+    """SIGKILL the worker process of the first share seen writing: its private directory (named with its
+    pid) holds a file and the process is one of this cluster's running share tasks."""
+    staging, _ = staging_dirs(out)
     deadline = time.monotonic() + 120
     while not stop.is_set() and time.monotonic() < deadline:
-        pids = cluster.task_processes("loraformat-merge-")
-        if pids:
-            time.sleep(0.3)  # well inside its slow writes
-            os.kill(pids[0], 9)
-            killed.append(pids[0])
-            return killed
+        running = set(cluster.task_processes("loraformat-merge-"))
+        for private in staging.glob(".w*-of-*-*") if staging.is_dir() else []:
+            pid = int(private.name.split("-")[3])
+            if pid in running and any(private.iterdir()):
+                os.kill(pid, 9)
+                return [pid]
         time.sleep(0.01)
-    return killed
+    return []
 
 
 def _merge_with_a_kill(cluster, llama_base, stamped_adapter, out, retries):
@@ -76,7 +78,7 @@ def _merge_with_a_kill(cluster, llama_base, stamped_adapter, out, retries):
 
     stop = threading.Event()
     killed: list[int] = []
-    killer = threading.Thread(target=lambda: killed.extend(_kill_first_share_task(cluster, stop)))
+    killer = threading.Thread(target=lambda: killed.extend(_kill_a_share_mid_write(cluster, out, stop)))
     killer.start()
     try:
         return merge(
