@@ -98,7 +98,10 @@ def main() -> None:
         record("share 1/1", run_one(cli("merge", *common, "-o", work / "s1", "--shard", "0/1"), env)[0])
         record("assemble 1", run_one(cli("merge", *common, "-o", work / "s1", "--assemble", 1), env)[0])
         for i in range(n):
-            record(f"share {i}/{n}", run_one(cli("merge", *common, "-o", work / "sn", "--shard", f"{i}/{n}"), env)[0])
+            record(
+                f"share {i}/{n}",
+                run_one(cli("merge", *common, "-o", work / "sn", "--shard", f"{i}/{n}"), env)[0],
+            )
         record(f"assemble {n}", run_one(cli("merge", *common, "-o", work / "sn", "--assemble", n), env)[0])
         drop_or_warm(base, False)
         shares = [cli("merge", *common, "-o", work / "pn", "--shard", f"{i}/{n}") for i in range(n)]
@@ -125,13 +128,17 @@ def _same(a: Path, b: Path) -> bool:
 
 def report(times: dict[str, list[float]], total: int, n: int, args: argparse.Namespace) -> None:
     med = {k: statistics.median(v) for k, v in times.items()}
-    print(f"# {platform.processor() or platform.machine()}, {os.cpu_count()} cores; output {total / 1e9:.2f} GB")
+    print(
+        f"# {platform.processor() or platform.machine()}, {os.cpu_count()} cores; output {total / 1e9:.2f} GB"
+    )
     print(f"{'run':<14}{'median s':>10}{'GB/s':>8}{'vs one':>9}")
     for k, v in med.items():
         gbs = f"{total / v / 1e9:.2f}" if k in ("one", "share 1/1", f"local x{n}", f"ray x{n}") else ""
         print(f"{k:<14}{v:>10.2f}{gbs:>8}{v / med['one']:>8.2f}x")
     per_share = [med[f"share {i}/{n}"] for i in range(n)]
-    print(f"per-worker throughput: {total / n / statistics.mean(per_share) / 1e9:.2f} GB/s of output per share")
+    print(
+        f"per-worker throughput: {total / n / statistics.mean(per_share) / 1e9:.2f} GB/s of output per share"
+    )
     if f"ray x{n}" in med:
         print(f"ray x{n} / local x{n}: {med[f'ray x{n}'] / med[f'local x{n}']:.2f}")
     print(json.dumps({"median_s": med, "output_bytes": total, "workers": n, "size": args.size}))
