@@ -6,7 +6,6 @@
 
 from __future__ import annotations
 
-import json
 import math
 import os
 from collections.abc import Sequence
@@ -26,6 +25,7 @@ from loraformat.constants import (
 from loraformat.errors import AdapterError, InputNotFoundError, PickleRefusedError, SchemaError, UsageError
 from loraformat.io.header import FLOAT_DTYPES, TensorInfo
 from loraformat.io.tensors import MemorySource, SafetensorsSource, TensorSource
+from loraformat.io.untrusted_json import load_json
 from loraformat.metadata import AdapterMetadata, ModuleEntry
 from loraformat.schema import validate_document
 
@@ -243,24 +243,34 @@ def _pair_problems(
 
 def parse_native_metadata(raw: dict[str, str], *, path: str) -> AdapterMetadata:
     """Parse and schema-check ``__metadata__["loraformat"]``, applying the versioning rule first."""
-    try:
-        document = json.loads(raw[METADATA_KEY])
-    except (ValueError, RecursionError) as exc:
-        raise SchemaError(f"__metadata__[{METADATA_KEY!r}] is not valid JSON ({exc})", path=path) from None
+    document = load_json(
+        raw[METADATA_KEY], what=f"__metadata__[{METADATA_KEY!r}]", error=SchemaError, path=path
+    )
     if not isinstance(document, dict):
         raise SchemaError(f"__metadata__[{METADATA_KEY!r}] is not a JSON object", path=path)
     spec.check_version(document.get("spec_version"), path=path)
+    modules = document.get("modules")
+    if isinstance(modules, dict) and len(modules) > spec.MAX_MODULES:
+        raise SchemaError(
+            f"{len(modules)} modules, above the limit of {spec.MAX_MODULES} (spec/v1.md §16)", path=path
+        )
     validate_document(document, path=path)
     return AdapterMetadata.from_dict(document)
 
 
 def _load_json(path: Path) -> dict[str, Any]:
     try:
-        data = json.loads(path.read_text("utf-8"))
+        with open(path, "rb") as f:
+            text = f.read(spec.MAX_CONFIG_BYTES + 1)
     except FileNotFoundError:
         raise InputNotFoundError("no such file", path=path) from None
-    except (ValueError, UnicodeDecodeError, RecursionError) as exc:
-        raise AdapterError(f"not valid JSON ({exc})", path=path) from None
+    except OSError as exc:
+        raise InputNotFoundError(
+            f"cannot be read ({exc.strerror or exc.__class__.__name__})", path=path
+        ) from None
+    if len(text) > spec.MAX_CONFIG_BYTES:
+        raise AdapterError(f"is larger than {spec.MAX_CONFIG_BYTES} bytes (spec/v1.md §16)", path=path)
+    data = load_json(text, what="", error=AdapterError, path=path)
     if not isinstance(data, dict):
         raise AdapterError("is not a JSON object", path=path)
     return data

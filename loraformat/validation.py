@@ -11,12 +11,12 @@ raises, because that is a usage error rather than a property of the adapter.
 from __future__ import annotations
 
 import copy
-import json
 import os
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+from loraformat import spec
 from loraformat.adapter import PEFT_CONFIG, PEFT_PICKLE, PEFT_WEIGHTS, Adapter, open_adapter
 from loraformat.constants import (
     FORMAT_KEY,
@@ -42,6 +42,7 @@ from loraformat.errors import (
     UsageError,
 )
 from loraformat.io.header import FLOAT_DTYPES, read_header
+from loraformat.io.untrusted_json import load_json
 from loraformat.metadata import BaseQuantization
 from loraformat.schema import violations as schema_violations
 
@@ -304,10 +305,12 @@ def _open_error(report: ValidationReport, exc: LoraformatError) -> None:
 def _schema_findings_of_file(path: str) -> list[Finding]:
     """Every schema violation of a native file's document (open_adapter stops at the first)."""
     try:
-        document = json.loads(read_header(path).metadata[METADATA_KEY])
-    except (LoraformatError, KeyError, ValueError):
+        raw = read_header(path).metadata[METADATA_KEY]
+        document = load_json(raw, what=METADATA_KEY, error=SchemaError, path=path)
+    except (LoraformatError, KeyError):
         return []
-    if not isinstance(document, dict):
+    modules = document.get("modules") if isinstance(document, dict) else None
+    if not isinstance(document, dict) or (isinstance(modules, dict) and len(modules) > spec.MAX_MODULES):
         return []
     return [
         Finding(FindingCode.SCHEMA, ERROR, where, message) for where, message in schema_violations(document)

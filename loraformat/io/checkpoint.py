@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING, Any
 
 from loraformat.errors import HeaderError, InputNotFoundError, PickleRefusedError
 from loraformat.io.header import SafetensorsHeader, TensorInfo, read_header
+from loraformat.io.untrusted_json import load_json
 
 if TYPE_CHECKING:
     import torch
@@ -96,20 +97,18 @@ def open_checkpoint(path: str | os.PathLike[str]) -> Checkpoint:
         root, files = p.parent, [p]
     elif (p / INDEX_NAME).exists():
         root = p
-        try:
-            index = json.loads((p / INDEX_NAME).read_text("utf-8"))
-            weight_map = index["weight_map"]
-            assert isinstance(weight_map, dict)
-        except (ValueError, KeyError, AssertionError, TypeError):
+        index = load_json((p / INDEX_NAME).read_bytes(), what="", error=HeaderError, path=p / INDEX_NAME)
+        weight_map = index.get("weight_map") if isinstance(index, dict) else None
+        if not isinstance(weight_map, dict):
             raise HeaderError(
                 "is not a valid safetensors index (needs a weight_map object)", path=p / INDEX_NAME
-            ) from None
-        names = sorted(set(weight_map.values()))
-        for n in names:
+            )
+        for n in weight_map.values():
             if not isinstance(n, str) or "/" in n or "\\" in n or n.startswith("."):
                 raise HeaderError(
                     f"weight_map names a shard {n!r} outside the directory", path=p / INDEX_NAME
                 )
+        names = sorted(set(weight_map.values()))
         files = [p / n for n in names]
     elif (p / SINGLE_NAME).exists():
         root, files = p, [p / SINGLE_NAME]

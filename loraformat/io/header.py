@@ -13,7 +13,9 @@ import os
 import struct
 from dataclasses import dataclass, field
 
+from loraformat import spec
 from loraformat.errors import HeaderError, InputNotFoundError
+from loraformat.io.untrusted_json import gc_paused, load_json
 
 MAX_HEADER_BYTES = 100_000_000
 
@@ -89,70 +91,92 @@ def _fail(path: str, reason: str) -> HeaderError:
 def parse_header_bytes(raw_json: bytes, *, path: str, file_size: int) -> SafetensorsHeader:
     """Validate the JSON part of a header whose 8-byte length prefix said ``len(raw_json)``."""
     n = len(raw_json)
-    try:
-        doc = json.loads(raw_json.decode("utf-8"))
-    except (UnicodeDecodeError, ValueError, RecursionError) as exc:  # RecursionError: absurdly deep nesting
-        raise _fail(path, f"header is not valid UTF-8 JSON ({exc.__class__.__name__})") from None
-    if not isinstance(doc, dict):
-        raise _fail(path, f"header is a JSON {type(doc).__name__}, not an object")
-
-    metadata_raw = doc.pop("__metadata__", None)
-    metadata: dict[str, str] = {}
-    if metadata_raw is not None:
-        if not isinstance(metadata_raw, dict):
-            raise _fail(path, "__metadata__ is not an object")
-        for key, value in metadata_raw.items():
-            if not isinstance(value, str):
-                raise _fail(path, f"__metadata__[{key!r}] is a {type(value).__name__}, not a string")
-        metadata = dict(metadata_raw)
-
-    data_start = 8 + n
-    buffer_size = file_size - data_start
-    entries: list[tuple[int, int, str, str, tuple[int, ...]]] = []
-    for name, entry in doc.items():
-        if not isinstance(entry, dict):
-            raise _fail(path, f"tensor {name!r}: entry is not an object")
-        dtype = entry.get("dtype")
-        shape = entry.get("shape")
-        offsets = entry.get("data_offsets")
-        if not isinstance(dtype, str) or dtype not in DTYPE_BITS:
-            raise _fail(path, f"tensor {name!r}: unknown dtype {dtype!r}")
-        if not isinstance(shape, list) or not all(type(d) is int and d >= 0 for d in shape):
-            raise _fail(path, f"tensor {name!r}: shape {shape!r} is not a list of non-negative integers")
-        if (
-            not isinstance(offsets, list)
-            or len(offsets) != 2
-            or not all(type(o) is int and o >= 0 for o in offsets)
-        ):
-            raise _fail(path, f"tensor {name!r}: data_offsets {offsets!r} is not [begin, end]")
-        begin, end = offsets
-        if end < begin:
-            raise _fail(path, f"tensor {name!r}: data_offsets end {end} before begin {begin}")
-        bits = math.prod(shape) * DTYPE_BITS[dtype]
-        if bits % 8 or bits // 8 != end - begin:
-            raise _fail(
-                path,
-                f"tensor {name!r}: {end - begin} bytes for shape {shape} of {dtype} (expected {bits / 8:g})",
-            )
-        entries.append((begin, end, name, dtype, tuple(shape)))
-
-    entries.sort()
-    expected = 0
-    tensors: dict[str, TensorInfo] = {}
-    for begin, end, name, dtype, shape in entries:
-        if begin < expected:
-            raise _fail(path, f"tensor {name!r}: data_offsets overlap the previous tensor")
-        if begin > expected:
-            raise _fail(path, f"tensor {name!r}: a hole of {begin - expected} bytes before it")
-        if end > buffer_size:
-            raise _fail(path, f"tensor {name!r}: ends at {end}, past the {buffer_size}-byte data buffer")
-        tensors[name] = TensorInfo(name, dtype, shape, data_start + begin, data_start + end)
-        expected = end
+    _check_counts(raw_json, path)
+    with gc_paused():  # millions of fresh containers: the cyclic GC would rescan them again and again
+        doc = load_json(raw_json, what="header", error=HeaderError, path=path, deep=False)
+        if not isinstance(doc, dict):
+            raise _fail(path, f"header is a JSON {type(doc).__name__}, not an object")
+        metadata = _metadata(doc.pop("__metadata__", None), path)
+        if len(doc) > spec.MAX_TENSORS:
+            raise _fail(path, f"{len(doc)} tensors, above the limit of {spec.MAX_TENSORS} (spec/v1.md §16)")
+        data_start = 8 + n
+        buffer_size = file_size - data_start
+        entries = sorted(_entry(name, entry, path) for name, entry in doc.items())
+        del doc
+        expected = 0
+        tensors: dict[str, TensorInfo] = {}
+        for begin, end, name, dtype, shape in entries:
+            if begin < expected:
+                raise _fail(path, f"tensor {name!r}: data_offsets overlap the previous tensor")
+            if begin > expected:
+                raise _fail(path, f"tensor {name!r}: a hole of {begin - expected} bytes before it")
+            if end > buffer_size:
+                raise _fail(path, f"tensor {name!r}: ends at {end}, past the {buffer_size}-byte data buffer")
+            tensors[name] = TensorInfo(name, dtype, shape, data_start + begin, data_start + end)
+            expected = end
     if expected != buffer_size:
         raise _fail(path, f"data buffer is {buffer_size} bytes but the tensors cover {expected}")
     return SafetensorsHeader(
         path=path, file_size=file_size, header_size=n, tensors=tensors, metadata=metadata
     )
+
+
+def _metadata(raw: object, path: str) -> dict[str, str]:
+    if raw is None:
+        return {}
+    if not isinstance(raw, dict):
+        raise _fail(path, "__metadata__ is not an object")
+    if len(raw) > spec.MAX_METADATA_KEYS:
+        raise _fail(path, f"__metadata__ has {len(raw)} keys, above the limit of {spec.MAX_METADATA_KEYS}")
+    for key, value in raw.items():
+        if not isinstance(value, str):
+            raise _fail(path, f"__metadata__[{key!r}] is a {type(value).__name__}, not a string")
+    return raw
+
+
+def _entry(name: str, entry: object, path: str) -> tuple[int, int, str, str, tuple[int, ...]]:
+    """(begin, end, name, dtype, shape) of one tensor entry, every field checked; the common case runs
+    without any allocation besides the result (headers may hold MAX_TENSORS entries)."""
+    if type(entry) is not dict:
+        raise _fail(path, f"tensor {name!r}: entry is not an object")
+    dtype, shape, offsets = entry.get("dtype"), entry.get("shape"), entry.get("data_offsets")
+    bits = DTYPE_BITS.get(dtype) if type(dtype) is str else None
+    if bits is None:
+        raise _fail(path, f"tensor {name!r}: unknown dtype {str(dtype)[:40]!r}")
+    if type(shape) is not list or len(shape) > spec.MAX_SHAPE_DIMS:
+        raise _fail(path, f"tensor {name!r}: shape is not a list of at most {spec.MAX_SHAPE_DIMS} sizes")
+    for size in shape:
+        if type(size) is not int or size < 0:
+            raise _fail(path, f"tensor {name!r}: shape {shape!r} is not a list of non-negative integers")
+        bits *= size  # exact integers: no overflow, and at most 8 factors
+    if type(offsets) is not list or len(offsets) != 2:
+        raise _fail(path, f"tensor {name!r}: data_offsets {str(offsets)[:60]} is not [begin, end]")
+    begin, end = offsets
+    if type(begin) is not int or type(end) is not int or begin < 0 or end < 0:
+        raise _fail(path, f"tensor {name!r}: data_offsets {offsets!r} is not [begin, end]")
+    if end < begin:
+        raise _fail(path, f"tensor {name!r}: data_offsets end {end} before begin {begin}")
+    if bits % 8 or bits // 8 != end - begin:
+        want = f"{bits // 8}" if bits % 8 == 0 else f"{bits}/8"
+        raise _fail(
+            path, f"tensor {name!r}: {end - begin} bytes for shape {shape} of {dtype} (expected {want})"
+        )
+    return begin, end, name, dtype, tuple(shape)
+
+
+def _check_counts(raw: bytes, path: str) -> None:
+    """Refuse, before parsing, what would make parsing cost more than the limits allow: more tensor entries
+    than MAX_TENSORS (each has exactly one "data_offsets" key) and large headers that are not ASCII (their
+    text would take four bytes a character in memory)."""
+    entries = raw.count(b'"data_offsets"')
+    if entries > spec.MAX_TENSORS:
+        raise _fail(path, f"{entries} tensor entries, above the limit of {spec.MAX_TENSORS} (spec/v1.md §16)")
+    if len(raw) > spec.MAX_NON_ASCII_HEADER_BYTES and not raw.isascii():
+        raise _fail(
+            path,
+            f"header of {len(raw)} bytes is not ASCII; above {spec.MAX_NON_ASCII_HEADER_BYTES} bytes a "
+            "header must be ASCII (spec/v1.md §16)",
+        )
 
 
 def read_header(path: str | os.PathLike[str]) -> SafetensorsHeader:

@@ -13,9 +13,11 @@ import re
 from collections import Counter
 from typing import Any
 
+from loraformat import spec
 from loraformat.constants import BIAS_MODES, PEFT_PREFIX, Format, LayerKind, ScalingRule
 from loraformat.errors import AdapterError
 from loraformat.io.header import TensorInfo
+from loraformat.io.patterns import PatternTable, build_table, check_key_count, resolve_all
 from loraformat.metadata import AdapterMetadata, BaseModel, ModuleEntry, Provenance
 
 #: tensor-key suffix after the module path -> role
@@ -44,10 +46,8 @@ _UNSUPPORTED = {
 
 def resolve_pattern(patterns: dict[str, Any], module: str, default: Any) -> Any:
     """PEFT's get_pattern_key: the first key (in dict order) that matches the module path wins."""
-    for key, value in patterns.items():
-        if re.match(rf"(.*\.)?({key})$", module):
-            return value
-    return default
+    table = build_table("pattern", patterns, "")
+    return resolve_all([module], [table], [default], "")[module][0]
 
 
 def _cfg_error(path: str, message: str) -> AdapterError:
@@ -91,16 +91,14 @@ def split_tensor_keys(keys: list[str], *, path: str) -> tuple[dict[str, dict[str
     return modules, saved
 
 
-def _check_patterns(name: str, patterns: dict[str, Any], path: str, *, integer: bool) -> None:
+def _check_patterns(name: str, patterns: dict[str, Any], path: str, *, integer: bool) -> PatternTable:
+    """Values first (cheap), then the keys as regexes (bounded: loraformat/io/patterns.py)."""
     for key, value in patterns.items():
-        try:
-            re.compile(rf"(.*\.)?({key})$")
-        except re.error as exc:
-            raise _cfg_error(path, f"{name} key {key!r} is not a valid regex ({exc})") from None
         bad = isinstance(value, bool) or not isinstance(value, int if integer else (int, float))
         if bad or value <= 0:
             kind = "a positive integer" if integer else "a positive number"
-            raise _cfg_error(path, f"{name}[{key!r}] must be {kind}, got {value!r}")
+            raise _cfg_error(path, f"{name}[{key[:60]!r}] must be {kind}, got {value!r}")
+    return build_table(name, patterns, path)
 
 
 def metadata_from_peft(
@@ -126,8 +124,11 @@ def metadata_from_peft(
         raise _cfg_error(path, f"lora_alpha must be positive, got {lora_alpha!r}")
     rank_pattern = _typed(config, "rank_pattern", (dict,), {}, path)
     alpha_pattern = _typed(config, "alpha_pattern", (dict,), {}, path)
-    _check_patterns("rank_pattern", rank_pattern, path, integer=True)
-    _check_patterns("alpha_pattern", alpha_pattern, path, integer=False)
+    check_key_count(len(rank_pattern) + len(alpha_pattern), path)
+    tables = [
+        _check_patterns("rank_pattern", rank_pattern, path, integer=True),
+        _check_patterns("alpha_pattern", alpha_pattern, path, integer=False),
+    ]
     use_rslora = _typed(config, "use_rslora", (bool,), False, path)
     use_dora = _typed(config, "use_dora", (bool,), False, path)
     fan_in_fan_out = _typed(config, "fan_in_fan_out", (bool,), False, path)
@@ -140,6 +141,11 @@ def metadata_from_peft(
         raise _cfg_error(path, f"modules_to_save must be a list of strings, got {modules_to_save!r}")
 
     grouped, saved = split_tensor_keys(list(infos), path=path)
+    if len(grouped) > spec.MAX_MODULES:
+        raise _cfg_error(
+            path, f"{len(grouped)} modules, above the limit of {spec.MAX_MODULES} (spec/v1.md §16)"
+        )
+    resolved = resolve_all(sorted(grouped), tables, [r, lora_alpha], path)
     modules: dict[str, ModuleEntry] = {}
     for module, roles in sorted(grouped.items()):
         a_key = roles.get("A") or roles.get("embA")
@@ -158,8 +164,8 @@ def metadata_from_peft(
             kind, kernel = LayerKind.LINEAR, None
         modules[module] = ModuleEntry(
             kind=kind,
-            rank=resolve_pattern(rank_pattern, module, r),
-            alpha=resolve_pattern(alpha_pattern, module, lora_alpha),
+            rank=resolved[module][0],
+            alpha=resolved[module][1],
             in_features=a[1] if len(a) > 1 else 0,  # 0: unknown, A is missing or malformed (a problem)
             out_features=b[0] if len(b) > 0 else 0,
             base_tensor=f"{module}.weight",
@@ -194,12 +200,23 @@ def metadata_from_peft(
 # --- writing -------------------------------------------------------------------------------------------------
 
 
-def _anchored(module: str, others: list[str]) -> str:
-    """A pattern key that PEFT's ``(.*\\.)?(KEY)$`` matches for ``module`` and no other module of ``others``."""
+def _dotted_tails(names: list[str]) -> set[str] | None:
+    """Every proper dotted suffix of every name ("a.b.c" -> "b.c", "c"): linear in the total length. None
+    when a name holds a newline ('$' and '.*' treat those specially: the regex decides then)."""
+    if any("\n" in n for n in names):
+        return None
+    return {n[i + 1 :] for n in names for i, c in enumerate(n) if c == "."}
+
+
+def _anchored(module: str, others: list[str], tails: set[str] | None) -> str:
+    """A pattern key that PEFT's ``(.*\\.)?(KEY)$`` matches for ``module`` and no other module of ``others``:
+    the escaped path matches exactly the paths equal to it or ending in ``.`` + it (``tails``)."""
     key = re.escape(module)
-    if any(o != module and re.match(rf"(.*\.)?({key})$", o) for o in others):
-        key = "^" + key  # nothing may precede: the full path only, no dotted prefix
-    return key
+    if tails is None:
+        clash = any(o != module and re.match(rf"(.*\.)?({key})$", o) for o in others)
+    else:
+        clash = module in tails
+    return "^" + key if clash else key  # "^": nothing may precede, the full path only
 
 
 def _default(counter: Counter[Any]) -> Any:
@@ -218,9 +235,14 @@ def peft_config_from_metadata(meta: AdapterMetadata) -> dict[str, Any]:
     names = sorted(meta.modules)
     r = _default(Counter(m.rank for m in meta.modules.values()))
     alpha = _default(Counter(m.alpha for m in meta.modules.values()))
-    rank_pattern = {_anchored(n, names): meta.modules[n].rank for n in names if meta.modules[n].rank != r}
+    tails = _dotted_tails(names)
+    rank_pattern = {
+        _anchored(n, names, tails): meta.modules[n].rank for n in names if meta.modules[n].rank != r
+    }
     alpha_pattern = {
-        _anchored(n, names): _num(meta.modules[n].alpha) for n in names if meta.modules[n].alpha != alpha
+        _anchored(n, names, tails): _num(meta.modules[n].alpha)
+        for n in names
+        if meta.modules[n].alpha != alpha
     }
     config: dict[str, Any] = {
         "peft_type": "LORA",
