@@ -23,6 +23,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from loraformat import spec  # noqa: E402
+from loraformat.constants import METADATA_KEY  # noqa: E402
 
 
 def _write(path: Path, header: bytes, data: bytes = b"") -> Path:
@@ -85,7 +86,7 @@ def document_modules(n: int, junk: int = 0) -> Callable[[Path], Path]:
             modules=modules, name="big", created_by={"tool": "bench", "version": "1"}
         ).to_dict()
         doc["junk"] = [7] * junk
-        meta = {"format": "pt", spec.METADATA_KEY: json.dumps(doc)}
+        meta = {"format": "pt", METADATA_KEY: json.dumps(doc)}
         return _write(path, json.dumps({"__metadata__": meta, **tensors}).encode(), b"\0" * pos)
 
     return build

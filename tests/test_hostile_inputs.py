@@ -14,6 +14,7 @@ import pytest
 
 from loraformat import spec
 from loraformat.cli.main import main
+from loraformat.constants import METADATA_KEY
 from loraformat.io.header import encode_header, read_header
 from tests.spec_helpers import document, one_module_adapter
 
@@ -43,7 +44,7 @@ def native(good: Path, out: Path, raw_doc: str | None = None, metadata: dict[str
     header = read_header(good)
     md = dict(header.metadata)
     if raw_doc is not None:
-        md[spec.METADATA_KEY] = raw_doc
+        md[METADATA_KEY] = raw_doc
     if metadata is not None:
         md = metadata
     order = sorted(header.tensors.values(), key=lambda t: t.start)
