@@ -134,6 +134,7 @@ class Adapter:
         for module, entry in sorted(self.meta.modules.items()):
             keys = self.keys(module)
             out.extend(_pair_problems(module, entry, keys, infos, what))
+            out.extend(_scale_problems(module, self.meta))
             used.update(k for k in (keys.A, keys.B) if k in infos)
             extra_shape = _vector_shape(entry)
             for role, key in (("lora_magnitude_vector", keys.magnitude), ("lora_B.bias", keys.bias)):
@@ -174,6 +175,29 @@ class Adapter:
             code, where, message = problems[0]
             more = f" (and {len(problems) - 1} more problems)" if len(problems) > 1 else ""
             raise AdapterError(f"{where}: {message}{more}", path=self.path)
+
+
+#: the largest scale a merge can apply: float32's largest finite value (merges compute in float32 or wider)
+MAX_SCALE = 3.4028234663852886e38
+
+
+def _scale_problems(module: str, meta: AdapterMetadata) -> list[tuple[str, str, str]]:
+    """The module's scale (alpha/r or alpha/sqrt(r)) must be finite, positive and within float32 range, or a
+    merge would write inf/NaN or fail (spec/v1.md §16)."""
+    entry = meta.modules[module]
+    try:
+        scale = meta.scale(module)
+    except (ArithmeticError, TypeError, ValueError):
+        scale = math.nan
+    if 0 < scale <= MAX_SCALE:
+        return []
+    return [
+        (
+            FindingCode.BAD_SCALE,
+            module,
+            f"scale {scale!r} (alpha {entry.alpha!r}, rank {entry.rank!r}) is not a positive float32 number",
+        )
+    ]
 
 
 def _vector_shape(entry: ModuleEntry) -> tuple[int, ...]:

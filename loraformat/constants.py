@@ -259,6 +259,7 @@ class FindingCode(StrEnum):
     METADATA_RANK = "metadata-rank"
     SHAPE_MISMATCH = "shape-mismatch"
     BAD_DTYPE = "bad-dtype"
+    BAD_SCALE = "bad-scale"
     UNEXPECTED_TENSOR = "unexpected-tensor"
     SAVED_TENSOR = "saved-tensor"
     # header level: metadata keys

@@ -263,5 +263,6 @@ class AdapterMetadata:
 
 
 def _num(x: float) -> float | int:
-    """Write 16.0 as 16 so JSON stays readable and PEFT configs keep ints where they had them."""
-    return int(x) if float(x).is_integer() else float(x)
+    """Write 16.0 as 16 so JSON stays readable and PEFT configs keep ints where they had them; a float too large
+    for an exact integer (beyond 2**53) stays a float, so every reader (ours included) reads it back."""
+    return int(x) if float(x).is_integer() and abs(x) <= 2**53 else float(x)

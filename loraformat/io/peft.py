@@ -278,4 +278,4 @@ _PEFT_TASKS = PEFT_TASKS  # backwards-compatible alias
 
 
 def _num(x: float) -> float | int:
-    return int(x) if float(x).is_integer() else float(x)
+    return int(x) if float(x).is_integer() and abs(x) <= 2**53 else float(x)

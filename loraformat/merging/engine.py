@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from loraformat.constants import LayerKind
-from loraformat.errors import HashMismatchError
+from loraformat.errors import AdapterError, HashMismatchError
 from loraformat.hashing import start_tensor_digest
 from loraformat.io.header import DTYPE_BITS
 from loraformat.merging.files import Buffer, Outputs, Pool, Sources, Stop, get, pread_into, put
@@ -75,6 +75,14 @@ class WriteJob:
     release: list[tuple[Pool, Buffer]] = field(default_factory=list)  # once the bytes are written
     event: Any = None  # CUDA event after which the host buffer holds the result
     tensors_done: int = 0
+
+
+def nonfinite_error(task: TensorTask) -> AdapterError:
+    """A merge must never write inf/NaN where the base is finite (spec/v1.md §16): the output is abandoned."""
+    return AdapterError(
+        f"merging into {task.name} would write inf/NaN where the base is finite (the adapter's scale or weights "
+        f"overflow {task.out_dtype}); nothing was written"
+    )
 
 
 def rows_cols(shape: tuple[int, ...]) -> tuple[int, int]:
@@ -396,6 +404,8 @@ class Pipeline:
                     delta.merge_rows_(w, terms, r0 + s0, r0 + s1)
                     if work is not None:
                         out[s0:s1].copy_(w)
+                    if delta.introduces_nonfinite(out[s0:s1], src[s0:s1]):
+                        raise nonfinite_error(task)
             del src
             if src_loc is not None:
                 self.sources.drop(src_loc[0], src_loc[1] + r0 * row_bytes, nbytes)
@@ -439,10 +449,16 @@ class Pipeline:
         torch.cuda.reset_peak_memory_stats(dev)
         streams = [torch.cuda.Stream(dev), torch.cuda.Stream(dev)]
         current: tuple[int, list[Any]] | None = None
+        flags: list[tuple[TensorTask, Any]] = []  # device-side checks, read once per task (no per-block sync)
         k = 0
         try:
             while True:
                 blk = get(self.to_merge, self.abort)
+                if blk is None or (flags and flags[0][0] is not blk.task):
+                    for task, flag in flags:
+                        if bool(flag):
+                            raise nonfinite_error(task)
+                    flags.clear()
                 if blk is None:
                     return
                 task = blk.task
@@ -472,6 +488,7 @@ class Pipeline:
                     if task.terms:
                         assert current is not None
                         result = delta.merge_rows_(src.to(cd), current[1], blk.start, blk.stop).to(out_t)
+                        flags.append((task, delta.introduces_nonfinite(result, src)))
                     else:
                         result = src.to(out_t)
                     obuf.tensor()[:out_nbytes].view(out_t).view(n, cols).copy_(result, non_blocking=True)

@@ -183,6 +183,10 @@ def _merge_task(pipe: Pipeline, task: TensorTask) -> None:
             delta_np.merge_rows_np_(w, terms, r0 + s0, r0 + s1, prod)
             if work is not None:
                 delta_np.encode(w, task.out_dtype, out[s0:s1])
+            if terms and delta_np.introduces_nonfinite(
+                out[s0:s1], task.out_dtype, src[s0:s1], task.src_dtype
+            ):
+                raise engine.nonfinite_error(task)
         del src, out
         if src_loc is not None:
             pipe.sources.drop(src_loc[0], src_loc[1] + r0 * row_bytes, nbytes)

@@ -219,6 +219,19 @@ def bias_term(
     )
 
 
+def introduces_nonfinite(out: torch.Tensor, src: torch.Tensor) -> torch.Tensor:
+    """A 0-d bool tensor: does ``out`` hold inf/NaN where ``src`` (the same rows before merging) was finite? One
+    reduction in the common all-finite case; stays on the device so a GPU merge need not synchronise per block."""
+    import torch
+
+    bad = ~torch.isfinite(out)
+    return (
+        (bad & torch.isfinite(src)).any()
+        if out.is_cuda
+        else (bad.any() and (bad & torch.isfinite(src)).any())
+    )
+
+
 def needs_whole_tensor(terms: Sequence[LoraTerm]) -> bool:
     """DoRA with channels along axis 1 needs column norms over every row, so the block must be the whole tensor."""
     return any(t.is_dora and t.axis != 0 for t in terms)

@@ -38,6 +38,19 @@ def compute_dtype(*st_dtypes: str) -> type[np.floating[Any]]:
     return np.float64 if "F64" in st_dtypes else np.float32
 
 
+def nonfinite(stored: np.ndarray, st_dtype: str) -> np.ndarray:
+    """Mask of inf/NaN elements of stored values (bf16 is held as uint16 bits: exponent all ones)."""
+    if st_dtype == "BF16":
+        return (stored & 0x7F80) == 0x7F80
+    return ~np.isfinite(stored)
+
+
+def introduces_nonfinite(out: np.ndarray, out_dtype: str, src: np.ndarray, src_dtype: str) -> bool:
+    """Does ``out`` hold inf/NaN where ``src`` (the same rows before merging) was finite?"""
+    bad = nonfinite(out, out_dtype)
+    return bool(bad.any()) and bool((bad & ~nonfinite(src, src_dtype)).any())
+
+
 def lora_factors(A: Any, B: Any, kind: str, fan_in_fan_out: bool = False) -> tuple[Any, Any]:
     """(L, R) with dW = L @ R over the stored weight viewed (rows, cols); works on torch tensors and arrays.
 
