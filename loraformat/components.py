@@ -122,9 +122,7 @@ def pipeline_problems(meta: AdapterMetadata, base: str | os.PathLike[str]) -> li
         folder = folder_for(base, component)
         if folder is None:
             what = (
-                f"a {component} component"
-                if component
-                else "components named in the adapter (use --component)"
+                f"{component} component" if component else "components named in the adapter (use --component)"
             )
             out.append(("missing-target", f"{component or ''}.*", f"base {base} has no {what}"))
             continue

@@ -14,6 +14,7 @@ import copy
 import os
 from collections.abc import Iterable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from loraformat import spec
@@ -247,26 +248,31 @@ def _search(root: str) -> list[str]:
 # --- checks ----------------------------------------------------------------------------------------------------
 
 
-def _open_base(base: str | os.PathLike[str] | Checkpoint | None) -> Checkpoint:
+def _open_base(base: str | os.PathLike[str] | Checkpoint | None) -> Checkpoint | Path:
+    """The base checkpoint, or a diffusers pipeline directory (checked per component)."""
     from loraformat.io.checkpoint import Checkpoint, open_checkpoint
+    from loraformat.io.pipeline import is_pipeline
     from loraformat.io.quantized import attach
 
     if isinstance(base, Checkpoint):
         return base
     assert base is not None
+    if is_pipeline(base):
+        return Path(base)
     ck = open_checkpoint(base)
     attach(ck, check_scales=False)  # packed 4-bit targets are checked against their logical shapes
     return ck
 
 
 def _validate_one(
-    path: str, *, level: str, ck: Checkpoint | None, config: Any, allow_pickle: bool
+    path: str, *, level: str, ck: Checkpoint | Path | None, config: Any, allow_pickle: bool
 ) -> ValidationReport:
     report = ValidationReport(path=path, level=level)
     if not os.path.exists(path):
         raise InputNotFoundError("no such file or directory", path=path)
     try:
-        adapter = open_adapter(path, config=config, allow_pickle=allow_pickle, check=False)
+        base = ck if isinstance(ck, Path) else ck.path if ck is not None else None  # resolves kohya names
+        adapter = open_adapter(path, config=config, allow_pickle=allow_pickle, check=False, base=base)
     except LoraformatError as exc:
         _open_error(report, exc)
         return report
@@ -463,9 +469,14 @@ def _check_zero_delta(report: ValidationReport, adapter: Adapter) -> None:
     report._add(FindingCode.ZERO_DELTA, WARNING, "", message)
 
 
-def _check_base(report: ValidationReport, adapter: Adapter, ck: Checkpoint) -> None:
+def _check_base(report: ValidationReport, adapter: Adapter, ck: Checkpoint | Path) -> None:
     from loraformat.base import base_problems, digest_problems, infer_fan_in_fan_out, saved_shape_problems
+    from loraformat.components import pipeline_problems
 
+    if isinstance(ck, Path):  # a diffusers pipeline: names and shapes per component (no hashes recorded)
+        for code, location, message in pipeline_problems(adapter.meta, ck):
+            report._add(code, ERROR, location, message)
+        return
     meta = adapter.meta
     if adapter.source_format != Format.LORAFORMAT:
         # PEFT itself corrects fan_in_fan_out from the layer type when it loads; mirror that
