@@ -10,7 +10,7 @@ from pathlib import Path
 
 from loraformat.adapter import Adapter, module_keys
 from loraformat.base import Problem, base_problems
-from loraformat.constants import PEFT_PREFIX, PIPELINE_COMPONENTS
+from loraformat.constants import PEFT_PREFIX, PIPELINE_COMPONENTS, FindingCode
 from loraformat.errors import BaseMismatchError, UsageError
 from loraformat.io.checkpoint import open_checkpoint
 from loraformat.io.names import split_component
@@ -71,7 +71,6 @@ def component_meta(meta: AdapterMetadata, component: str | None) -> AdapterMetad
 def component_adapter(adapter: Adapter, component: str | None) -> Adapter:
     """A view of one component of an opened adapter that reads the same file, without copying tensors."""
     part = component_meta(adapter.meta, component)
-    cut = len(component) + 1 if component else 0
     names: dict[str, str] = {}
     for module in part.modules:
         full = adapter.keys(f"{component}.{module}" if component else module)
@@ -84,7 +83,7 @@ def component_adapter(adapter: Adapter, component: str | None) -> Adapter:
             if theirs is not None and ours is not None:
                 names[ours] = theirs
     for key in part.saved_tensors:
-        names[key] = PEFT_PREFIX + component + "." + key[len(PEFT_PREFIX) :] if cut else key
+        names[key] = f"{PEFT_PREFIX}{component}.{key[len(PEFT_PREFIX) :]}" if component else key
     src = adapter.source
     source: SafetensorsSource | MemorySource
     if isinstance(src, SafetensorsSource):
@@ -124,7 +123,7 @@ def pipeline_problems(meta: AdapterMetadata, base: str | os.PathLike[str]) -> li
             what = (
                 f"{component} component" if component else "components named in the adapter (use --component)"
             )
-            out.append(("missing-target", f"{component or ''}.*", f"base {base} has no {what}"))
+            out.append((FindingCode.MISSING_TARGET, f"{component or ''}.*", f"base {base} has no {what}"))
             continue
         part = component_meta(meta, component)
         for code, where, message in base_problems(part, open_checkpoint(folder)):

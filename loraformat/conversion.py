@@ -173,7 +173,7 @@ def convert(
     if base is not None:
         _check_base(meta, base, tensors, src, base_id=base_id, use_cache=use_cache, progress=progress)
     meta.created_by = {}
-    content_hash = WRITERS[to](dst_p, meta, tensors, overwrite=overwrite)
+    content_hash = WRITERS[Format(to)](dst_p, meta, tensors, overwrite=overwrite)
     return ConvertResult(str(dst), to, content_hash, len(meta.modules), base is not None, source_format)
 
 

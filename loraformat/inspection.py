@@ -21,9 +21,11 @@ def inspect(
     *,
     config: str | os.PathLike[str] | dict[str, Any] | None = None,
     allow_pickle: bool = False,
+    base: str | os.PathLike[str] | None = None,
 ) -> dict[str, Any]:
-    """Describe an adapter as a JSON-ready dict. Raises the typed open errors for a broken adapter."""
-    with open_adapter(path, config=config, allow_pickle=allow_pickle) as adapter:
+    """Describe an adapter as a JSON-ready dict (``base`` resolves kohya names). Raises the typed open errors
+    for a broken adapter."""
+    with open_adapter(path, config=config, allow_pickle=allow_pickle, base=base) as adapter:
         return describe(adapter)
 
 

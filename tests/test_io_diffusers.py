@@ -133,3 +133,76 @@ def test_diffusers_file_metadata_is_diffusers_own(sd: dict, tmp_path: Path) -> N
     from peft import LoraConfig
 
     LoraConfig(**{k[len("unet.") :]: v for k, v in packed.items() if k.startswith("unet.")})
+
+
+def test_rslora_adapter_keeps_its_scale_in_kohya(tmp_path: Path) -> None:
+    """kohya knows only alpha / r: an rsLoRA module's kohya alpha is s * r, so the scale is kept."""
+    unet = add_unet_lora(tiny_unet(), use_rslora=True, rank_pattern={}, alpha_pattern={})
+    src = save_sd_lora(tmp_path / "rs", unet)
+    out = tmp_path / "k.safetensors"
+    convert(src, out, to="kohya")
+    with open_adapter(src) as a, open_adapter(out) as b:
+        assert a.meta.scaling == "alpha/sqrt(r)" and b.meta.scaling == "alpha/r"
+        for m in a.modules:
+            assert b.scale(m) == pytest.approx(a.scale(m), rel=1e-15)
+    torch.testing.assert_close(
+        unet_output(load_into_unet(out, tiny_unet())), unet_output(unet), rtol=1e-6, atol=1e-6
+    )
+
+
+def test_dora_cannot_go_to_kohya(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    unet = add_unet_lora(tiny_unet(), use_dora=True, rank_pattern={}, alpha_pattern={})
+    src = save_sd_lora(tmp_path / "dora", unet)
+    with open_adapter(src) as a:
+        assert a.meta.dora
+    out = tmp_path / "k.safetensors"
+    run = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            "from loraformat.cli.main import main; main()",
+            "convert",
+            str(src),
+            "-o",
+            str(out),
+        ]
+        + ["--to", "kohya"],
+        capture_output=True,
+        text=True,
+    )
+    assert run.returncode == 2 and "cannot carry DoRA" in run.stderr and not out.exists()
+
+
+def test_mixed_component_and_plain_keys_are_refused(sd: dict, tmp_path: Path) -> None:
+    from safetensors.torch import load_file, save_file
+
+    from loraformat.errors import AdapterError
+
+    state = load_file(sd["unet_lora_only"])
+    first = sorted(state)[0]
+    state[first.removeprefix("unet.")] = state.pop(first)
+    path = tmp_path / "mixed.safetensors"
+    save_file(state, path)
+    with pytest.raises(AdapterError, match="mixes keys with a component prefix"):
+        open_adapter(path)
+
+
+def test_other_commands_take_diffusion_adapters(sd: dict, tmp_path: Path) -> None:
+    """compose, rescale and validate --base go through the same detection. (unet only: without a base, kohya's
+    CLIP names resolve to the text_model. spelling, which this transformers 5 text encoder does not use.)"""
+    from loraformat.composition import compose
+    from loraformat.rescaling import rescale
+    from loraformat.validation import validate
+
+    kohya = tmp_path / "k.safetensors"
+    convert(sd["unet_lora_only"], kohya, to="kohya")
+    compose([sd["unet_lora_only"], kohya], tmp_path / "cat.safetensors", method="cat", weights=[0.5, 0.5])
+    with open_adapter(tmp_path / "cat.safetensors") as cat, open_adapter(sd["unet_lora_only"]) as one:
+        for m, want in module_deltas(one).items():
+            torch.testing.assert_close(module_deltas(cat)[m], want, rtol=1e-5, atol=1e-7)
+    rescale(kohya, tmp_path / "r8.safetensors", rank=2)
+    report = validate(kohya, base=sd["pipeline"])
+    assert report.ok(), [f.message for f in report.findings]

@@ -134,20 +134,30 @@ def validate_cmd(
 @click.option(
     "--allow-pickle", is_flag=True, help="Load adapter_model.bin with torch.load(weights_only=True)."
 )
-def inspect_cmd(path: str, as_json: bool, spectrum: bool, config: str | None, allow_pickle: bool) -> None:
+@click.option(
+    "--base",
+    type=click.Path(path_type=str),
+    help="Resolve a kohya file's underscored module names against this base (pipeline, folder, checkpoint).",
+)
+def inspect_cmd(
+    path: str, as_json: bool, spectrum: bool, config: str | None, allow_pickle: bool, base: str | None
+) -> None:
     """Describe an adapter: spec version, base identity and hashes, ranks, alphas, scaling, targets,
-    trainable parameters against full fine-tuning, file size, dtypes, provenance. Reads the header only.
+    trainable parameters against full fine-tuning, file size, dtypes, provenance; for kohya and diffusers
+    files the layout, the pipeline components targeted and kohya's training metadata in plain words. Reads the
+    header only.
 
     \b
     Examples:
       loraformat inspect adapter.safetensors
       loraformat inspect ./peft-adapter --json
       loraformat inspect adapter.safetensors --spectrum
+      loraformat inspect civitai_lora.safetensors --base ./sd15-pipeline
     """
     from loraformat.inspection import format_text, inspect
 
     local = _resolve(path)
-    described = inspect(local, config=config, allow_pickle=allow_pickle)
+    described = inspect(local, config=config, allow_pickle=allow_pickle, base=base)
     spec_result = None
     if spectrum:
         from loraformat.rescaling import spectrum as compute_spectrum

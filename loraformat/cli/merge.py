@@ -119,12 +119,15 @@ def merge_cmd(
 
     W' = W + sum_i w_i * s_i * B_i A_i per module (as PEFT's merge_and_unload), computed in fp32 and rounded
     once; untouched tensors are copied byte for byte. BASE is a model directory (model.safetensors or shards
-    with an index) or a .safetensors file; each ADAPTER a loraformat file, a PEFT directory or a hub reference.
+    with an index), a .safetensors file, or a diffusers pipeline directory (model_index.json: each targeted
+    component is merged, everything else copied); each ADAPTER a loraformat, PEFT, kohya or diffusers
+    adapter or a hub reference.
 
     \b
     Examples:
       loraformat merge ./Llama-3-8B adapter.safetensors -o ./merged
       loraformat merge ./base a.safetensors b.safetensors --weight 0.7 --weight 0.3 -o ./blend --json
+      loraformat merge ./sd15-pipeline civitai_lora.safetensors -o ./sd15-merged
 
     \b
     Split across machines that share a file system (workers numbered from 0; any scheduler):

@@ -27,7 +27,6 @@ from loraformat.constants import (
     PEFT_PREFIX,
     Format,
     LayerKind,
-    ScalingRule,
 )
 from loraformat.errors import AdapterError, UsageError
 from loraformat.io.header import SafetensorsHeader, TensorInfo
@@ -243,10 +242,10 @@ def refuse_unsupported(meta: AdapterMetadata) -> None:
 
 def kohya_alpha(meta: AdapterMetadata, module: str) -> float:
     """The kohya alpha (scale = alpha / r) that gives the module's own scale; exact for alpha/r adapters."""
+    from loraformat.ops.scaling import alpha_for_standard_rule
+
     entry = meta.modules[module]
-    if meta.scaling == ScalingRule.STANDARD:
-        return float(entry.alpha)
-    return meta.scale(module) * entry.rank
+    return alpha_for_standard_rule(meta.scaling, entry.rank, entry.alpha)
 
 
 def kohya_tensors(meta: AdapterMetadata, tensors: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:

@@ -14,7 +14,7 @@ from loraformat.io.tensors import RenamedSource
 from loraformat.metadata import AdapterMetadata
 
 
-def detect_layout(header: SafetensorsHeader) -> str:
+def detect_layout(header: SafetensorsHeader) -> Format:
     """loraformat, peft (needs its config), kohya or diffusers; mixed or unknown layouts are refused."""
     from loraformat.io.diffusers import is_diffusers_key
 

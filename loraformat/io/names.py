@@ -35,7 +35,8 @@ def split_component(module: str) -> tuple[str | None, str]:
 def _tokens(dotted: str) -> tuple[list[tuple[str, int, bool]], str]:
     """Segments of a dotted path as (segment, underscore-token count, numeric) and the generalised key: the
     underscored path with every purely numeric token replaced by N."""
-    segments, key_tokens = [], []
+    segments: list[tuple[str, int, bool]] = []
+    key_tokens: list[str] = []
     for seg in dotted.split("."):
         parts = seg.split("_")
         segments.append((seg, len(parts), seg.isdigit()))

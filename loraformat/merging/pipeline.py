@@ -86,7 +86,9 @@ def merge_pipeline(
             for entry in sorted(Path(base).iterdir()):
                 if entry.name.startswith("."):
                     continue
-                parts = [component_adapter(a, entry.name) for a in opened if entry.name in components(a.meta)]
+                parts: list[Any] = [
+                    component_adapter(a, entry.name) for a in opened if entry.name in components(a.meta)
+                ]
                 if entry.name in folders and parts:
                     ws = [w for a, w in zip(opened, ws_all, strict=True) if entry.name in components(a.meta)]
                     results[entry.name] = merge(entry, parts, tmp / entry.name, weights=ws, **merge_options)
