@@ -16,6 +16,8 @@ _LAZY = {
     "AdapterMetadata": "loraformat.metadata",
     "ModuleEntry": "loraformat.metadata",
     "validate": "loraformat.validation",
+    "validate_for": "loraformat.engine_check",
+    "export": "loraformat.exporting",
     "inspect": "loraformat.inspection",
     "convert": "loraformat.conversion",
     "hash_base": "loraformat.hashing",

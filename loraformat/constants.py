@@ -99,10 +99,23 @@ class Format(StrEnum):
     PEFT_PICKLE = "peft-pickle"  # adapter_model.bin, read only with allow_pickle
     KOHYA = "kohya"  # sd-scripts LoRA files (spec/interop/kohya.md)
     DIFFUSERS = "diffusers"  # pytorch_lora_weights.safetensors (spec/interop/diffusers.md)
+    GGUF = "gguf"  # a llama.cpp LoRA adapter (spec/interop/llamacpp.md), written by convert --for llama.cpp
 
 
 #: formats ``convert --to`` writes
-CONVERT_TARGETS = (Format.LORAFORMAT, Format.PEFT, Format.KOHYA, Format.DIFFUSERS)
+CONVERT_TARGETS = (Format.LORAFORMAT, Format.PEFT, Format.KOHYA, Format.DIFFUSERS, Format.GGUF)
+
+
+class Engine(StrEnum):
+    """Inference engines ``convert --for`` / ``validate --for`` / ``push --for`` target (loraformat/engines/)."""
+
+    VLLM = "vllm"
+    LLAMA_CPP = "llama.cpp"
+    PEFT = "peft"
+
+
+#: the layout each engine reads
+ENGINE_LAYOUT = {Engine.VLLM: Format.PEFT, Engine.LLAMA_CPP: Format.GGUF, Engine.PEFT: Format.PEFT}
 
 # --- diffusion pipelines, kohya and diffusers files (spec/interop/kohya.md, spec/interop/diffusers.md) -----
 
@@ -279,6 +292,13 @@ class FindingCode(StrEnum):
     STRUCTURE_HASH = "structure-hash"
     TARGET_DIGEST = "target-digest"
     UNSTAMPED = "unstamped"
+    # validate --for ENGINE (loraformat/engine_check.py)
+    RANK_ABOVE_CAP = "rank-above-cap"
+    FLATTENED_SCALE = "flattened-scale"
+    UNSUPPORTED_FEATURE = "unsupported-feature"
+    UNSUPPORTED_TARGET = "unsupported-target"
+    UNMATCHED_MODULE = "unmatched-module"
+    BASE_ARCHITECTURE = "base-architecture"
 
 
 # --- compose methods (loraformat/composition.py) ----------------------------------------------------------

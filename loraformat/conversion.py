@@ -123,7 +123,10 @@ def convert(
     src: str | os.PathLike[str],
     dst: str | os.PathLike[str],
     *,
-    to: str = Format.LORAFORMAT,
+    to: str | None = None,
+    engine: str | None = None,
+    max_rank: int | None = None,
+    uniform: bool = False,
     base: str | os.PathLike[str] | None = None,
     name: str | None = None,
     base_id: str | None = None,
@@ -139,14 +142,25 @@ def convert(
     component: str | None = None,
 ) -> ConvertResult:
     """Convert ``src`` (native file, PEFT dir, PEFT .safetensors + ``config``, pickle with ``allow_pickle``,
-    kohya or diffusers file) to any of CONVERT_TARGETS (constants.py): a native file, a PEFT directory, a kohya or diffusers file.
+    kohya or diffusers file) to any of CONVERT_TARGETS (constants.py): a native file, a PEFT directory, a kohya
+    or diffusers file. ``engine`` ("vllm", "llama.cpp", "peft") writes the layout that engine reads so that its
+    reading rule yields exactly the adapter (loraformat/exporting.py; a GGUF file for llama.cpp), optionally under
+    ``max_rank`` or with one ``uniform`` rank and alpha.
     ``base`` stamps the base identity, both hashes and the digests of exactly the targeted tensors, after
     checking that every target fits; a diffusers pipeline base is checked per component (and resolves kohya
     names) but not stamped. ``component`` declares which pipeline model a single-model adapter is for.
     ``base_quantization`` (``--base-quantization``) records how the training base was quantized, overriding the
     base's config and a PEFT card (:func:`training_quantization`)."""
+    from loraformat.engines import target_for
+
+    to = target_for(engine, to)
     if to not in CONVERT_TARGETS:
         raise UsageError(f"--to must be one of {', '.join(CONVERT_TARGETS)}, not {to!r}")
+    if engine is not None or to == Format.GGUF or max_rank is not None or uniform:
+        _check_paths(Path(src), Path(dst), config)
+        return _engine_export(
+            src, dst, to, engine, base, max_rank, uniform, config, allow_pickle, overwrite=overwrite
+        )
     src_p, dst_p = Path(src), Path(dst)
     _check_paths(src_p, dst_p, config)
     with open_adapter(src_p, config=config, allow_pickle=allow_pickle, base=base) as adapter:
@@ -175,6 +189,38 @@ def convert(
     meta.created_by = {}
     content_hash = WRITERS[Format(to)](dst_p, meta, tensors, overwrite=overwrite)
     return ConvertResult(str(dst), to, content_hash, len(meta.modules), base is not None, source_format)
+
+
+def _engine_export(
+    src: str | os.PathLike[str],
+    dst: str | os.PathLike[str],
+    to: str,
+    engine: str | None,
+    base: str | os.PathLike[str] | None,
+    max_rank: int | None,
+    uniform: bool,
+    config: str | os.PathLike[str] | None,
+    allow_pickle: bool,
+    *,
+    overwrite: bool,
+) -> ConvertResult:
+    """``--for`` / ``--to gguf`` / ``--max-rank`` / ``--uniform``: an engine's layout (loraformat/exporting.py)."""
+    if to not in (Format.PEFT, Format.GGUF):
+        raise UsageError("--for, --max-rank and --uniform write an engine's layout: --to peft or gguf")
+    from loraformat.exporting import export
+
+    return export(
+        src,
+        dst,
+        engine=engine,
+        to=to,
+        base=base,
+        max_rank=max_rank,
+        uniform=uniform,
+        config=config,
+        allow_pickle=allow_pickle,
+        overwrite=overwrite,
+    )
 
 
 def _check_base(

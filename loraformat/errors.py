@@ -116,6 +116,10 @@ class UnsupportedQuantizationError(InvalidInputError):
     tensors contradict it (missing, mis-shaped, NaN or zero scales)."""
 
 
+class EngineRefusedError(InvalidInputError):
+    """An adapter an inference engine cannot represent (convert --for): the reason names the modules."""
+
+
 class ComposeError(InvalidInputError):
     """Adapters that cannot be composed as asked (shape conflict, different bases without --force)."""
 

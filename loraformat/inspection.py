@@ -91,6 +91,7 @@ def describe(adapter: Adapter) -> dict[str, Any]:
         "modules_to_save": list(meta.modules_to_save),
         "targets": {kind: dict(sorted(c.items())) for kind, c in sorted(targets.items())},
         "module_count": len(meta.modules),
+        "vllm_max_lora_rank": _vllm_cap(adapter),
         "parameters": {
             "lora": lora,
             "dora_and_bias": extra,
@@ -134,6 +135,14 @@ def _kohya_training(adapter: Adapter) -> dict[str, Any] | None:
     if "sshs_model_hash" in raw and isinstance(src, SafetensorsSource) and raw is adapter.raw_metadata:
         data_hash = data_section_hash(src.path, src.header.data_start)
     return kohya.describe_training(raw, data_hash)
+
+
+def _vllm_cap(adapter: Adapter) -> int | None:
+    """The max_lora_rank a vLLM server needs for this adapter (None: above vLLM's largest, 512)."""
+    from loraformat.engines.vllm import config_max_rank, round_up_rank
+
+    config = adapter.peft_config if adapter.source_format != "loraformat" else None
+    return round_up_rank(config_max_rank(adapter.meta, config))
 
 
 def reduction_text(trainable: int, full: int) -> str:
@@ -210,6 +219,7 @@ def format_text(d: dict[str, Any]) -> str:
         f"scaling      {d['scaling']} = {_join(d['scales'])}",
         f"options      bias={d['bias']}" + (", " + ", ".join(extras) if extras else ""),
         f"targets      {d['module_count']} modules ({targets})",
+        f"vllm         needs --max-lora-rank {d['vllm_max_lora_rank'] or '> 512 (above vLLM: use convert --max-rank)'}",
     ]
     if d["modules_to_save"]:
         lines.append(

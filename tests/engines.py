@@ -16,7 +16,20 @@ ENGINE_VARIABLES = {
 
 def engine_python(engine: str) -> Path:
     """The interpreter of ``engine``'s venv: skipped on a developer machine without it, a failure in CI."""
-    variable = ENGINE_VARIABLES[engine]
+    return _exported(engine, ENGINE_VARIABLES[engine])
+
+
+#: other paths an engine's setup script exports (llama.cpp: the vendored sources with its converters)
+ENGINE_PATHS = {"llama.cpp": "LORAFORMAT_LLAMACPP_SRC"}
+
+
+def engine_path(engine: str) -> Path:
+    """A directory an engine's setup exported (see ENGINE_PATHS); skipped or failed like engine_python."""
+    return _exported(engine, ENGINE_PATHS[engine])
+
+
+def _exported(engine: str, variable: str) -> Path:
+    """The existing path in ``variable``, else a skip (developer machine) or a failure (CI)."""
     value = os.environ.get(variable)
     if value and Path(value).exists():
         return Path(value)

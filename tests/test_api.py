@@ -13,6 +13,8 @@ import loraformat
 FUNCTIONS = [
     "open_adapter",
     "validate",
+    "validate_for",
+    "export",
     "inspect",
     "convert",
     "hash_base",
@@ -39,6 +41,8 @@ def test_exports_stay_functions_after_their_modules_are_imported(name):
         "composition",
         "rescaling",
         "hashing",
+        "exporting",
+        "engine_check",
     ):
         importlib.import_module(f"loraformat.{module}")
 

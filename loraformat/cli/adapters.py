@@ -8,7 +8,7 @@ from collections.abc import Callable
 import click
 
 from loraformat.cli.common import emit_json, human_bytes, info, progress
-from loraformat.constants import CONVERT_TARGETS, PIPELINE_COMPONENTS, Format
+from loraformat.constants import CONVERT_TARGETS, PIPELINE_COMPONENTS
 from loraformat.io.pipeline import is_pipeline
 
 
@@ -20,14 +20,33 @@ from loraformat.io.pipeline import is_pipeline
     "dst",
     required=True,
     type=click.Path(path_type=str),
-    help="Output: a .safetensors file (--to loraformat, kohya, diffusers) or a directory (--to peft).",
+    help="Output: a .safetensors file (--to loraformat, kohya, diffusers), a directory (--to peft) or a .gguf "
+    "file (--to gguf, for llama.cpp).",
+)
+@click.option(
+    "--for",
+    "engine",
+    metavar="ENGINE",
+    help="Write exactly what ENGINE's reading rule turns into this adapter: vllm, llama.cpp or peft "
+    "(refuses what the engine cannot represent, naming the modules).",
+)
+@click.option(
+    "--max-rank",
+    type=click.IntRange(min=1),
+    help="Truncate every module above rank R optimally (SVD) to fit a server's cap; reports the energy kept. "
+    "E.g. --for vllm --max-rank 16.",
+)
+@click.option(
+    "--uniform",
+    is_flag=True,
+    help="PEFT layouts: one rank and one alpha for every module (ranks zero-padded, scales folded into "
+    "lora_B), for readers that ignore rank_pattern/alpha_pattern.",
 )
 @click.option(
     "--to",
     type=click.Choice([str(t) for t in CONVERT_TARGETS]),
-    default=str(Format.LORAFORMAT),
-    show_default=True,
-    help="Output layout, e.g. --to kohya for ComfyUI/A1111, --to diffusers for load_lora_weights.",
+    help="Output layout, e.g. --to kohya for ComfyUI/A1111, --to diffusers for load_lora_weights.  [default: "
+    "loraformat; with --for, the engine's: vllm, peft -> peft; llama.cpp -> gguf]",
 )
 @click.option(
     "--base",
@@ -64,7 +83,10 @@ from loraformat.io.pipeline import is_pipeline
 def convert_cmd(
     src: str,
     dst: str,
-    to: str,
+    to: str | None,
+    engine: str | None,
+    max_rank: int | None,
+    uniform: bool,
     base: str | None,
     name: str | None,
     base_id: str | None,
@@ -94,13 +116,16 @@ def convert_cmd(
       loraformat convert adapter.safetensors --to kohya -o comfyui_lora.safetensors
       loraformat convert ./qlora-adapter -o a.safetensors --base-quantization bnb-nf4,double_quant=true
       loraformat convert ./unet-peft-adapter --component unet --to diffusers -o pytorch_lora_weights.safetensors
+      loraformat convert adapter.safetensors --for vllm -o ./for-vllm --max-rank 16
+      loraformat convert ./peft-adapter --for llama.cpp --base ./base-model -o adapter.gguf
     """
     from loraformat.conversion import convert
+    from loraformat.exporting import ExportResult, format_export
     from loraformat.hub.resolve import resolve_adapter_arg
 
     src = resolve_adapter_arg(src)
     bar: contextlib.AbstractContextManager[Callable[[int], None] | None] = contextlib.nullcontext(None)
-    if base is not None and not is_pipeline(base):
+    if base is not None and not is_pipeline(base) and not base.endswith(".gguf"):
         from loraformat.io.checkpoint import open_checkpoint
 
         bar = progress(open_checkpoint(base).total_bytes, "hashing base")
@@ -109,6 +134,9 @@ def convert_cmd(
             src,
             dst,
             to=to,
+            engine=engine,
+            max_rank=max_rank,
+            uniform=uniform,
             base=base,
             name=name,
             base_id=base_id,
@@ -124,6 +152,8 @@ def convert_cmd(
         )
     if as_json:
         emit_json(result.to_json())
+    elif isinstance(result, ExportResult):
+        info(format_export(result))
     else:
         stamped = ", base stamped" if result.base_stamped else ""
         info(

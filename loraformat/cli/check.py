@@ -33,6 +33,18 @@ def _resolve(arg: str) -> str:
     "base: + targets, structure hash, digests.  [default: header, or base with --base]",
 )
 @click.option("--strict", is_flag=True, help="Warnings fail too (exit 1).")
+@click.option(
+    "--for",
+    "engine",
+    metavar="ENGINE",
+    help="Predict what ENGINE (vllm, llama.cpp, peft) would refuse or serve wrong: rank caps, flattened "
+    "scales, unsupported features and targets, zero deltas; with --base, the base's fit. Header only.",
+)
+@click.option(
+    "--max-lora-rank",
+    type=int,
+    help="With --for vllm: the server's max_lora_rank (default vLLM's 16).",
+)
 @click.option("--json", "as_json", is_flag=True, help="Print every path's findings as JSON.")
 @click.option(
     "--config", type=click.Path(path_type=str), help="adapter_config.json for a bare PEFT .safetensors."
@@ -61,6 +73,8 @@ def validate_cmd(
     base: str | None,
     level: str | None,
     strict: bool,
+    engine: str | None,
+    max_lora_rank: int | None,
     as_json: bool,
     config: str | None,
     allow_pickle: bool,
@@ -79,12 +93,27 @@ def validate_cmd(
       loraformat validate adapter.safetensors --base ./base-model
       loraformat validate /shared/tenants/ --base /shared/base --jobs 8
       loraformat validate /shared/tenants/ --base /shared/base --ray=ray://head:10001
+      loraformat validate ./peft-adapter --for vllm --max-lora-rank 32 --json
+      loraformat validate adapter.safetensors --for llama.cpp --base ./base-model
     """
-    from loraformat.validation import summarize, validate_many
+    from loraformat.engine_check import format_facts
+    from loraformat.validation import ValidationReport, summarize, validate_many
 
     resolved = [_resolve(p) for p in paths]
     options: dict[str, Any] = dict(base=base, level=level, config=config, allow_pickle=allow_pickle)
-    if jobs is not None or ray_address is not None:
+    reports: list[ValidationReport]
+    if engine is not None:
+        from loraformat.engine_check import validate_for
+
+        if level is not None or jobs is not None or ray_address is not None:
+            raise click.UsageError(
+                "--for checks the header (and --base) in this process: no --level, --jobs, --ray"
+            )
+        options.pop("level")
+        reports = list(validate_for(resolved, engine, max_lora_rank=max_lora_rank, **options))
+    elif max_lora_rank is not None:
+        raise click.UsageError("--max-lora-rank goes with --for vllm")
+    elif jobs is not None or ray_address is not None:
         from loraformat.distributed import validate as validate_distributed
 
         reports = validate_distributed(resolved, jobs=jobs, address=ray_address, **options)
@@ -106,6 +135,9 @@ def validate_cmd(
         for report in reports:
             for finding in report.findings:
                 click.echo(finding.format(report.path))
+            facts = format_facts(report)
+            if facts:
+                info(facts)
             if not report.findings:
                 info(
                     f"{report.path}: ok ({report.source_format}, {report.modules} modules, level {report.level})"

@@ -51,6 +51,13 @@ def _prepare_hub(hub: str | HubSpec | None) -> HubSpec:
 )
 @click.option("--message", "-m", help="Commit message (default: a summary of the adapter).")
 @click.option("--no-validate", is_flag=True, help="Push even if validation finds errors.")
+@click.option(
+    "--for",
+    "engine",
+    type=click.Choice(["vllm", "peft"]),
+    help="Publish this engine's exact layout (as 'convert --for'); e.g. --for vllm refuses what vLLM cannot "
+    "load. Without it, a push warns about anything vLLM would refuse.",
+)
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
 def push_cmd(
     adapter: str,
@@ -61,6 +68,7 @@ def push_cmd(
     private: bool,
     message: str | None,
     no_validate: bool,
+    engine: str | None,
     as_json: bool,
 ) -> None:
     """Publish ADAPTER (a loraformat file or a PEFT directory) to REPO_ID (ORG/NAME) as one revision.
@@ -75,6 +83,7 @@ def push_cmd(
       loraformat push adapter.safetensors acme/summarise --tag v1                   # Hugging Face Hub
       loraformat push ./peft-adapter acme/summarise --hub /shared/lora-hub -r dev   # local hub, branch dev
       LORAFORMAT_HUB=/shared/lora-hub loraformat push adapter.safetensors acme/summarise -m "retrained"
+      loraformat push adapter.safetensors acme/summarise --for vllm                 # vLLM's exact layout
     """
     from loraformat.hub import push
 
@@ -91,6 +100,7 @@ def push_cmd(
             message=message,
             validate=not no_validate,
             progress=update if spec.kind == "local" else None,
+            engine=engine,
         )
     for note in result.warnings:
         warn(f"{adapter}: {note}")

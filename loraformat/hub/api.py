@@ -99,7 +99,33 @@ def _validate(path: Path) -> list[str]:
     return [f"{w.code}: {w.message}" for w in report.warnings]
 
 
-def _prepare(adapter: Path, tmp: Path, *, repo_id: str, ref: str, validate: bool) -> _Upload:
+def _vllm_notes(adapter: Path) -> list[str]:
+    """What vLLM would refuse in a plain push (validate --for vllm errors), as warnings."""
+    from loraformat.engine_check import validate_for
+
+    reports = validate_for([adapter], "vllm")
+    return [f"vLLM would refuse it: {f.code}: {f.location}: {f.message}" for r in reports for f in r.errors]
+
+
+def _export_for(adapter: Path, tmp: Path, engine: str) -> Path:
+    """The engine's PEFT layout (loraformat/exporting.py) in ``tmp``; its weights file is what gets pushed."""
+    from loraformat.engines import ENGINE_LAYOUT, check_engine
+    from loraformat.errors import UsageError
+    from loraformat.exporting import export
+
+    engine = check_engine(engine)
+    if ENGINE_LAYOUT[engine] != "peft":
+        raise UsageError(
+            f"push --for takes an engine that reads a PEFT repository (vllm, peft), not {engine}"
+        )
+    out = tmp / "export"
+    export(adapter, out, engine=engine, to="peft")
+    return out / WEIGHTS_FILE
+
+
+def _prepare(
+    adapter: Path, tmp: Path, *, repo_id: str, ref: str, validate: bool, engine: str | None = None
+) -> _Upload:
     from loraformat.adapter import open_adapter
     from loraformat.hub.card import model_card
     from loraformat.io.peft import peft_config_from_metadata
@@ -107,6 +133,10 @@ def _prepare(adapter: Path, tmp: Path, *, repo_id: str, ref: str, validate: bool
     if not adapter.exists():
         raise InputNotFoundError("no such file or directory", path=adapter)
     notes = _validate(adapter) if validate else []
+    if engine is not None:
+        adapter = _export_for(adapter, tmp, engine)
+    else:
+        notes += _vllm_notes(adapter)
     with open_adapter(adapter, check=validate) as opened:
         native = opened.source_format == "loraformat"
         weights = os.fspath(opened.source.path) if native else None
@@ -161,10 +191,12 @@ def push(
     validate: bool = True,
     token: str | None = None,
     progress: Progress | None = None,
+    engine: str | None = None,
 ) -> PushResult:
     """Publish an adapter (native file or PEFT directory) as one revision of ``repo_id`` on branch ``revision``
     (default main), optionally tagged. ``hub``: a local hub path, ``file://PATH``, an ``http(s)://`` Hub endpoint,
-    ``hf``; None = $LORAFORMAT_HUB, else the Hugging Face Hub."""
+    ``hf``; None = $LORAFORMAT_HUB, else the Hugging Face Hub. ``engine`` ("vllm", "peft") publishes that engine's
+    exact layout (``convert --for``); a plain push warns about anything vLLM would refuse."""
     started = time.perf_counter()
     spec = select_hub(hub)
     check_repo_id(repo_id)
@@ -174,7 +206,9 @@ def push(
         check_ref_name(tag, "tag")
     ref = f"hf://{repo_id}" if spec.kind == "hf" else f"lfhub://{repo_id}"
     with tempfile.TemporaryDirectory(prefix="loraformat-push-") as tmp:
-        upload = _prepare(Path(adapter), Path(tmp), repo_id=repo_id, ref=ref, validate=validate)
+        upload = _prepare(
+            Path(adapter), Path(tmp), repo_id=repo_id, ref=ref, validate=validate, engine=engine
+        )
         summary, description = _messages(upload.meta, upload.content_hash, message)
         backend = open_backend(spec, token=token, create=True)
         branch = revision or "main"
