@@ -232,3 +232,18 @@ def test_base_missing_a_target_is_refused(kohya_file: Path, tmp_path: Path) -> N
         run = _cli("merge", str(small), str(adapter), "-o", str(out))
         assert run.returncode == 1 and len(run.stderr.strip().splitlines()) == 1, run.stderr
         assert message in run.stderr and not out.exists()
+
+
+def test_push_and_pull_a_kohya_file_through_the_local_hub(kohya_file: Path, tmp_path: Path) -> None:
+    """push detects the kohya layout like every other command: the hub gets a native file that remembers it."""
+    import loraformat
+
+    hub = tmp_path / "hub"
+    loraformat.push(kohya_file, "org/civitai", hub=hub)
+    loraformat.pull("org/civitai", tmp_path / "pulled", hub=hub)
+    pulled = next((tmp_path / "pulled").glob("*.safetensors"))
+    with open_adapter(pulled) as a, open_adapter(kohya_file) as k:
+        assert a.source_format == Format.LORAFORMAT
+        assert a.meta.provenance.source_format == Format.KOHYA
+        assert a.meta.provenance.details["kohya_metadata"]["ss_num_epochs"] == "10"
+        assert {m: a.scale(m) for m in a.modules} == {m: k.scale(m) for m in k.modules}

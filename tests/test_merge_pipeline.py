@@ -215,3 +215,19 @@ def test_single_model_adapter_needs_its_component(sd: dict, tmp_path: Path) -> N
     assert run.returncode != 0 and "--component" in run.stderr and not (tmp_path / "out").exists()
     ok = _cli("merge", str(sd["pipeline"] / "unet"), str(path), "-o", str(tmp_path / "out"))
     assert ok.returncode == 0, ok.stderr
+
+
+def test_sharded_component_keeps_diffusers_index_name(sd: dict, tmp_path: Path) -> None:
+    """Large components (SDXL's unet, SD3/Flux transformers) are sharded with
+    diffusion_pytorch_model.safetensors.index.json; the merged folder keeps that name so diffusers finds it."""
+    unet = diffusers.UNet2DConditionModel.from_pretrained(sd["pipeline"] / "unet")
+    base = tmp_path / "unet"
+    unet.save_pretrained(base, max_shard_size="20KB")
+    assert (base / "diffusion_pytorch_model.safetensors.index.json").exists()
+    merge(base, [sd["lora"]], tmp_path / "out", device="cpu")
+    names = sorted(p.name for p in (tmp_path / "out").iterdir())
+    assert "diffusion_pytorch_model.safetensors.index.json" in names
+    assert "model.safetensors.index.json" not in names
+    merged = diffusers.UNet2DConditionModel.from_pretrained(tmp_path / "out").state_dict()
+    full = diffusers.UNet2DConditionModel.from_pretrained(sd["out"] / "unet").state_dict()
+    assert all(torch.equal(v, full[k]) for k, v in merged.items())

@@ -33,6 +33,9 @@ class Checkpoint:
     #: weight name -> the shape a LoRA module sees, where it differs from the stored one (packed 4-bit
     #: weights); filled by loraformat.io.quantized.attach
     logical_shapes: dict[str, tuple[int, ...]] = field(default_factory=dict)
+    #: the shard index's file name: transformers' model.safetensors.index.json, or diffusers'
+    #: diffusion_pytorch_model.safetensors.index.json (a merge writes its index under the same name)
+    index_name: str = INDEX_NAME
 
     @property
     def total_bytes(self) -> int:
@@ -87,6 +90,7 @@ def open_checkpoint(path: str | os.PathLike[str]) -> Checkpoint:
     if not p.exists():
         raise InputNotFoundError("no such file or directory", path=p)
     index = None
+    index_name = _index_name(p)
     if p.is_file():
         if p.suffix != ".safetensors":
             if p.suffix in (".bin", ".pt", ".pth", ".ckpt"):
@@ -95,18 +99,18 @@ def open_checkpoint(path: str | os.PathLike[str]) -> Checkpoint:
                 )
             raise InputNotFoundError("is not a .safetensors file or a model directory", path=p)
         root, files = p.parent, [p]
-    elif (p / INDEX_NAME).exists():
+    elif index_name is not None:
         root = p
-        index = load_json((p / INDEX_NAME).read_bytes(), what="", error=HeaderError, path=p / INDEX_NAME)
+        index = load_json((p / index_name).read_bytes(), what="", error=HeaderError, path=p / index_name)
         weight_map = index.get("weight_map") if isinstance(index, dict) else None
         if not isinstance(weight_map, dict):
             raise HeaderError(
-                "is not a valid safetensors index (needs a weight_map object)", path=p / INDEX_NAME
+                "is not a valid safetensors index (needs a weight_map object)", path=p / index_name
             )
         for n in weight_map.values():
             if not isinstance(n, str) or "/" in n or "\\" in n or n.startswith("."):
                 raise HeaderError(
-                    f"weight_map names a shard {n!r} outside the directory", path=p / INDEX_NAME
+                    f"weight_map names a shard {n!r} outside the directory", path=p / index_name
                 )
         names = sorted(set(weight_map.values()))
         files = [p / n for n in names]
@@ -133,11 +137,11 @@ def open_checkpoint(path: str | os.PathLike[str]) -> Checkpoint:
             loc = locations.get(name)
             if loc is None or Path(loc[0].path).name != shard_name:
                 raise HeaderError(
-                    f"weight_map says {name!r} is in {shard_name} but it is not", path=p / INDEX_NAME
+                    f"weight_map says {name!r} is in {shard_name} but it is not", path=p / (index_name or "")
                 )
     aux: list[Path] = []
     if p.is_dir():
-        weight_files = {f.name for f in files} | {INDEX_NAME}
+        weight_files = {f.name for f in files} | {index_name or INDEX_NAME}
         for dirpath, dirnames, filenames in os.walk(root):
             dirnames[:] = sorted(d for d in dirnames if d not in _SKIP_DIRS and not d.startswith(".tmp"))
             rel = Path(dirpath).relative_to(root)
@@ -147,7 +151,26 @@ def open_checkpoint(path: str | os.PathLike[str]) -> Checkpoint:
                 if fn.endswith(".safetensors") or fn.startswith(".") or fn in PICKLE_NAMES:
                     continue
                 aux.append(rel / fn)
-    return Checkpoint(path=p, root=root, shards=shards, index=index, locations=locations, aux_files=aux)
+    return Checkpoint(
+        path=p,
+        root=root,
+        shards=shards,
+        index=index,
+        locations=locations,
+        aux_files=aux,
+        index_name=index_name or INDEX_NAME,
+    )
+
+
+def _index_name(p: Path) -> str | None:
+    """The shard index of a model directory: transformers' name, else the one other ``*.safetensors.index.json``
+    (diffusers' components use diffusion_pytorch_model.safetensors.index.json)."""
+    if not p.is_dir():
+        return None
+    if (p / INDEX_NAME).exists():
+        return INDEX_NAME
+    others = sorted(f.name for f in p.glob("*.safetensors.index.json") if not f.name.startswith("."))
+    return others[0] if len(others) == 1 else None
 
 
 def read_tensor(ck: Checkpoint, name: str) -> torch.Tensor:

@@ -26,7 +26,7 @@ from typing import Any
 from loraformat.adapter import Adapter, adapter_weights
 from loraformat.errors import UsageError, WriteError
 from loraformat.io.atomic import atomic_dir, check_output, write_error
-from loraformat.io.checkpoint import INDEX_NAME, open_checkpoint
+from loraformat.io.checkpoint import open_checkpoint
 from loraformat.io.pipeline import is_pipeline
 from loraformat.merging.engine import Pipeline, Progress
 from loraformat.merging.numpy_cpu import choose_backend
@@ -173,7 +173,7 @@ def _write_extras(plan: Plan, tmp: Path) -> int:
     written = 0
     if plan.index is not None:
         data = (json.dumps(plan.index, indent=2, sort_keys=True) + "\n").encode()
-        (tmp / INDEX_NAME).write_bytes(data)
+        (tmp / plan.ck.index_name).write_bytes(data)
         written += len(data)
     patch = plan.config_patch()
     for rel in plan.aux_files:
