@@ -104,17 +104,22 @@ def describe(adapter: Adapter) -> dict[str, Any]:
         "tensors": len(infos),
         "dtypes": dict(sorted(Counter(i.dtype for i in infos.values()).items())),
         "provenance": meta.provenance.to_dict() if meta.provenance else None,
-        "components": _components(meta),
+        "components": _components(adapter),
         "kohya_training": _kohya_training(adapter),
         "modules": modules,
     }
 
 
-def _components(meta: Any) -> dict[str, int]:
-    """Modules per diffusion-pipeline component (empty for a single-model adapter)."""
+def _components(adapter: Adapter) -> dict[str, int]:
+    """Modules per diffusion-pipeline component, for adapters from the diffusion world (a GPT-2 adapter's
+    ``transformer.h.0...`` paths are not a pipeline component)."""
     from loraformat.io.names import split_component
 
-    counts = Counter(split_component(m)[0] for m in meta.modules)
+    diffusion = (Format.KOHYA, Format.DIFFUSERS)
+    prov = adapter.meta.provenance
+    if adapter.source_format not in diffusion and (prov is None or prov.source_format not in diffusion):
+        return {}
+    counts = Counter(split_component(m)[0] for m in adapter.meta.modules)
     return {c: n for c, n in sorted(counts.items()) if c is not None}
 
 

@@ -18,11 +18,11 @@ UNET_TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "proj_in", "conv1", "ff.net.
 TE_TARGETS = ["q_proj", "k_proj", "v_proj", "out_proj", "fc1"]
 
 
-def tiny_unet(seed: int = 0) -> Any:
+def tiny_unet(seed: int = 0, layers_per_block: int = 2) -> Any:
     torch.manual_seed(seed)
     return diffusers.UNet2DConditionModel(
         block_out_channels=(4, 8),
-        layers_per_block=2,
+        layers_per_block=layers_per_block,
         sample_size=8,
         in_channels=4,
         out_channels=4,
@@ -30,6 +30,22 @@ def tiny_unet(seed: int = 0) -> Any:
         up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
         cross_attention_dim=32,
         norm_num_groups=2,
+    )
+
+
+def tiny_sd3_transformer(num_layers: int = 1, seed: int = 0) -> Any:
+    torch.manual_seed(seed)
+    return diffusers.SD3Transformer2DModel(
+        sample_size=8,
+        patch_size=1,
+        in_channels=4,
+        num_layers=num_layers,
+        attention_head_dim=8,
+        num_attention_heads=4,
+        caption_projection_dim=32,
+        joint_attention_dim=32,
+        pooled_projection_dim=64,
+        out_channels=4,
     )
 
 

@@ -10,7 +10,7 @@ import pytest
 
 from loraformat.errors import AdapterError
 from loraformat.io.names import NameIndex, split_component, template_index, templates_version
-from tests.diffusion_helpers import diffusers, tiny_text_encoder, tiny_unet, torch
+from tests.diffusion_helpers import tiny_sd3_transformer, tiny_text_encoder, tiny_unet, torch
 
 
 def _parametrised(model: object) -> list[str]:
@@ -22,21 +22,7 @@ def _parametrised(model: object) -> list[str]:
     [
         ("unet", lambda: tiny_unet()),
         ("text_encoder", lambda: tiny_text_encoder()),
-        (
-            "transformer",
-            lambda: diffusers.SD3Transformer2DModel(
-                sample_size=8,
-                patch_size=1,
-                in_channels=4,
-                num_layers=2,
-                attention_head_dim=8,
-                num_attention_heads=4,
-                caption_projection_dim=32,
-                joint_attention_dim=32,
-                pooled_projection_dim=64,
-                out_channels=4,
-            ),
-        ),
+        ("transformer", lambda: tiny_sd3_transformer(num_layers=2)),
     ],
 )
 def test_templates_place_every_module_of_real_models(family: str, model: object) -> None:

@@ -20,6 +20,7 @@ from tests.diffusion_helpers import (
     load_into_unet,
     save_pipeline,
     save_sd_lora,
+    tiny_sd3_transformer,
     tiny_text_encoder,
     tiny_unet,
     torch,
@@ -133,20 +134,7 @@ def test_sd3_transformer_pipeline(tmp_path: Path) -> None:
     from peft import LoraConfig
     from peft.utils import get_peft_model_state_dict
 
-    torch.manual_seed(0)
-    config = dict(
-        sample_size=8,
-        patch_size=1,
-        in_channels=4,
-        num_layers=1,
-        attention_head_dim=8,
-        num_attention_heads=4,
-        caption_projection_dim=32,
-        joint_attention_dim=32,
-        pooled_projection_dim=64,
-        out_channels=4,
-    )
-    model = diffusers.SD3Transformer2DModel(**config)
+    model = tiny_sd3_transformer()
     pipeline = tmp_path / "sd3"
     model.save_pretrained(pipeline / "transformer")
     (pipeline / "model_index.json").write_text(
