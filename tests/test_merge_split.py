@@ -183,3 +183,19 @@ def test_existing_output_refused_by_workers(tmp_path, llama_base, stamped_adapte
     out.mkdir()
     code, _, err = run_cli(merge_args(llama_base, stamped_adapter, out, "--shard", "0/2"), capsys)
     assert code == 2 and "already exists" in err and sorted(tmp_path.iterdir()) == [out]
+
+
+def test_diffusers_pipeline_is_split_per_component(tmp_path, llama_base, stamped_adapter, capsys):
+    base = tmp_path / "pipe"
+    base.mkdir()
+    (base / "model_index.json").write_text('{"_class_name": "StableDiffusionPipeline"}')
+    code, _, err = run_cli(merge_args(base, stamped_adapter, tmp_path / "m", "--shard", "0/2"), capsys)
+    assert code == 2 and "split it per component" in err and err.count("\n") == 1
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["pipe"]
+
+
+def test_help_shows_the_split_and_ray_examples(capsys):
+    code, out, _ = run_cli(["merge", "--help"], capsys)
+    assert code == 0 and "--shard 3/8" in out and "--assemble 8" in out and "--ray=" in out
+    code, out, _ = run_cli(["validate", "--help"], capsys)
+    assert code == 0 and "--jobs 8" in out and "--ray=" in out

@@ -92,7 +92,7 @@ def validate_cmd(
       loraformat validate ./adapters/ --level data --strict --json
       loraformat validate adapter.safetensors --base ./base-model
       loraformat validate /shared/tenants/ --base /shared/base --jobs 8
-      loraformat validate /shared/tenants/ --base /shared/base --ray=ray://head:10001
+      loraformat validate /shared/tenants/ --base /shared/base --ray=10.0.0.1:6379
       loraformat validate ./peft-adapter --for vllm --max-lora-rank 32 --json
       loraformat validate adapter.safetensors --for llama.cpp --base ./base-model
     """

@@ -133,7 +133,7 @@ def merge_cmd(
     Split across machines that share a file system (workers numbered from 0; any scheduler):
       loraformat merge ./base a.safetensors -o ./merged --shard 3/8     # on each of 8 machines, I = 0..7
       loraformat merge ./base a.safetensors -o ./merged --assemble 8    # once, after all 8 finished
-      loraformat merge ./base a.safetensors -o ./merged --ray ray://head:10001 --workers 16
+      loraformat merge ./base a.safetensors -o ./merged --ray=10.0.0.1:6379 --workers 16
     """
     from loraformat.hub.resolve import resolve_adapter_arg
     from loraformat.merging import merge

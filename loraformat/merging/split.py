@@ -62,6 +62,7 @@ class ShareResult:
     tensors_verified: int = 0
     bytes_written: int = 0
     seconds: float = 0.0
+    cpu_seconds: float = 0.0  # this process's user + system time for the share (all its threads)
     gb_per_s: float = 0.0
     recovered: int = 0  # dead earlier attempts of this share whose private directories were removed
     pid: int = field(default_factory=os.getpid)
@@ -215,7 +216,7 @@ def merge_share(
     rerunning a dead one writes its share again."""
     from loraformat.merging import _check_space, resolve_device
 
-    t0 = time.perf_counter()
+    t0, cpu0 = time.perf_counter(), time.process_time()
     worker, workers = (
         parse_share(share) if isinstance(share, str) else (share[0], check_workers(share[1], "share"))
     )
@@ -254,6 +255,7 @@ def merge_share(
         _write_atomically(marker, DoneRecord(fingerprint, worker, workers, tuple(records)).to_bytes(), out)
     result.shards = [r.to_json() for r in records]
     result.seconds = round(time.perf_counter() - t0, 4)
+    result.cpu_seconds = round(time.process_time() - cpu0, 4)
     result.gb_per_s = round(result.bytes_written / result.seconds / 1e9, 4) if result.seconds > 0 else 0.0
     return result
 
