@@ -67,6 +67,9 @@ def ray_merge(
 
     from loraformat import distributed
 
+    os.environ.setdefault(
+        "RAY_AUTH_MODE", "disabled"
+    )  # a local ray.init would otherwise write ~/.ray/auth_token
     before = resource.getrusage(resource.RUSAGE_CHILDREN)
     cpu0 = time.process_time()
     t0 = time.perf_counter()

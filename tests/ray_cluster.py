@@ -51,7 +51,9 @@ class RayCluster:
     def __init__(self, head_cpus: int = 2, node_cpus: int = 1) -> None:
         self.root = Path(tempfile.mkdtemp(prefix="lfray-", dir="/tmp"))  # unix socket paths must stay short
         self.procs: list[subprocess.Popen[bytes]] = []
-        self.env = dict(os.environ, RAY_USAGE_STATS_ENABLED="0")
+        # token auth off, explicitly: a ~/.ray/auth_token left by some local ray.init() would otherwise turn it on
+        # for some processes of the cluster and not others
+        self.env = dict(os.environ, RAY_USAGE_STATS_ENABLED="0", RAY_AUTH_MODE="disabled")
         self.env.pop("RAY_ADDRESS", None)
         self.env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH")) if p)
         port = free_ports(1)[0]
@@ -166,11 +168,18 @@ class RayCluster:
 
 @contextlib.contextmanager
 def ray_cluster() -> Iterator[RayCluster]:
+    """The cluster, with this process's environment set to connect to it as a driver."""
+    saved = os.environ.get("RAY_AUTH_MODE")
+    os.environ["RAY_AUTH_MODE"] = "disabled"
     cluster = RayCluster()
     try:
         yield cluster
     finally:
         cluster.stop()
+        if saved is None:
+            os.environ.pop("RAY_AUTH_MODE", None)
+        else:
+            os.environ["RAY_AUTH_MODE"] = saved
 
 
 def slow_writes() -> None:
