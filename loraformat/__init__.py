@@ -21,7 +21,7 @@ _LAZY = {
     "inspect": "loraformat.inspection",
     "convert": "loraformat.conversion",
     "hash_base": "loraformat.hashing",
-    "merge": "loraformat.merging",
+    "merge": "loraformat.merging.api",
     "extract": "loraformat.extraction",
     "unmerge": "loraformat.unmerging",
     "compose": "loraformat.composition",

@@ -37,6 +37,7 @@ from loraformat.io.native import data_section_hash, write_native
 from loraformat.io.tensors import SafetensorsSource, torch_dtype
 from loraformat.metadata import AdapterMetadata, BaseModel, ModuleEntry, Parent, Provenance
 from loraformat.ops.lowrank import RankSpec, parse_rank_spec
+from loraformat.rules import resolve_device
 
 if TYPE_CHECKING:
     import torch
@@ -77,18 +78,11 @@ class ComposeResult(ReportBase):
 # --- argument checks -------------------------------------------------------------------------------------------
 
 
-def resolve_device(device: str | torch.device) -> torch.device:
+def torch_device(device: str | torch.device) -> torch.device:
+    """``device`` resolved by the shared rule (loraformat.rules.resolve_device) as a torch device."""
     import torch
 
-    try:
-        dev = torch.device(device)
-    except (RuntimeError, TypeError, ValueError):
-        raise UsageError(f"--device {device!r} is not a torch device (use cpu or cuda)") from None
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise UsageError(f"--device {device}: CUDA is not available on this machine")
-    if dev.type not in ("cpu", "cuda"):
-        raise UsageError(f"--device {device}: only cpu and cuda are supported")
-    return dev
+    return torch.device(resolve_device(str(device)))
 
 
 def factor_dtype(*dtypes: torch.dtype) -> torch.dtype:
@@ -282,7 +276,7 @@ def compose(
             raise UsageError(f"--density must be in (0, 1], not {density}")
     elif density is not None:
         raise UsageError(f"--density applies to {', '.join(DENSITY_METHODS)}, not {method}")
-    dev = resolve_device(device)
+    dev = torch_device(device)
 
     with contextlib.ExitStack() as stack:
         parents = [stack.enter_context(open_adapter(p)) for p in adapters]

@@ -301,7 +301,7 @@ def extract(
     weight's). ``exact`` forces a full SVD per module (slow; the reference). Raises a LoraformatError subclass
     for every refusal; nothing is written under ``out`` on failure.
     """
-    from loraformat.merging import resolve_device
+    from loraformat.rules import resolve_device
 
     t0 = time.perf_counter()
     spec, fdtype = _check_options(parse_rank_spec(rank), min_rank, max_rank, dtype)

@@ -24,8 +24,8 @@ from loraformat.composition import (
     factor_dtype,
     lora_params,
     parent_hash,
-    resolve_device,
     shape_factors,
+    torch_device,
 )
 from loraformat.constants import ScalingRule
 from loraformat.errors import ComposeError, UsageError
@@ -90,7 +90,7 @@ def rescale(
         raise UsageError(f"--scale must be a finite non-zero number, not {scale}")
     if alpha is not None and (not math.isfinite(alpha) or alpha <= 0):
         raise UsageError(f"--alpha must be a positive number, not {alpha}")
-    dev = resolve_device(device)
+    dev = torch_device(device)
 
     with open_adapter(adapter) as src:
         out_path = check_output_path(out, [src], overwrite)
@@ -255,7 +255,7 @@ def spectrum(
     ranks = tuple(int(r) for r in ranks)
     if not ranks or any(r <= 0 for r in ranks):
         raise UsageError("spectrum ranks must be positive integers")
-    dev = resolve_device(device)
+    dev = torch_device(device)
     modules: dict[str, ModuleSpectrum] = {}
     with open_adapter(adapter) as src:
         for module, entry in sorted(src.meta.modules.items()):

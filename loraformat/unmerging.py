@@ -30,7 +30,8 @@ from loraformat.constants import MERGE_RECORD_KEY
 from loraformat.errors import BaseMismatchError, ComposeError, UsageError
 from loraformat.hashing import hash_tensors
 from loraformat.io.checkpoint import open_checkpoint
-from loraformat.merging import MergeResult, Progress, merge
+from loraformat.merging.api import MergeResult, merge
+from loraformat.merging.engine import Progress
 
 
 def _check_additive(adapter: Adapter) -> None:

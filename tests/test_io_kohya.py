@@ -113,7 +113,7 @@ def test_kohya_file_loads_in_diffusers_like_ours(pipeline: Path, tmp_path: Path)
     mis-keys them for attention modules and ignores them (spec/interop/kohya.md §diffusers)."""
     from safetensors.torch import save_file
 
-    from loraformat.merging import merge
+    from loraformat.merging.api import merge
 
     state = {k: v for k, v in kohya_state().items() if k.startswith("lora_unet_")}
     state.update({k: torch.tensor(3.0) for k in [f"lora_unet_{n}.alpha" for n in (Q, CONV, FF)]})

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from loraformat.errors import AdapterError
-from loraformat.merging import merge
+from loraformat.merging.api import merge
 from tests.hub_helpers import make_native
 from tests.spec_helpers import rewrite
 
@@ -34,13 +34,13 @@ def overflowing(
     return rewrite(native, root / "huge.safetensors", meta=huge, tensors=large)
 
 
-@pytest.mark.parametrize("backend", ["numpy", "torch"])
+@pytest.mark.parametrize("backend, device", [("numpy", "cpu"), ("torch", "cpu"), ("torch", "cpu-staged")])
 def test_overflowing_merge_writes_nothing(
-    overflowing: Path, llama_base: Path, tmp_path: Path, backend: str
+    overflowing: Path, llama_base: Path, tmp_path: Path, backend: str, device: str
 ) -> None:
     out = tmp_path / "merged"
     with pytest.raises(AdapterError, match="would write inf/NaN where the base is finite") as err:
-        merge(llama_base, [overflowing], out, backend=backend)
+        merge(llama_base, [overflowing], out, backend=backend, device=device)
     assert err.value.exit_code == 1
     assert not out.exists() and not [p for p in tmp_path.iterdir() if p.name.startswith(".merged")]
 

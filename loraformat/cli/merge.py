@@ -1,4 +1,4 @@
-"""``loraformat merge``: a thin click layer over :func:`loraformat.merging.merge`."""
+"""``loraformat merge``: a thin click layer over :func:`loraformat.merging.api.merge`."""
 
 from __future__ import annotations
 
@@ -136,7 +136,7 @@ def merge_cmd(
       loraformat merge ./base a.safetensors -o ./merged --ray=10.0.0.1:6379 --workers 16
     """
     from loraformat.hub.resolve import resolve_adapter_arg
-    from loraformat.merging import merge
+    from loraformat.merging.api import merge
 
     if "numpy" not in sys.modules:
         # The CPU merge calls numpy's OpenBLAS for many short products; its extra threads spin between them and

@@ -1,43 +1,47 @@
-"""The streaming pipeline: the merge on the calling thread (CPU or CUDA), a writer thread, a hasher thread, and
-on CUDA a reader thread.
+"""The streaming pipeline and its one merge loop: the merge on the calling thread, a writer thread, a hasher
+thread, a prefetcher, and on staged devices (CUDA, or the CPU stand-in that runs its orchestration) a reader.
 
 - hasher: digests each base tensor an adapter recorded a digest for, from the same mapping the merge reads, and
   stops the run at the first mismatch; the output is committed only after every digest matched. It needs no
   torch, so it starts at once and runs ahead while torch imports.
-- merge: per block of rows: decode to fp32 (fp64 for fp64), add the LoRA terms, round once into a reused
-  output buffer. CPU: straight from the mapped input, in L2-sized sub-blocks, with numpy
-  (:mod:`loraformat.ops.delta_np`: no ``import torch``, which costs seconds) unless a term is DoRA or a dtype is
-  not BF16/F16/F32/F64, then with torch (``merge_rows_`` from :mod:`loraformat.ops.delta`). CUDA: torch, pinned
-  staging buffers filled by the reader, two streams so host<->device copies overlap compute.
+- merge (:meth:`Pipeline._merge`, the only loop): per block of rows, the kernel decodes the stored bytes to
+  fp32 (fp64 for fp64), adds the terms and encodes once (:class:`loraformat.ops.kernel.Kernel`). Where the
+  blocks come from and where results go is the device's business (:mod:`loraformat.merging.devices`): on the
+  host the kernel reads the read-only mapping in place; a staged device copies each block in from a staging
+  buffer the reader filled and copies the result out, behind an event the writer waits for.
 - writer: untouched tensors first, as raw byte ranges copied in the kernel, then each merged block at its
   planned offset.
 
+:func:`write_shards` is the unit a worker of a split merge runs, on ``Plan.subset`` (merging/split.py).
 Host memory: the output buffers, the blocks in flight and one block when a tensor must be merged whole (DoRA
 per-column norms), whatever the model size.
 """
 
 from __future__ import annotations
 
-import os
 import queue
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from loraformat.constants import LayerKind
+from loraformat.constants import StoredLayout
 from loraformat.errors import AdapterError, HashMismatchError
 from loraformat.hashing import start_tensor_digest
 from loraformat.io.header import DTYPE_BITS
-from loraformat.merging.files import Buffer, Outputs, Pool, Sources, Stop, get, pread_into, put
+from loraformat.io.tensors import SafetensorsSource
+from loraformat.merging.devices import Device, Event
+from loraformat.merging.files import Buffer, Outputs, Pool, Sources, Stop, get, pread_into, put, read_array
 from loraformat.merging.plan import Plan, TensorTask
+from loraformat.ops.kernel import Codec, Factors
+from loraformat.ops.term import rows_cols
 
 MiB = 1 << 20
 BLOCK_BYTES = 32 * MiB  # the unit of merge and write
 OUT_BUFFERS = 3
-CUDA_IN_BUFFERS = 6
-CPU_SUBBLOCK_ELEMS = 1 << 19  # rows merged at a time on CPU: the fp32 work stays in L2
+STAGING_BUFFERS = 6
+CPU_SUBBLOCK_ELEMS = 1 << 19  # rows merged at a time on the host: the fp32 work stays in L2
 HASH_CHUNK = 64 * MiB
 COPY_PIECE = 256 * MiB
 PREFETCH_AHEAD = 1 << 30  # the prefetcher asks the kernel to read at most this far ahead of the merge
@@ -57,13 +61,14 @@ class Stats:
 
 @dataclass
 class Block:
-    """Rows [start, stop) of a tensor viewed (rows, cols), staged by the CUDA reader."""
+    """Rows [start, stop) of a tensor viewed (rows, cols), as stored bytes in a host buffer."""
 
     task: TensorTask
     start: int
     stop: int
-    buf: Buffer | None  # None: the rows come from an in-memory replacement tensor
+    host: Any  # a staging Buffer, a mapped range or an in-memory array
     nbytes: int
+    staging: Buffer | None = None  # released once the device has copied it in
 
 
 @dataclass
@@ -73,7 +78,7 @@ class WriteJob:
     buf: Buffer
     nbytes: int
     release: list[tuple[Pool, Buffer]] = field(default_factory=list)  # once the bytes are written
-    event: Any = None  # CUDA event after which the host buffer holds the result
+    event: Event | None = None  # after which the host buffer holds the result
     tensors_done: int = 0
 
 
@@ -85,19 +90,6 @@ def nonfinite_error(task: TensorTask) -> AdapterError:
     )
 
 
-def rows_cols(shape: tuple[int, ...]) -> tuple[int, int]:
-    if not shape:
-        return 1, 1
-    cols = 1
-    for d in shape[1:]:
-        cols *= d
-    return shape[0], cols
-
-
-def _itemsize(dtype: str) -> int:
-    return DTYPE_BITS[dtype] // 8
-
-
 def _source(task: TensorTask) -> tuple[str, int] | None:
     """(file, offset) of the bytes a computed tensor starts from; None for an in-memory replacement."""
     if task.replacement is not None:
@@ -106,33 +98,57 @@ def _source(task: TensorTask) -> tuple[str, int] | None:
     return task.base.path, task.base.start
 
 
+def _host_bytes(t: Any) -> Any:
+    """A torch tensor's stored bytes as a numpy uint8 array (in-memory tensors: pickles, composed adapters)."""
+    import torch
+
+    t = t.detach().to("cpu").contiguous()
+    if t.numel() == 0:
+        return torch.empty(0, dtype=torch.uint8).numpy()
+    return t.reshape(-1).view(torch.uint8).numpy()
+
+
+def write_shards(
+    plan: Plan,
+    out_dir: Path,
+    out: Path,
+    device: Device,
+    *,
+    progress: Progress | None = None,
+) -> Stats:
+    """Write every output shard of ``plan`` into ``out_dir``: copy, merge, verify. A worker of a split merge
+    passes ``plan.subset(...)``, whose shards are byte for byte those of the whole merge."""
+    return Pipeline(plan, out_dir, out, device, progress=progress).run()
+
+
 class Pipeline:
     def __init__(
         self,
         plan: Plan,
         out_dir: Path,
         out: Path,
-        device: str,
+        device: Device,
         progress: Progress | None = None,
-        backend: str = "torch",
     ) -> None:
         self.plan, self.out_dir, self.out, self.device = plan, out_dir, out, device
-        self.backend = backend  # "numpy" (CPU only) or "torch", from choose_backend
+        self.kernel = device.kernel
         self.progress = progress or (lambda nbytes, tensors: None)
-        self.cuda = device.startswith("cuda")
         self.abort = threading.Event()
         self.error: BaseException | None = None
         self.stats = Stats()
         self.lock = threading.Lock()
-        self.block = BLOCK_BYTES * (2 if self.cuda else 1)
-        self.out_pool = Pool(OUT_BUFFERS + (2 if self.cuda else 0), self.block, self.abort, pinned=self.cuda)
-        self.in_pool = Pool(CUDA_IN_BUFFERS, self.block, self.abort, pinned=True) if self.cuda else None
+        staged, pinned = device.staged, device.pinned
+        self.block = BLOCK_BYTES * (2 if pinned else 1)
+        self.out_pool = Pool(OUT_BUFFERS + (2 if staged else 0), self.block, self.abort, pinned=pinned)
+        self.in_pool = Pool(STAGING_BUFFERS, self.block, self.abort, pinned=pinned) if staged else None
         self.to_merge: queue.Queue[Block | None] = queue.Queue(maxsize=64)
         self.to_write: queue.Queue[WriteJob | None] = queue.Queue(maxsize=64)
         self.threads: list[threading.Thread] = []
         self.sources: Sources | None = None
         self.outputs: Outputs | None = None
-        self.compute = [t for t in plan.tasks if t.action == "compute"]
+        self.tasks = plan.tasks
+        self.copy_runs = plan.copy_runs
+        self.compute = [t for t in self.tasks if t.action == "compute"]
         self.merged_bytes = 0  # source bytes the merge has consumed (the prefetcher stays ahead of it)
 
     # -- lifecycle ----------------------------------------------------------------------------------------------
@@ -141,19 +157,20 @@ class Pipeline:
         try:
             paths = sorted(
                 {s.path for s in plan.ck.shards}
-                | {t.replacement_bytes.path for t in plan.tasks if t.replacement_bytes is not None}
+                | {t.replacement_bytes.path for t in self.tasks if t.replacement_bytes is not None}
             )
             self.sources = Sources(paths, mapped=True)
-            self.outputs = Outputs(self.out_dir, self.out, [(s.name, s.header, s.size) for s in plan.shards])
-            self._count(bytes_written=sum(len(s.header) for s in plan.shards))
+            chosen = {i: (s.name, s.header, s.size) for i, s in enumerate(plan.shards)}
+            self.outputs = Outputs(self.out_dir, self.out, chosen)
+            self._count(bytes_written=sum(len(h) for _, h, _ in chosen.values()))
             self._start(self._writer, "loraformat-merge-writer")
-            if any(t.digests for t in plan.tasks):
+            if any(t.digests for t in self.tasks):
                 self._start(self._hasher, "loraformat-merge-hasher")
             self._start(self._prefetcher, "loraformat-merge-prefetch")
-            if self.cuda:
+            if self.device.staged:
                 self._start(self._reader, "loraformat-merge-reader")
             try:
-                self._merge_cuda() if self.cuda else self._merge_cpu()
+                self._merge()
                 put(self.to_write, None, self.abort)
             except Stop:
                 pass
@@ -206,7 +223,7 @@ class Pipeline:
     # -- hasher ---------------------------------------------------------------------------------------------
     def _hasher(self) -> None:
         assert self.sources is not None
-        for task in self.plan.tasks:
+        for task in self.tasks:
             if not task.digests:
                 continue
             base = task.base
@@ -260,7 +277,7 @@ class Pipeline:
     def _writer(self) -> None:
         assert self.outputs is not None and self.sources is not None
         scratch: bytearray | None = None
-        for run in self.plan.copy_runs:
+        for run in self.copy_runs:
             for pos in range(0, run.nbytes, COPY_PIECE):  # in pieces, so that an interrupt is seen quickly
                 self._check_abort()
                 n = min(COPY_PIECE, run.nbytes - pos)
@@ -275,7 +292,7 @@ class Pipeline:
                 )
                 self._count(bytes_read=n, bytes_written=n)
                 self.progress(n, 0)
-        self.progress(0, len(self.plan.tasks) - len(self.compute))
+        self.progress(0, len(self.tasks) - len(self.compute))
         while True:
             job = get(self.to_write, self.abort)
             if job is None:
@@ -288,217 +305,154 @@ class Pipeline:
             self._count(bytes_written=job.nbytes)
             self.progress(job.nbytes, job.tensors_done)
 
-    # -- merge ----------------------------------------------------------------------------------------------
+    # -- the merge loop -------------------------------------------------------------------------------------
     def _block_rows(self, task: TensorTask, rows: int, cols: int) -> int:
         if task.whole:
             return max(rows, 1)
         per_row = max(1, cols * max(_itemsize(task.src_dtype), _itemsize(task.out_dtype)))
         return max(1, self.block // per_row)
 
-    def _terms(self, task: TensorTask, cd: Any, device: Any) -> list[Any]:
-        from loraformat.ops import delta
-
-        terms = []
-        for ts in task.terms:
-            adapter = self.plan.adapters[ts.adapter]
-            if ts.kind == LayerKind.BIAS:
-                terms.append(delta.bias_term(adapter.tensor(ts.b_key), ts.scale, dtype=cd, device=device))
-                continue
-            assert ts.a_key is not None
-            mag = adapter.tensor(ts.magnitude_key) if ts.magnitude_key else None
-            terms.append(
-                delta.lora_term(
-                    adapter.tensor(ts.a_key),
-                    adapter.tensor(ts.b_key),
-                    ts.scale,
-                    ts.kind,
-                    fan_in_fan_out=ts.fan_in_fan_out,
-                    magnitude=mag,
-                    dtype=cd,
-                    device=device,
-                )
-            )
-        return terms
+    def _blocks(self, task: TensorTask) -> Iterator[tuple[int, int, int]]:
+        """(start, stop, stored bytes) of each block of rows of ``task``."""
+        rows, cols = rows_cols(task.shape)
+        if rows == 0 or cols == 0:
+            yield 0, rows, 0  # an empty tensor: one empty block, so that it is counted done
+            return
+        step, row_bytes = self._block_rows(task, rows, cols), cols * _itemsize(task.src_dtype)
+        for r0 in range(0, rows, step):
+            r1 = min(rows, r0 + step)
+            yield r0, r1, (r1 - r0) * row_bytes
 
     def _memory_rows(self, task: TensorTask, start: int, stop: int) -> Any:
-        """Rows of a replacement that lives only in memory (an Adapter given as an object, from a pickle)."""
+        """Stored bytes of rows of a replacement that lives only in memory (an Adapter object, a pickle)."""
         assert task.replacement is not None
         i, key = task.replacement
         rows, cols = rows_cols(task.shape)
-        return self.plan.adapters[i].tensor(key).reshape(rows, cols)[start:stop]
+        return _host_bytes(self.plan.adapters[i].tensor(key).reshape(rows, cols)[start:stop])
 
-    def _write_job(
-        self,
-        task: TensorTask,
-        start: int,
-        stop: int,
-        obuf: Buffer,
-        nbytes: int,
-        release: list[tuple[Pool, Buffer]],
-        event: Any = None,
-    ) -> None:
-        rows, cols = rows_cols(task.shape)
-        offset = task.offset + start * cols * _itemsize(task.out_dtype)
-        job = WriteJob(task.shard, offset, obuf, nbytes, release, event, tensors_done=int(stop >= rows))
-        put(self.to_write, job, self.abort)
-
-    def _merge_cpu(self) -> None:
-        if self.backend == "numpy":
-            from loraformat.merging.numpy_cpu import merge_cpu_numpy
-
-            merge_cpu_numpy(self)
-            return
-        import torch
-
-        # The hasher and the writer each keep a core busy: leave them theirs, or OpenMP's spinning threads and
-        # the I/O threads slow each other down several times over.
-        previous = torch.get_num_threads()
-        torch.set_num_threads(max(1, min(previous, (os.cpu_count() or 1) - 2)))
-        try:
-            self.stats.threads = torch.get_num_threads()
-            for task in self.compute:
-                self._merge_task_cpu(task)
-        finally:
-            torch.set_num_threads(previous)
-
-    def _merge_task_cpu(self, task: TensorTask) -> None:
-        import torch
-
-        from loraformat.io.tensors import torch_dtype
-        from loraformat.ops import delta
-
+    def _host_blocks(self) -> Iterator[Block]:
+        """Blocks for the host device: read-only mapped ranges, merged in place."""
         assert self.sources is not None
-        rows, cols = rows_cols(task.shape)
-        if rows == 0 or cols == 0:
-            self.progress(0, 1)
-            return
-        src_t, out_t = torch_dtype(task.src_dtype), torch_dtype(task.out_dtype)
-        cd = delta.compute_dtype(src_t, out_t)
-        terms = self._terms(task, cd, None) if task.terms else []
-        step = self._block_rows(task, rows, cols)
-        sub = rows if task.whole else max(1, CPU_SUBBLOCK_ELEMS // max(cols, 1))
-        work = None
-        if terms and out_t != cd:
-            work = torch.empty(min(sub, step, max(rows, 1)) * cols, dtype=cd)
-        src_loc = _source(task)
-        row_bytes = cols * _itemsize(task.src_dtype)
-        for r0 in range(0, rows, step):
-            self._check_abort()
-            r1 = min(rows, r0 + step)
-            n, nbytes = r1 - r0, (r1 - r0) * row_bytes
-            if src_loc is None:
-                src = self._memory_rows(task, r0, r1)
-            else:
-                path, start = src_loc
-                src = self.sources.tensor(path, start + r0 * row_bytes, nbytes).view(src_t).view(n, cols)
-            out_nbytes = n * cols * _itemsize(task.out_dtype)
-            obuf = self.out_pool.get(out_nbytes)
-            out = obuf.tensor()[:out_nbytes].view(out_t).view(n, cols)
-            if not terms:
-                out.copy_(src)
-            else:
-                for s0 in range(0, n, sub):
-                    s1 = min(n, s0 + sub)
-                    w = out[s0:s1] if work is None else work[: (s1 - s0) * cols].view(s1 - s0, cols)
-                    w.copy_(src[s0:s1])
-                    delta.merge_rows_(w, terms, r0 + s0, r0 + s1)
-                    if work is not None:
-                        out[s0:s1].copy_(w)
-                    if delta.introduces_nonfinite(out[s0:s1], src[s0:s1]):
-                        raise nonfinite_error(task)
-            del src
-            if src_loc is not None:
-                self.sources.drop(src_loc[0], src_loc[1] + r0 * row_bytes, nbytes)
+        for task in self.compute:
+            loc = _source(task)
+            for r0, r1, nbytes in self._blocks(task):
+                self._check_abort()
+                if loc is None:
+                    yield Block(task, r0, r1, self._memory_rows(task, r0, r1), nbytes)
+                    continue
+                offset = loc[1] + self._row_offset(task, r0)
+                host = self.sources.view(loc[0], offset, nbytes)  # checked against the file's size
+                yield Block(task, r0, r1, host, nbytes)
+                host.release()
+                self.sources.drop(loc[0], offset, nbytes)
                 self._count(bytes_read=nbytes)
                 self.merged_bytes += nbytes
-            self._write_job(task, r0, r1, obuf, out_nbytes, [(self.out_pool, obuf)])
 
-    # -- CUDA -----------------------------------------------------------------------------------------------
+    def _staged_blocks(self) -> Iterator[Block]:
+        while True:
+            blk = get(self.to_merge, self.abort)
+            if blk is None:
+                return
+            yield blk
+
+    def _row_offset(self, task: TensorTask, row: int) -> int:
+        return row * rows_cols(task.shape)[1] * _itemsize(task.src_dtype)
+
     def _reader(self) -> None:
-        """Stage each block into a pinned buffer (pread), so host->device copies run at full speed."""
+        """Stage each block into a (pinned) buffer with pread, so host->device copies run at full speed."""
         assert self.sources is not None and self.in_pool is not None
         for task in self.compute:
-            rows, cols = rows_cols(task.shape)
-            step = self._block_rows(task, rows, cols)
-            row_bytes = cols * _itemsize(task.src_dtype)
-            src_loc = _source(task)
-            for r0 in range(0, rows, step):
+            loc = _source(task)
+            for r0, r1, nbytes in self._blocks(task):
                 self._check_abort()
-                r1 = min(rows, r0 + step)
-                nbytes = (r1 - r0) * row_bytes
-                if src_loc is None:
-                    put(self.to_merge, Block(task, r0, r1, None, nbytes), self.abort)
+                if loc is None:
+                    put(
+                        self.to_merge,
+                        Block(task, r0, r1, self._memory_rows(task, r0, r1), nbytes),
+                        self.abort,
+                    )
                     continue
-                path, start = src_loc
                 buf = self.in_pool.get(nbytes)
-                pread_into(self.sources.fds[path], buf.mem[:nbytes], start + r0 * row_bytes, path)
+                pread_into(
+                    self.sources.fds[loc[0]], buf.mem[:nbytes], loc[1] + self._row_offset(task, r0), loc[0]
+                )
                 self._count(bytes_read=nbytes)
                 self.merged_bytes += nbytes
-                put(self.to_merge, Block(task, r0, r1, buf, nbytes), self.abort)
+                put(self.to_merge, Block(task, r0, r1, buf, nbytes, staging=buf), self.abort)
         put(self.to_merge, None, self.abort)
 
-    def _merge_cuda(self) -> None:
-        import torch
-
-        from loraformat.io.tensors import torch_dtype
-        from loraformat.ops import delta
-
-        assert self.in_pool is not None
-        dev = torch.device(self.device)
-        torch.cuda.set_device(dev)
-        torch.cuda.reset_peak_memory_stats(dev)
-        streams = [torch.cuda.Stream(dev), torch.cuda.Stream(dev)]
-        current: tuple[int, list[Any]] | None = None
-        flags: list[tuple[TensorTask, Any]] = []  # device-side checks, read once per task (no per-block sync)
-        k = 0
+    def _merge(self) -> None:
+        """The one merge loop: every block of every computed tensor through the device and the kernel."""
+        device, kernel = self.device, self.kernel
+        device.begin()
+        current: tuple[TensorTask, Codec[Any], Codec[Any], list[Factors[Any]]] | None = None
+        flagged: Any = False  # inf/NaN introduced in the current task (a device flag on CUDA: read per task)
         try:
-            while True:
-                blk = get(self.to_merge, self.abort)
-                if blk is None or (flags and flags[0][0] is not blk.task):
-                    for task, flag in flags:
-                        if bool(flag):
-                            raise nonfinite_error(task)
-                    flags.clear()
-                if blk is None:
-                    return
-                task = blk.task
-                n, cols = blk.stop - blk.start, rows_cols(task.shape)[1]
-                src_t, out_t = torch_dtype(task.src_dtype), torch_dtype(task.out_dtype)
-                cd = delta.compute_dtype(src_t, out_t)
-                if task.terms and (current is None or current[0] != id(task)):
-                    terms = self._terms(task, cd, dev)
-                    torch.cuda.current_stream(dev).synchronize()  # uploaded before the side streams use them
-                    for t in terms:
-                        for s in streams:
-                            for x in (t.L, t.R, t.magnitude):
-                                if x is not None:
-                                    x.record_stream(s)
-                    current = (id(task), terms)
-                stream = streams[k % 2]
-                k += 1
-                out_nbytes = n * cols * _itemsize(task.out_dtype)
-                obuf = self.out_pool.get(out_nbytes)
-                with torch.cuda.stream(stream):
-                    if blk.buf is None:
-                        src = self._memory_rows(task, blk.start, blk.stop).to(dev, non_blocking=True)
-                    else:
-                        raw = torch.empty(blk.nbytes, dtype=torch.uint8, device=dev)
-                        raw.copy_(blk.buf.tensor()[: blk.nbytes], non_blocking=True)
-                        src = raw.view(src_t).view(n, cols)
-                    if task.terms:
-                        assert current is not None
-                        result = delta.merge_rows_(src.to(cd), current[1], blk.start, blk.stop).to(out_t)
-                        flags.append((task, delta.introduces_nonfinite(result, src)))
-                    else:
-                        result = src.to(out_t)
-                    obuf.tensor()[:out_nbytes].view(out_t).view(n, cols).copy_(result, non_blocking=True)
-                    event = torch.cuda.Event()
-                    event.record(stream)
-                release = [(self.out_pool, obuf)]
-                if blk.buf is not None:
-                    release.append((self.in_pool, blk.buf))  # free once the event says the copy is done
-                self._write_job(task, blk.start, blk.stop, obuf, out_nbytes, release, event)
+            with kernel.threads() as threads:
+                self.stats.threads = threads
+                blocks = self._staged_blocks() if device.staged else self._host_blocks()
+                for blk in blocks:
+                    task = blk.task
+                    if current is None or current[0] is not task:
+                        if current is not None and bool(flagged):
+                            raise nonfinite_error(current[0])
+                        current, flagged = (task, *self._prepare(task)), False
+                    _, dec, enc, factors = current
+                    rows, cols = rows_cols(task.shape)
+                    out_nbytes = (blk.stop - blk.start) * enc.row_nbytes(cols)
+                    obuf = self.out_pool.get(out_nbytes)
+                    with device.stream():
+                        src = device.copy_in(blk.host, blk.nbytes)
+                        out = device.output(obuf, out_nbytes)
+                        sub = 0 if device.staged or task.whole else max(1, CPU_SUBBLOCK_ELEMS // max(cols, 1))
+                        flagged = flagged | kernel.merge_block(
+                            src, dec, out, enc, factors, blk.start, blk.stop, cols, sub_rows=sub
+                        )
+                        del src
+                        event = device.copy_out(out, obuf, out_nbytes)
+                    release = [(self.out_pool, obuf)]
+                    if blk.staging is not None:
+                        assert self.in_pool is not None
+                        release.append((self.in_pool, blk.staging))  # free once the event says it was read
+                    offset = task.offset + blk.start * enc.row_nbytes(cols)
+                    job = WriteJob(
+                        task.shard, offset, obuf, out_nbytes, release, event, int(blk.stop >= rows)
+                    )
+                    put(self.to_write, job, self.abort)
+                if current is not None and bool(flagged):
+                    raise nonfinite_error(current[0])
         finally:
-            for s in streams:
-                s.synchronize()
-            self.stats.peak_gpu_bytes = int(torch.cuda.max_memory_allocated(dev))
+            self.stats.peak_gpu_bytes = device.end()
+
+    def _prepare(self, task: TensorTask) -> tuple[Codec[Any], Codec[Any], list[Factors[Any]]]:
+        """The task's codecs and its terms loaded, in the compute dtype, on the kernel's device."""
+        kernel = self.kernel
+        dec = kernel.codec(StoredLayout.DENSE, task.src_dtype)
+        enc = kernel.codec(StoredLayout.DENSE, task.out_dtype)
+        cd = kernel.compute_dtype(task.src_dtype, task.out_dtype)
+        factors = []
+        for planned in task.terms:
+            adapter = self.plan.adapters[planned.adapter]
+
+            def load(key: str, adapter: Any = adapter) -> Any:
+                source = adapter.source
+                if isinstance(source, SafetensorsSource):
+                    info = source.infos[key]
+                    raw = read_array(source.path, info.start, info.nbytes)
+                    return kernel.load(raw, info.dtype, info.shape, cd)
+                t = adapter.tensor(key)
+                return kernel.load(_host_bytes(t), _st_dtype(t), tuple(t.shape), cd)
+
+            factors.append(kernel.prepare(planned.term.map(load)))
+        self.device.adopt(factors)
+        return dec, enc, factors
+
+
+def _itemsize(dtype: str) -> int:
+    return DTYPE_BITS[dtype] // 8
+
+
+def _st_dtype(t: Any) -> str:
+    from loraformat.io.tensors import st_dtype
+
+    return st_dtype(t.dtype)

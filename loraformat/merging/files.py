@@ -233,19 +233,20 @@ class Sources:
 class Outputs:
     """The output shards in the temporary directory: reserved, header first, data at planned offsets."""
 
-    def __init__(self, out_dir: Path, out: Path, shards: list[tuple[str, bytes, int]]) -> None:
+    def __init__(self, out_dir: Path, out: Path, shards: dict[int, tuple[str, bytes, int]]) -> None:
+        """``shards``: shard index -> (file name, header, size); a worker may write a subset of a plan's."""
         self.out = out
-        self.fds: list[int] = []
-        self.sizes: list[int] = []
-        self.kick: list[list[int]] = []  # per shard: [lowest, highest) written since the last writeback kick
+        self.fds: dict[int, int] = {}
+        self.sizes: dict[int, int] = {}
+        self.kick: dict[int, list[int]] = {}  # per shard: [lowest, highest) written since the last kick
         self.flush_q: queue.Queue[tuple[int, int, int] | None] = queue.Queue()
         self.flusher: threading.Thread | None = None
         try:
-            for name, header, size in shards:
+            for index, (name, header, size) in sorted(shards.items()):
                 fd = os.open(out_dir / name, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o666)
-                self.fds.append(fd)
-                self.sizes.append(size)
-                self.kick.append([size, 0])
+                self.fds[index] = fd
+                self.sizes[index] = size
+                self.kick[index] = [size, 0]
                 _reserve(fd, size)
                 pwrite_all(fd, memoryview(header), 0)
         except OSError as exc:
@@ -320,7 +321,7 @@ class Outputs:
                 pass
 
     def fsync(self) -> None:
-        for fd in self.fds:
+        for fd in self.fds.values():
             try:
                 os.fsync(fd)
             except OSError as exc:
@@ -331,12 +332,12 @@ class Outputs:
             self.flush_q.put(None)
             self.flusher.join()
             self.flusher = None
-        for fd in self.fds:
+        for fd in self.fds.values():
             try:
                 os.close(fd)
             except OSError:
                 pass
-        self.fds = []
+        self.fds = {}
 
 
 def _reserve(fd: int, size: int) -> None:

@@ -1,5 +1,5 @@
 """Merging into a diffusers pipeline directory: every component folder the adapters target streams through
-the one merge entry point (:func:`loraformat.merging.merge`), the others and every non-weight file are copied,
+the one merge entry point (:func:`loraformat.merging.api.merge`), the others and every non-weight file are copied,
 and the whole output directory appears atomically (spec/interop/diffusers.md §Merging into a pipeline)."""
 
 from __future__ import annotations
@@ -65,7 +65,7 @@ def merge_pipeline(
 ) -> Any:
     """Merge adapters into a diffusers pipeline directory; returns the merge result summed over components
     with each component's own result under ``components``."""
-    from loraformat.merging import MergeResult, merge
+    from loraformat.merging.api import MergeResult, merge
 
     t0 = time.perf_counter()
     out = Path(out)
@@ -104,7 +104,7 @@ def merge_pipeline(
 
 
 def _summary(out: Path, results: dict[str, Any], seconds: float) -> Any:
-    from loraformat.merging import MergeResult
+    from loraformat.merging.api import MergeResult
 
     first = next(iter(results.values()))
     total = {

@@ -21,6 +21,7 @@ from loraformat.io.checkpoint import INDEX_NAME, Checkpoint
 from loraformat.io.header import DTYPE_BITS, FLOAT_DTYPES, TensorInfo, encode_header
 from loraformat.io.tensors import SafetensorsSource
 from loraformat.metadata import AdapterMetadata
+from loraformat.ops.term import Term, needs_whole_tensor
 
 #: --dtype choices -> safetensors dtype (None: keep each tensor's dtype)
 DTYPES: dict[str, str | None] = {
@@ -47,17 +48,12 @@ class Bytes:
 
 
 @dataclass(frozen=True)
-class TermSpec:
-    """One adapter's contribution to one base tensor; the tensors are loaded when the tensor is merged."""
+class PlannedTerm:
+    """One adapter's term for one base tensor, holding tensor keys; loaded when the tensor is merged."""
 
-    adapter: int
+    adapter: int  # index into Plan.adapters
     module: str
-    kind: str  # linear | embedding | conv | bias (lora_bias)
-    a_key: str | None
-    b_key: str
-    scale: float  # s * weight
-    fan_in_fan_out: bool = False
-    magnitude_key: str | None = None
+    term: Term[str]
 
 
 @dataclass
@@ -71,7 +67,7 @@ class TensorTask:
     base: Bytes
     replacement: tuple[int, str] | None = None  # (adapter index, tensor key) of a saved tensor replacing it
     replacement_bytes: Bytes | None = None  # its bytes in the adapter file (None: in memory only)
-    terms: list[TermSpec] = field(default_factory=list)
+    terms: list[PlannedTerm] = field(default_factory=list)
     digests: list[tuple[str, str]] = field(default_factory=list)  # (expected hex digest, adapter label)
     shard: int = 0  # index into Plan.shards
     offset: int = 0  # absolute offset in the output shard
@@ -83,12 +79,8 @@ class TensorTask:
     @property
     def whole(self) -> bool:
         """Must be merged in one block: DoRA with per-column channels (Conv1D, embedding) needs column norms
-        over every row (mirrors loraformat.ops.delta.channel_axis, without importing torch)."""
-        return any(
-            t.magnitude_key is not None
-            and (t.kind == LayerKind.EMBEDDING or (t.kind == LayerKind.LINEAR and t.fan_in_fan_out))
-            for t in self.terms
-        )
+        over every row."""
+        return needs_whole_tensor([t.term for t in self.terms])
 
     @property
     def action(self) -> str:
@@ -201,23 +193,13 @@ def _base_order(ck: Checkpoint) -> list[tuple[str, TensorInfo, str]]:
 
 def _terms_for(
     index: int, adapter: Adapter, meta: AdapterMetadata, weight: float, ck: Checkpoint
-) -> dict[str, list[TermSpec]]:
-    out: dict[str, list[TermSpec]] = {}
+) -> dict[str, list[PlannedTerm]]:
+    out: dict[str, list[PlannedTerm]] = {}
     for module, entry in sorted(meta.modules.items()):
         keys = adapter.keys(module)
         s = spec.scale_for(meta.scaling, entry.rank, entry.alpha) * weight
-        out.setdefault(entry.base_tensor, []).append(
-            TermSpec(
-                adapter=index,
-                module=module,
-                kind=entry.kind,
-                a_key=keys.A,
-                b_key=keys.B,
-                scale=s,
-                fan_in_fan_out=entry.fan_in_fan_out,
-                magnitude_key=keys.magnitude,
-            )
-        )
+        term = Term(entry.kind, keys.A, keys.B, s, entry.fan_in_fan_out, keys.magnitude)
+        out.setdefault(entry.base_tensor, []).append(PlannedTerm(index, module, term))
         if keys.bias is not None:
             bias_name = (
                 entry.base_tensor[: -len(".weight")] + ".bias"
@@ -232,11 +214,8 @@ def _terms_for(
                     f"[{entry.out_features}] ({found})",
                     path=adapter.path,
                 )
-            out.setdefault(bias_name, []).append(
-                TermSpec(
-                    adapter=index, module=module, kind=LayerKind.BIAS, a_key=None, b_key=keys.bias, scale=s
-                )
-            )
+            bias = Term(LayerKind.BIAS, None, keys.bias, s)
+            out.setdefault(bias_name, []).append(PlannedTerm(index, module, bias))
     return out
 
 
@@ -255,7 +234,7 @@ def build_plan(
 ) -> Plan:
     labels = [_label(a, i) for i, a in enumerate(adapters)]
     metas: list[AdapterMetadata] = []
-    terms: dict[str, list[TermSpec]] = {}
+    terms: dict[str, list[PlannedTerm]] = {}
     replacements: dict[str, tuple[int, str]] = {}
     digests: dict[str, list[tuple[str, str]]] = {}
     unverified: list[str] = []

@@ -32,8 +32,8 @@ from loraformat.io.atomic import commit_dir, fsync_dir, write_error
 from loraformat.io.checkpoint import INDEX_NAME
 from loraformat.io.native import file_digest
 from loraformat.io.pipeline import is_pipeline
-from loraformat.merging.engine import Pipeline, Progress
-from loraformat.merging.numpy_cpu import choose_backend
+from loraformat.merging.devices import open_device
+from loraformat.merging.engine import Progress, write_shards
 from loraformat.merging.plan import Plan, resolve_dtype
 from loraformat.merging.shares import (
     DoneFileError,
@@ -114,7 +114,7 @@ def _planned(
 ) -> Iterator[Plan]:
     """The one-machine merge's own input checks and plan (a diffusers pipeline is split per component by
     merging each component directory on its own)."""
-    from loraformat.merging import planned
+    from loraformat.merging.api import planned
 
     if not adapters:
         raise UsageError("give at least one adapter to merge")
@@ -214,7 +214,8 @@ def merge_share(
     Every worker plans the whole merge from headers and takes the shards :func:`~loraformat.merging.shares.assign`
     gives it; it verifies the digests of its own target tensors only. Rerunning a finished worker does nothing;
     rerunning a dead one writes its share again."""
-    from loraformat.merging import _check_space, resolve_device
+    from loraformat.merging.api import _check_space
+    from loraformat.rules import resolve_device
 
     t0, cpu0 = time.perf_counter(), time.process_time()
     worker, workers = (
@@ -249,7 +250,7 @@ def merge_share(
             result.recovered += 1
         sub = plan.subset(mine)
         dev = resolve_device(device)
-        result.device, result.backend = dev, choose_backend(backend, dev, sub)
+        result.device, result.backend = dev, open_device(dev, backend, sub).kernel.name
         _check_space(sub, out)
         records = _write_share(sub, staging, out, dev, result.backend, progress, result)
         _write_atomically(marker, DoneRecord(fingerprint, worker, workers, tuple(records)).to_bytes(), out)
@@ -277,7 +278,7 @@ def _write_share(
     try:
         private.mkdir()
         if sub.shards:
-            stats = Pipeline(sub, private, out, dev, progress, backend=backend).run()
+            stats = write_shards(sub, private, out, open_device(dev, backend, sub), progress=progress)
             result.bytes_written, result.tensors_verified = stats.bytes_written, stats.tensors_verified
         result.tensors = len(sub.tasks)
         records = [ShardRecord(s.name, s.size, file_digest(private / s.name)) for s in sub.shards]
@@ -319,7 +320,7 @@ def assemble(
     """Check that all ``workers`` done-files are present and match the plan, write the index and the base's
     non-weight files, and rename the staging directory to OUT atomically. Refuses (IncompleteSplitError,
     nothing changed) while any share is missing or inconsistent."""
-    from loraformat.merging import _write_extras
+    from loraformat.merging.api import _write_extras
 
     t0 = time.perf_counter()
     check_workers(workers)
