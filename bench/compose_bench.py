@@ -28,8 +28,9 @@ import time
 
 import torch
 
-from loraformat.ops.combine import Term, stack
+from loraformat.ops.combine import flat, stack
 from loraformat.ops.lowrank import qr_core_svd
+from loraformat.ops.term import Term
 
 SHAPES = {"4096x4096": (4096, 4096), "14336x4096": (14336, 4096), "4096x14336": (4096, 14336)}
 WEIGHTS = (1.0, 0.5, -0.7, 0.3)
@@ -39,7 +40,7 @@ LORA_SCALE = 2.0
 def make_terms(out: int, inp: int, rank: int, seed: int) -> list[Term]:
     g = torch.Generator().manual_seed(seed)
     return [
-        Term(
+        flat(
             torch.randn(rank, inp, generator=g) / inp**0.5,
             torch.randn(out, rank, generator=g) / rank**0.5,
             w * LORA_SCALE,
@@ -49,13 +50,13 @@ def make_terms(out: int, inp: int, rank: int, seed: int) -> list[Term]:
 
 
 def qr_core(terms: list[Term], rank: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-    A, B = stack([Term(t.A.to(dtype), t.B.to(dtype), t.coef) for t in terms])
+    A, B = stack([flat(t.A.to(dtype), t.B.to(dtype), t.scale) for t in terms])
     return qr_core_svd(A, B).factors(rank)
 
 
 def full_svd(terms: list[Term], rank: int) -> tuple[torch.Tensor, torch.Tensor]:
     """PEFT / kohya: dense delta per adapter, summed, full SVD, truncate (B = U S, A = Vh)."""
-    delta = sum(t.coef * (t.B @ t.A) for t in terms)
+    delta = sum(t.scale * (t.B @ t.A) for t in terms)
     U, S, Vh = torch.linalg.svd(delta, full_matrices=False)
     return Vh[:rank], U[:, :rank] * S[:rank]
 
@@ -67,8 +68,8 @@ def rel_error(A: torch.Tensor, B: torch.Tensor, exact: torch.Tensor) -> float:
 def bench_shape(name: str, rank: int, repeat: int, seed: int, full: bool = True) -> dict:
     out, inp = SHAPES[name]
     terms = make_terms(out, inp, rank, seed)
-    exact = sum(t.coef * (t.B.double() @ t.A.double()) for t in terms)
-    A64, B64 = stack([Term(t.A.double(), t.B.double(), t.coef) for t in terms])
+    exact = sum(t.scale * (t.B.double() @ t.A.double()) for t in terms)
+    A64, B64 = stack([flat(t.A.double(), t.B.double(), t.scale) for t in terms])
     S = qr_core_svd(A64, B64).S
     optimal = float(S[rank:].square().sum().sqrt() / S.square().sum().sqrt())
     row: dict = {

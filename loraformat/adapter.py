@@ -21,12 +21,14 @@ from loraformat.constants import (
     FindingCode,
     Format,
     LayerKind,
+    Problem,
 )
 from loraformat.errors import AdapterError, InputNotFoundError, PickleRefusedError, SchemaError, UsageError
 from loraformat.io.header import FLOAT_DTYPES, TensorInfo
 from loraformat.io.tensors import MemorySource, SafetensorsSource, TensorSource
 from loraformat.io.untrusted_json import load_json
 from loraformat.metadata import AdapterMetadata, ModuleEntry
+from loraformat.rules import first_problem
 from loraformat.schema import validate_document
 
 if TYPE_CHECKING:
@@ -121,13 +123,13 @@ class Adapter:
         self.close()
 
     # -- consistency ------------------------------------------------------------------------------------------
-    def problems(self) -> list[tuple[str, str, str]]:
+    def problems(self) -> list[Problem]:
         """Every disagreement between tensors and metadata as (code, location, message); header-only.
 
         Codes: missing-tensor, wrong-ndim, rank-mismatch (lora_A vs lora_B), metadata-rank (the rank the
         metadata or PEFT config gives vs the tensors'), shape-mismatch, bad-dtype, unexpected-tensor.
         """
-        out: list[tuple[str, str, str]] = []
+        out: list[Problem] = []
         infos = self.source.infos
         used: set[str] = set()
         what = "config" if self.source_format != Format.LORAFORMAT else "metadata"
@@ -172,9 +174,7 @@ class Adapter:
         """Raise AdapterError on the first problem (with a count of the others)."""
         problems = self.problems()
         if problems:
-            code, where, message = problems[0]
-            more = f" (and {len(problems) - 1} more problems)" if len(problems) > 1 else ""
-            raise AdapterError(f"{where}: {message}{more}", path=self.path)
+            raise AdapterError(first_problem(problems), path=self.path)
 
 
 #: the largest scale a merge can apply: float32's largest finite value (merges compute in float32 or wider)
@@ -209,9 +209,9 @@ def _vector_shape(entry: ModuleEntry) -> tuple[int, ...]:
 
 def _pair_problems(
     module: str, entry: ModuleEntry, keys: ModuleKeys, infos: dict[str, TensorInfo], what: str
-) -> list[tuple[str, str, str]]:
+) -> list[Problem]:
     """Findings for one module's lora_A/lora_B pair, most specific first."""
-    out: list[tuple[str, str, str]] = []
+    out: list[Problem] = []
     want_a, want_b = expected_shapes(entry)
     a, b = infos.get(keys.A), infos.get(keys.B)
     for role, key, info in (("A", keys.A, a), ("B", keys.B, b)):
@@ -409,7 +409,7 @@ def _open_layout(
         )
     modules = base_module_names(base) if base is not None and layout == Format.KOHYA else None
     meta, renamed = read_layout(source.header, layout, name=name, base_modules=modules)
-    return Adapter(meta, renamed, layout, given, dict(source.header.metadata), None)
+    return Adapter(meta, renamed, Format(layout), given, dict(source.header.metadata), None)
 
 
 def _open_pickle(file: Path, config_data: dict[str, Any], name: str, given: str) -> Adapter:

@@ -5,12 +5,10 @@ Shared by ``validate --level base``, ``convert --base`` and ``merge``, so all th
 
 from __future__ import annotations
 
-from loraformat.constants import FindingCode, LayerKind
+from loraformat.constants import FindingCode, LayerKind, Problem
 from loraformat.hashing import BaseHashes, hash_tensors, structure_hash
 from loraformat.io.checkpoint import Checkpoint
 from loraformat.metadata import AdapterMetadata, ModuleEntry
-
-Problem = tuple[FindingCode, str, str]  # (code, location, message)
 
 
 def infer_fan_in_fan_out(meta: AdapterMetadata, ck: Checkpoint) -> None:

@@ -17,6 +17,7 @@ from loraformat.io.names import split_component
 from loraformat.io.pipeline import component_of, is_pipeline, pipeline_components
 from loraformat.io.tensors import MemorySource, RenamedSource, SafetensorsSource
 from loraformat.metadata import AdapterMetadata
+from loraformat.rules import first_problem
 
 
 def components(meta: AdapterMetadata) -> list[str | None]:
@@ -134,6 +135,4 @@ def pipeline_problems(meta: AdapterMetadata, base: str | os.PathLike[str]) -> li
 def check_pipeline_base(meta: AdapterMetadata, base: str | os.PathLike[str], *, path: str) -> None:
     problems = pipeline_problems(meta, base)
     if problems:
-        _, where, message = problems[0]
-        more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
-        raise BaseMismatchError(f"does not fit base {base}: {where}: {message}{more}", path=path)
+        raise BaseMismatchError(f"does not fit base {base}: {first_problem(problems)}", path=path)

@@ -37,12 +37,12 @@ from loraformat.io.native import data_section_hash, write_native
 from loraformat.io.tensors import SafetensorsSource, torch_dtype
 from loraformat.metadata import AdapterMetadata, BaseModel, ModuleEntry, Parent, Provenance
 from loraformat.ops.lowrank import RankSpec, parse_rank_spec
-from loraformat.rules import resolve_device
+from loraformat.rules import check_not_an_input, resolve_device
 
 if TYPE_CHECKING:
     import torch
 
-    from loraformat.ops.combine import Term
+    from loraformat.ops.term import Term
 
 
 Progress = Callable[[int], None]
@@ -99,11 +99,7 @@ def factor_dtype(*dtypes: torch.dtype) -> torch.dtype:
 
 def check_output_path(out: PathLike, inputs: Sequence[Adapter], overwrite: bool) -> Path:
     out_path = Path(out)
-    for a in inputs:
-        for p in {Path(a.path), Path(a.source.path)}:
-            with contextlib.suppress(OSError):
-                if out_path.resolve() == p.resolve():
-                    raise UsageError("output would overwrite an input; inputs are never modified", path=out)
+    check_not_an_input(out_path, [p for a in inputs for p in (a.path, a.source.path) if p])
     check_output(out_path, overwrite=overwrite)
     return out_path
 
@@ -214,13 +210,15 @@ def _saved(adapters: Sequence[Adapter]) -> tuple[dict[str, str], dict[str, Any],
     return dict(ref.meta.saved_tensors), tensors, list(ref.meta.modules_to_save), ref.meta.bias
 
 
-def _term(adapter: Adapter, module: str, coef: float, device: torch.device, dtype: torch.dtype) -> Term:
-    from loraformat.ops.combine import Term
+def _term(
+    adapter: Adapter, module: str, coef: float, device: torch.device, dtype: torch.dtype
+) -> Term[torch.Tensor]:
+    from loraformat.ops.combine import flat
     from loraformat.ops.lowrank import flatten_A, flatten_B
 
     A = flatten_A(adapter.lora_A(module)).to(device=device, dtype=dtype)
     B = flatten_B(adapter.lora_B(module)).to(device=device, dtype=dtype)
-    return Term(A, B, coef * adapter.scale(module))
+    return flat(A, B, coef * adapter.scale(module))
 
 
 def shape_factors(

@@ -301,6 +301,10 @@ class FindingCode(StrEnum):
     BASE_ARCHITECTURE = "base-architecture"
 
 
+#: one problem a check found: (code, location, message); validate turns it into a finding with a severity
+Problem = tuple[FindingCode, str, str]
+
+
 # --- compose methods (loraformat/composition.py) ----------------------------------------------------------
 
 

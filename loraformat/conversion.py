@@ -31,6 +31,7 @@ from loraformat.io.pipeline import is_pipeline
 from loraformat.io.quantized import attach as attach_quantized
 from loraformat.metadata import AdapterMetadata, BaseQuantization, Provenance
 from loraformat.quantization import from_peft_card, from_quantization_config, parse_user_spec
+from loraformat.rules import check_not_an_input, first_problem
 
 
 def _write_native(out: Path, meta: AdapterMetadata, tensors: dict[str, Any], *, overwrite: bool) -> str:
@@ -81,23 +82,9 @@ def write_peft_dir(
     return content_hash
 
 
-def _inside(child: Path, parent: Path) -> bool:
-    return child == parent or parent in child.parents
-
-
 def _check_paths(src: Path, dst: Path, config: str | os.PathLike[str] | None) -> None:
     """Refuse any output that would overwrite or delete an input (inputs are never modified)."""
-    out = dst.resolve()
-    for given in (src, Path(config) if config is not None else None):
-        if given is None:
-            continue
-        inp = given.resolve()
-        if _inside(out, inp) or _inside(inp, out):
-            raise UsageError(
-                f"output {dst} would overwrite or contain the input {given}; inputs are never "
-                "modified, choose another output",
-                path=dst,
-            )
+    check_not_an_input(dst, [src] if config is None else [src, config])
 
 
 def training_quantization(
@@ -244,7 +231,5 @@ def _check_base(
     shapes = {k: tuple(t.shape) for k, t in tensors.items()}
     problems = base_problems(meta, ck) + saved_shape_problems(meta, ck, shapes)
     if problems:
-        _, where, message = problems[0]
-        more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
-        raise BaseMismatchError(f"does not fit base {base}: {where}: {message}{more}", path=src)
+        raise BaseMismatchError(f"does not fit base {base}: {first_problem(problems)}", path=src)
     stamp(meta, ck, hash_base(ck, use_cache=use_cache, progress=progress), base_id=base_id)

@@ -16,6 +16,7 @@ from importlib import resources
 from typing import Any
 
 from loraformat.errors import SchemaError
+from loraformat.rules import and_more
 
 SCHEMA_FILE = "adapter-v1.schema.json"
 
@@ -48,7 +49,9 @@ _KEYWORDS = {
 
 @functools.cache
 def load_schema() -> dict[str, Any]:
-    return json.loads(resources.files("loraformat").joinpath("schemas", SCHEMA_FILE).read_text("utf-8"))
+    return json.loads(
+        resources.files("loraformat").joinpath("schemas").joinpath(SCHEMA_FILE).read_text("utf-8")
+    )
 
 
 def _uses_only_known_keywords(node: Any) -> bool:
@@ -224,5 +227,6 @@ def schema_errors(document: Any) -> list[str]:
 def validate_document(document: Any, *, path: str | None = None) -> None:
     errors = schema_errors(document)
     if errors:
-        more = f" (and {len(errors) - 1} more)" if len(errors) > 1 else ""
-        raise SchemaError(f"metadata does not match the v1 schema {errors[0]}{more}", path=path)
+        raise SchemaError(
+            f"metadata does not match the v1 schema {errors[0]}{and_more(len(errors))}", path=path
+        )

@@ -11,6 +11,7 @@ ENGINE_VARIABLES = {
     "vllm": "LORAFORMAT_VLLM_PYTHON",
     "llama.cpp": "LORAFORMAT_LLAMACPP_PYTHON",
     "mergekit": "LORAFORMAT_MERGEKIT_PYTHON",
+    "hf-oldest": "LORAFORMAT_HF_OLDEST_PYTHON",  # the oldest huggingface-hub pyproject allows
 }
 
 

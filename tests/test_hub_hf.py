@@ -243,3 +243,23 @@ def test_peft_loads_the_pulled_directory(
         with torch.no_grad():
             logits.append(model(ids).logits)
     torch.testing.assert_close(logits[0], logits[1], rtol=0, atol=0)
+
+
+def test_both_hubs_report_progress_and_return_one_result_type(
+    server: HubServer, native: Path, tmp_path: Path
+) -> None:
+    """The Hugging Face backend dropped the progress callback (the CLI showed no bar for hf://); both backends
+    now report every byte of a push and a pull, and publish the same result type."""
+    from loraformat.hub.backend import Published
+    from loraformat.hub.hf import HfHub
+    from loraformat.hub.local import LocalHub
+
+    for hub in (server.url, str(tmp_path / "local-hub")):
+        moved: list[int] = []
+        pushed = push(native, "acme/progress", hub=hub, progress=moved.append)
+        assert pushed.commit and sum(moved) >= native.stat().st_size, (hub, moved)
+        moved.clear()
+        pull("acme/progress", tmp_path / f"out-{len(hub)}", hub=hub, progress=moved.append)
+        assert sum(moved) >= native.stat().st_size, (hub, moved)
+    for backend in (HfHub, LocalHub):
+        assert backend.publish.__annotations__["return"] in ("Published", Published)

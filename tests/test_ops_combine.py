@@ -8,22 +8,23 @@ import torch
 from peft.utils import merge_utils
 
 from loraformat.ops.combine import (
-    Term,
     combine_dense,
     dare_drop,
     dense,
     dense_sum,
     elect_and_merge,
+    flat,
     module_generator,
     module_seed,
     stack,
     trim,
 )
+from loraformat.ops.term import Term
 
 
 def term(m: int, n: int, r: int, coef: float, seed: int, dtype=torch.float64) -> Term:
     g = torch.Generator().manual_seed(seed)
-    return Term(
+    return flat(
         torch.randn(r, n, generator=g, dtype=dtype), torch.randn(m, r, generator=g, dtype=dtype), coef
     )
 
@@ -32,7 +33,7 @@ def test_stack_is_the_exact_weighted_sum_with_mixed_ranks_and_negative_weights()
     terms = [term(24, 18, 2, 0.75, 0), term(24, 18, 8, -1.5, 1), term(24, 18, 5, 3.0, 2)]
     A, B = stack(terms)
     assert A.shape == (15, 18) and B.shape == (24, 15)
-    expected = sum(t.coef * (t.B @ t.A) for t in terms)
+    expected = sum(t.scale * (t.B @ t.A) for t in terms)
     torch.testing.assert_close(B @ A, expected, rtol=1e-12, atol=1e-12)
     torch.testing.assert_close(dense_sum(terms), expected, rtol=1e-12, atol=1e-12)
 
@@ -44,7 +45,7 @@ def test_peft_linear_is_not_the_weighted_sum():
     peft_linear = (w * t1.B + w * t2.B) @ (w * t1.A + w * t2.A)
     exact = 0.5 * dense(t1) + 0.5 * dense(t2)
     assert float((peft_linear - exact).norm() / exact.norm()) > 0.1
-    A, B = stack([Term(t1.A, t1.B, 0.5), Term(t2.A, t2.B, 0.5)])
+    A, B = stack([flat(t1.A, t1.B, 0.5), flat(t2.A, t2.B, 0.5)])
     torch.testing.assert_close(B @ A, exact)
 
 
@@ -73,7 +74,7 @@ def test_ties_matches_peft_with_unit_weights(density):
 
 def test_ties_weights_apply_before_the_sign_election():
     t = term(8, 8, 2, 1.0, 0)
-    negated = combine_dense("ties", [Term(t.A, t.B, -1.0)], density=1.0)
+    negated = combine_dense("ties", [flat(t.A, t.B, -1.0)], density=1.0)
     torch.testing.assert_close(negated, -dense(t))
 
 

@@ -72,7 +72,7 @@ def test_every_peft_variant_and_native_file_is_valid_at_data_level(peft_adapters
 
 
 def test_level_defaults(stamped: Path, llama_base: Path) -> None:
-    assert validate(stamped).level == "header"
+    assert validate(stamped).level == "data"  # the default reads the data: NaN, zero deltas, content hash
     assert validate(stamped, base=llama_base).level == "base"
     with pytest.raises(UsageError, match="--level base needs --base"):
         validate(stamped, level="base")
@@ -251,8 +251,8 @@ def test_nan_and_inf(stamped: Path, tmp_path: Path, value: float) -> None:
         t[key][3, 1] = value
 
     bad = rewrite(stamped, tmp_path / "nonfinite.safetensors", tensors=poison)
-    assert validate(bad).ok()  # header level reads no data
-    report = validate(bad, level="data")
+    assert validate(bad, level="header").ok()  # the header level reads no data
+    report = validate(bad)  # the default level does
     [finding] = report.errors
     assert finding.code == "non-finite" and finding.location == key
     assert ("1 NaN" if value != value else "1 Inf") in finding.message
@@ -274,7 +274,7 @@ def test_content_hash_mismatch(stamped: Path, tmp_path: Path) -> None:
     blob[-3] ^= 0x01  # a low mantissa bit of the last tensor: still finite
     bad = tmp_path / "edited.safetensors"
     bad.write_bytes(bytes(blob))
-    assert validate(bad).ok()
+    assert validate(bad, level="header").ok()  # no data read
     report = validate(bad, level="data")
     assert codes(report, "error") == {"content-hash"}
 
@@ -380,17 +380,59 @@ def test_cli_help_has_an_example(capsys) -> None:
     assert "Examples:" in capsys.readouterr().out
 
 
-def test_all_finite_bit_test_catches_nan_and_inf_in_16_bit_floats():
+def test_bit_tests_count_nan_and_inf_and_find_zeros_in_every_float_dtype():
     import torch
 
-    from loraformat.validation import _all_finite
+    from loraformat.ops.finite import all_zero, non_finite
 
-    for dtype in (torch.bfloat16, torch.float16, torch.float32, torch.float64):
+    def raw(t):
+        return t.contiguous().reshape(-1).view(torch.uint8).numpy()
+
+    for dtype, st in (
+        (torch.bfloat16, "BF16"),
+        (torch.float16, "F16"),
+        (torch.float32, "F32"),
+        (torch.float64, "F64"),
+    ):
         t = torch.randn(64, 8).to(dtype)
-        assert _all_finite(t), dtype
-        for bad in (float("nan"), float("inf"), float("-inf")):
-            u = t.clone()
-            u[3, 5] = bad
-            assert not _all_finite(u), (dtype, bad)
+        assert non_finite(raw(t), st) == (0, 0) and not all_zero(raw(t), st)
+        u = t.clone()
+        u[3, 5], u[4, 1], u[0, 0] = float("nan"), float("inf"), float("-inf")
+        assert non_finite(raw(u), st) == (1, 2), dtype
         big = torch.full((4,), torch.finfo(dtype).max, dtype=dtype)  # largest finite value stays finite
-        assert _all_finite(big), dtype
+        assert non_finite(raw(big), st) == (0, 0), dtype
+        zeros = torch.zeros(5, dtype=dtype)
+        zeros[2] = -0.0
+        assert all_zero(raw(zeros), st) and not all_zero(raw(torch.full((3,), 1e-3).to(dtype)), st)
+
+
+def test_cli_default_level_catches_nan_without_importing_torch(stamped: Path, tmp_path: Path) -> None:
+    """A new user's `loraformat validate adapter/` on a lora_B holding a NaN printed "ok ... level header" and
+    exited 0: the default level now reads the data, and does so without torch (whose import costs seconds)."""
+    import subprocess
+    import sys
+
+    key = "base_model.model.model.layers.0.self_attn.q_proj.lora_B.weight"
+
+    def poison(t):
+        t[key] = t[key].clone()
+        t[key][0, 0] = float("nan")
+
+    bad = rewrite(stamped, tmp_path / "nan.safetensors", tensors=poison)
+    code = (
+        "import sys; from loraformat.cli.main import main\n"
+        "try:\n    main(sys.argv[1:])\nexcept SystemExit as e:\n"
+        "    print('torch' in sys.modules, file=sys.stderr); raise"
+    )
+    for path, rc in ((bad, 1), (stamped, 0)):
+        done = subprocess.run(
+            [sys.executable, "-c", code, "validate", str(path)], capture_output=True, text=True
+        )
+        assert done.returncode == rc, done.stderr
+        assert done.stderr.strip().splitlines()[-1] == "False", done.stderr
+    assert (
+        "non-finite"
+        in subprocess.run(
+            [sys.executable, "-c", code, "validate", str(bad)], capture_output=True, text=True
+        ).stdout
+    )

@@ -7,7 +7,7 @@ from collections.abc import Callable
 
 import click
 
-from loraformat.cli.common import emit_json, human_bytes, info, progress
+from loraformat.cli.common import emit_json, human_bytes, info, progress, resolve_adapter
 from loraformat.constants import CONVERT_TARGETS, PIPELINE_COMPONENTS
 from loraformat.io.pipeline import is_pipeline
 
@@ -121,9 +121,8 @@ def convert_cmd(
     """
     from loraformat.conversion import convert
     from loraformat.exporting import ExportResult, format_export
-    from loraformat.hub.resolve import resolve_adapter_arg
 
-    src = resolve_adapter_arg(src)
+    src = resolve_adapter(src)
     bar: contextlib.AbstractContextManager[Callable[[int], None] | None] = contextlib.nullcontext(None)
     if base is not None and not is_pipeline(base) and not base.endswith(".gguf"):
         from loraformat.io.checkpoint import open_checkpoint

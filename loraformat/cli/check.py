@@ -1,6 +1,7 @@
 """``validate`` and ``inspect``: thin click layers over loraformat.validation and loraformat.inspection.
 
-Both stay header-only by default, so neither imports torch (validate imports it at --level data or base).
+Neither imports torch: inspect reads headers; validate's default level, data, tests the raw bits of every tensor
+with numpy (torch is imported only for --level base digests of in-memory tensors and for pickles).
 """
 
 from __future__ import annotations
@@ -9,14 +10,8 @@ from typing import Any
 
 import click
 
-from loraformat.cli.common import emit_json, info
+from loraformat.cli.common import emit_json, info, resolve_adapter
 from loraformat.constants import LEVELS
-
-
-def _resolve(arg: str) -> str:
-    from loraformat.hub.resolve import resolve_adapter_arg
-
-    return resolve_adapter_arg(arg)
 
 
 @click.command("validate")
@@ -29,8 +24,8 @@ def _resolve(arg: str) -> str:
 @click.option(
     "--level",
     type=click.Choice([str(level) for level in LEVELS]),
-    help="header: structure, schema, shapes; data: + NaN/Inf, zero deltas, content hash; "
-    "base: + targets, structure hash, digests.  [default: header, or base with --base]",
+    help="header: structure, schema, shapes (fast: no tensor data read); data: + NaN/Inf, zero deltas, "
+    "content hash; base: + targets, structure hash, digests.  [default: data, or base with --base]",
 )
 @click.option("--strict", is_flag=True, help="Warnings fail too (exit 1).")
 @click.option(
@@ -89,7 +84,8 @@ def validate_cmd(
     \b
     Examples:
       loraformat validate adapter.safetensors
-      loraformat validate ./adapters/ --level data --strict --json
+      loraformat validate ./adapters/ --strict --json
+      loraformat validate ./adapters/ --level header          # the fast path: headers only
       loraformat validate adapter.safetensors --base ./base-model
       loraformat validate /shared/tenants/ --base /shared/base --jobs 8
       loraformat validate /shared/tenants/ --base /shared/base --ray=10.0.0.1:6379
@@ -99,7 +95,7 @@ def validate_cmd(
     from loraformat.engine_check import format_facts
     from loraformat.validation import ValidationReport, summarize, validate_many
 
-    resolved = [_resolve(p) for p in paths]
+    resolved = [resolve_adapter(p) for p in paths]
     options: dict[str, Any] = dict(base=base, level=level, config=config, allow_pickle=allow_pickle)
     reports: list[ValidationReport]
     if engine is not None:
@@ -188,7 +184,7 @@ def inspect_cmd(
     """
     from loraformat.inspection import format_text, inspect
 
-    local = _resolve(path)
+    local = resolve_adapter(path)
     described = inspect(local, config=config, allow_pickle=allow_pickle, base=base)
     spec_result = None
     if spectrum:

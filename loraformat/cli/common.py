@@ -25,6 +25,16 @@ def settings() -> Settings:
     return obj if isinstance(obj, Settings) else Settings()
 
 
+def resolve_adapter(arg: str) -> str:
+    """A local path for an adapter argument: hub references (``hf://``, ``lfhub://``) are pulled into the cache
+    first. Plain paths return at once, without importing the hub client (~0.1 s of a 0.3 s validate)."""
+    if "://" not in arg:
+        return arg
+    from loraformat.hub.resolve import resolve_adapter_arg
+
+    return resolve_adapter_arg(arg)
+
+
 def emit_json(obj: Any) -> None:
     click.echo(json.dumps(obj, indent=2, sort_keys=True, default=str))
 

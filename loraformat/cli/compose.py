@@ -4,16 +4,10 @@ from __future__ import annotations
 
 import click
 
-from loraformat.cli.common import emit_json, human_bytes, info, progress
+from loraformat.cli.common import emit_json, human_bytes, info, progress, resolve_adapter
 from loraformat.errors import UsageError
 
 METHOD_HELP = "cat | linear | svd | ties | dare_linear | dare_ties (see above)."
-
-
-def _resolve(arg: str) -> str:
-    from loraformat.hub.resolve import resolve_adapter_arg
-
-    return resolve_adapter_arg(arg)
 
 
 def _weights(text: str | None) -> list[float] | None:
@@ -96,7 +90,7 @@ def compose_cmd(
     """
     from loraformat.composition import compose
 
-    paths = [_resolve(a) for a in adapters]
+    paths = [resolve_adapter(a) for a in adapters]
     w = _weights(weights)
     with progress(None, "composing", unit="module") as update:
         result = compose(
@@ -174,7 +168,7 @@ def rescale_cmd(
 
     with progress(None, "rescaling", unit="module") as update:
         result = rescale(
-            _resolve(adapter),
+            resolve_adapter(adapter),
             out,
             scale=scale,
             alpha=alpha,

@@ -6,7 +6,7 @@ import contextlib
 
 import click
 
-from loraformat.cli.common import emit_json, human_bytes, info, progress, warn
+from loraformat.cli.common import emit_json, human_bytes, info, progress, resolve_adapter, warn
 from loraformat.errors import UsageError
 
 
@@ -151,12 +151,11 @@ def unmerge_cmd(
       loraformat unmerge ./merged adapter.safetensors -o ./base-recovered
       loraformat unmerge ./blend a.safetensors b.safetensors --weight 0.7 --weight 0.3 -o ./base --json
     """
-    from loraformat.hub.resolve import resolve_adapter_arg
     from loraformat.unmerging import unmerge
 
     if weights and len(weights) != len(adapters):
         raise UsageError(f"got {len(weights)} --weight for {len(adapters)} adapter(s); give one per adapter")
-    paths = [resolve_adapter_arg(a) for a in adapters]
+    paths = [resolve_adapter(a) for a in adapters]
     with contextlib.ExitStack() as stack:
         bar = stack.enter_context(progress(None, "unmerging"))
         result = unmerge(

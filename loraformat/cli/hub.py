@@ -89,7 +89,7 @@ def push_cmd(
 
     spec = _prepare_hub(hub)
     size = _size(adapter)
-    with progress(size if spec.kind == "local" else None, "pushing") as update:
+    with progress(size, "pushing") as update:
         result = push(
             adapter,
             repo_id,
@@ -99,7 +99,7 @@ def push_cmd(
             private=private,
             message=message,
             validate=not no_validate,
-            progress=update if spec.kind == "local" else None,
+            progress=update,
             engine=engine,
         )
     for note in result.warnings:
@@ -179,7 +179,7 @@ def pull_cmd(
             hub=spec,
             revision=revision,
             overwrite=overwrite,
-            progress=update if spec.kind == "local" else None,
+            progress=update,
         )
     if result.offline:
         warn(f"hub unreachable: used the cached {repo_id}@{result.revision} (commit {result.commit[:12]})")

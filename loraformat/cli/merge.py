@@ -10,17 +10,17 @@ from typing import Any
 
 import click
 
-from loraformat.cli.common import emit_json, human_bytes, info, progress, warn
+from loraformat.cli.common import emit_json, human_bytes, info, progress, resolve_adapter, warn
 from loraformat.errors import UsageError
 
 
 def _parse_size(value: str | None) -> int | None:
     if value is None:
         return None
-    from huggingface_hub.serialization._base import parse_size_to_int
+    from loraformat.rules import parse_size
 
     try:
-        size = int(value) if value.isdigit() else parse_size_to_int(value)
+        size = parse_size(value)
     except ValueError:
         raise UsageError(f"--max-shard-size {value!r} is not a size like 5GB, 500MB or 1000000") from None
     if size <= 0:
@@ -135,7 +135,6 @@ def merge_cmd(
       loraformat merge ./base a.safetensors -o ./merged --assemble 8    # once, after all 8 finished
       loraformat merge ./base a.safetensors -o ./merged --ray=10.0.0.1:6379 --workers 16
     """
-    from loraformat.hub.resolve import resolve_adapter_arg
     from loraformat.merging.api import merge
 
     if "numpy" not in sys.modules:
@@ -154,7 +153,7 @@ def merge_cmd(
     if ray_address is None and (workers is not None or ray_gpus is not None):
         raise UsageError("--workers and --ray-gpus go with --ray")
     shard_size = _parse_size(max_shard_size)
-    paths = [resolve_adapter_arg(a) for a in adapters]
+    paths = [resolve_adapter(a) for a in adapters]
     common: dict[str, Any] = dict(
         weights=list(weights) or None, dtype=dtype, max_shard_size=shard_size, overwrite=overwrite
     )

@@ -12,13 +12,13 @@ import json
 import os
 import tempfile
 import time
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from loraformat import __version__
 from loraformat.errors import AdapterError, InputNotFoundError, UsageError
+from loraformat.hub.backend import Progress
 from loraformat.hub.cache import RECORD, fetch, materialize, open_backend
 from loraformat.hub.local import LocalHub, RepoListing
 from loraformat.hub.refs import (
@@ -32,8 +32,6 @@ from loraformat.hub.refs import (
 )
 from loraformat.io.atomic import check_output
 from loraformat.metadata import AdapterMetadata
-
-Progress = Callable[[int], None]
 
 
 @dataclass
@@ -212,28 +210,17 @@ def push(
         summary, description = _messages(upload.meta, upload.content_hash, message)
         backend = open_backend(spec, token=token, create=True)
         branch = revision or "main"
-        if isinstance(backend, LocalHub):
-            commit, created = backend.publish(
-                repo_id,
-                upload.sources,
-                branch=branch,
-                tag=tag,
-                message=summary,
-                description=description,
-                private=private,
-                progress=progress,
-            )
-            url = f"lfhub://{backend.root}/{repo_id}@{commit}"
-        else:
-            commit, created, url = backend.publish(
-                repo_id,
-                upload.sources,
-                branch=branch,
-                tag=tag,
-                message=summary,
-                description=description,
-                private=private,
-            )
+        published = backend.publish(
+            repo_id,
+            upload.sources,
+            branch=branch,
+            tag=tag,
+            message=summary,
+            description=description,
+            private=private,
+            progress=progress,
+        )
+        commit, created, url = published.commit, published.created, published.url
     files = {n: (len(s) if isinstance(s, bytes) else upload.size) for n, s in upload.sources.items()}
     return PushResult(
         backend.describe(),

@@ -23,7 +23,6 @@ import contextlib
 import json
 import os
 import shutil
-from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,6 +30,7 @@ from typing import TYPE_CHECKING, Any
 from urllib.parse import quote
 
 from loraformat.errors import HubNetworkError, HubNotFoundError, VerificationError
+from loraformat.hub.backend import Progress
 from loraformat.hub.refs import (
     ADAPTER_FILES,
     DEFAULT_BRANCH,
@@ -51,7 +51,6 @@ if TYPE_CHECKING:
     from loraformat.hub.local import LocalHub
 
 RECORD = ".loraformat-pull.json"
-Progress = Callable[[int], None]
 
 
 @dataclass

@@ -11,7 +11,7 @@ from __future__ import annotations
 import contextlib
 import os
 import shutil
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -26,13 +26,12 @@ from loraformat.errors import (
     UsageError,
     VerificationError,
 )
+from loraformat.hub.backend import Progress, Published
 from loraformat.hub.refs import DEFAULT_BRANCH, check_ref_name, check_repo_id, safe_relpath
 from loraformat.hub.untrusted import GIT_OID, SHA256_HEX, check_commit, check_hex, check_size
 
 if TYPE_CHECKING:
     from huggingface_hub.hf_api import RepoFile
-
-Progress = Callable[[int], None]
 
 
 @dataclass(frozen=True)
@@ -129,6 +128,10 @@ class HfHub:
                 max_workers=4,
             )
         shutil.rmtree(dest / ".cache", ignore_errors=True)  # huggingface_hub's own local_dir bookkeeping
+        if progress is not None:  # per file, once downloaded (snapshot_download draws its own bars)
+            for name in names:
+                with contextlib.suppress(OSError):
+                    progress(os.path.getsize(dest / name))
 
     # -- publishing ----------------------------------------------------------------------------------------------
     def publish(
@@ -142,9 +145,10 @@ class HfHub:
         description: str = "",
         private: bool = False,
         progress: Progress | None = None,
-    ) -> tuple[str, bool, str]:
+    ) -> Published:
         """One commit holding every file of ``sources`` on ``branch`` (created from main when missing), then
-        ``tag`` on that exact commit. Returns (commit sha, whether a new commit was made, commit url)."""
+        ``tag`` on that exact commit. ``progress`` receives each file's size once the commit holds it
+        (huggingface_hub has no per-byte callback for commits)."""
         from huggingface_hub import CommitOperationAdd, get_token
 
         check_repo_id(repo_id)
@@ -179,7 +183,10 @@ class HfHub:
             commit = str(info.oid)
             if tag is not None:
                 self.api.create_tag(repo_id, tag=tag, revision=commit, tag_message=message or None)
-        return commit, commit != branches.get(branch), str(info.commit_url)
+        if progress is not None:
+            for src in sources.values():
+                progress(len(src) if isinstance(src, bytes) else os.path.getsize(src))
+        return Published(commit, commit != branches.get(branch), str(info.commit_url))
 
     # -- errors --------------------------------------------------------------------------------------------------
     def _secrets(self) -> list[str]:

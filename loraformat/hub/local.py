@@ -27,13 +27,14 @@ import json
 import os
 import shutil
 import uuid
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from loraformat import __version__
 from loraformat.errors import HubNotFoundError, UsageError, VerificationError
+from loraformat.hub.backend import Progress, Published
 from loraformat.hub.refs import (
     DEFAULT_BRANCH,
     LOCAL_COMMIT,
@@ -49,8 +50,6 @@ MARKER = "loraformat-hub.json"
 HUB_FORMAT, HUB_VERSION = "loraformat-hub", 1
 REVISION_FORMAT = "loraformat-hub-revision"
 CHUNK = 1 << 22
-
-Progress = Callable[[int], None]
 
 
 @dataclass(frozen=True)
@@ -306,9 +305,8 @@ class LocalHub:
         description: str = "",
         private: bool = False,
         progress: Progress | None = None,
-    ) -> tuple[str, bool]:
-        """Publish ``sources`` ({file name: path or bytes}) as a new revision on ``branch``; returns (commit,
-        created). Nothing is published when the branch head already holds exactly these files (as the Hugging
+    ) -> Published:
+        """Publish ``sources`` ({file name: path or bytes}) as a new revision on ``branch``. Nothing is published when the branch head already holds exactly these files (as the Hugging
         Face Hub skips an empty commit): the branch (and tag) then point at the existing head."""
         check_repo_id(repo_id)
         branch = check_ref_name(branch or DEFAULT_BRANCH, "branch")
@@ -321,7 +319,7 @@ class LocalHub:
             for entry, staged in entries.values():
                 self._store_object(entry, staged)
             with self.lock():
-                return self._commit(
+                commit, created = self._commit(
                     repo_id,
                     {n: e for n, (e, _) in entries.items()},
                     branch=branch,
@@ -330,6 +328,7 @@ class LocalHub:
                     description=description,
                     private=private,
                 )
+            return Published(commit, created, f"lfhub://{self.root}/{repo_id}@{commit}")
         except OSError as exc:
             raise write_error(exc, self.root) from None
         finally:

@@ -83,7 +83,7 @@ def verify_download(dest: Path, expected: Mapping[str, Expected], *, where: str)
         recorded = want.sha256 or want.git_oid
         if recorded and got != recorded:
             raise VerificationError(
-                f"{where}: {name} hashes to {got[:16]}…, the hub records {recorded[:16]}… "
+                f"{where}: {name} hashes to {(got or '')[:16]}…, the hub records {recorded[:16]}… "
                 "(corrupted in transit or on the hub)"
             )
     try:

@@ -26,6 +26,7 @@ from loraformat.io.atomic import atomic_file
 from loraformat.io.header import DTYPE_BITS, encode_header
 from loraformat.io.tensors import st_dtype, tensor_to_bytes
 from loraformat.metadata import AdapterMetadata
+from loraformat.rules import first_problem
 from loraformat.schema import validate_document
 
 if TYPE_CHECKING:
@@ -131,21 +132,21 @@ def _check_before_write(
     source.infos = {k: TensorInfo(k, dt, shape, 0, 0) for k, (dt, shape) in shapes.items()}
     problems = Adapter(meta, source, Format.LORAFORMAT, os.fspath(path)).problems()
     if problems:
-        code, where, message = problems[0]
-        more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
-        raise AdapterError(f"refusing to write an inconsistent adapter: {where}: {message}{more}", path=path)
+        raise AdapterError(f"refusing to write an inconsistent adapter: {first_problem(problems)}", path=path)
 
 
 def file_digest(
     path: str | os.PathLike[str], start: int = 0, *, prefix: bytes = b"", algo: str = "sha256"
 ) -> str:
-    """Hex digest of ``prefix`` + the file's bytes from ``start`` to EOF, read in 4 MiB chunks."""
+    """Hex digest of ``prefix`` + the file's bytes from ``start`` to EOF, read in 4 MiB chunks into one reused
+    buffer (no allocation per chunk: a third of the time of validate's data level went to fresh pages)."""
     digest = hashlib.new(algo)
     digest.update(prefix)
-    with open(path, "rb") as f:
+    view = memoryview(bytearray(1 << 22))
+    with open(path, "rb", buffering=0) as f:
         f.seek(start)
-        while chunk := f.read(1 << 22):
-            digest.update(chunk)
+        while n := f.readinto(view):
+            digest.update(view[:n])
     return digest.hexdigest()
 
 

@@ -169,7 +169,7 @@ def _peak_rss() -> int:
 
 def merge(
     base: str | os.PathLike[str],
-    adapters: list[str | os.PathLike[str] | Adapter],
+    adapters: Sequence[str | os.PathLike[str] | Adapter],
     out: str | os.PathLike[str],
     *,
     weights: list[float] | None = None,

@@ -180,7 +180,7 @@ class CudaDevice(Device):
         host.tensor()[:nbytes].copy_(result, non_blocking=True)
         event = torch.cuda.Event()
         event.record()
-        return event  # type: ignore[no-any-return]
+        return event
 
 
 def _plan_blocker(kernel: Kernel[Any], plan: Plan) -> str | None:

@@ -133,7 +133,7 @@ def read_array(path: str, start: int, nbytes: int) -> Any:
     except OSError as exc:
         raise InputNotFoundError(f"cannot open: {exc.strerror}", path=path) from None
     try:
-        pread_into(fd, memoryview(buf), start, path)
+        pread_into(fd, buf.data, start, path)
     finally:
         os.close(fd)
     return buf

@@ -8,6 +8,7 @@ from __future__ import annotations
 import copy
 import json
 import math
+import os
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -22,6 +23,7 @@ from loraformat.io.header import DTYPE_BITS, FLOAT_DTYPES, TensorInfo, encode_he
 from loraformat.io.tensors import SafetensorsSource
 from loraformat.metadata import AdapterMetadata
 from loraformat.ops.term import Term, needs_whole_tensor
+from loraformat.rules import check_not_an_input, first_problem
 
 #: --dtype choices -> safetensors dtype (None: keep each tensor's dtype)
 DTYPES: dict[str, str | None] = {
@@ -168,19 +170,12 @@ def resolve_dtype(dtype: str) -> str | None:
 def check_paths(ck: Checkpoint, adapters: list[Adapter], out: Path) -> None:
     """Inputs are never written: OUT may not be an input, contain one (--overwrite would delete it), or lie
     inside an input directory."""
-    out_r = out.resolve()
-    inputs = [
+    inputs: list[str | os.PathLike[str]] = [
         ck.root if ck.path.is_dir() else ck.path,
-        *(Path(s.path) for s in ck.shards),
-        *(Path(a.path) for a in adapters),
+        *(s.path for s in ck.shards),
+        *(a.path for a in adapters),
     ]
-    for inp in inputs:
-        inp = inp.resolve()
-        if out_r == inp or inp.is_relative_to(out_r) or (inp.is_dir() and out_r.is_relative_to(inp)):
-            raise UsageError(
-                f"output would overwrite, contain or sit inside the input {inp}; inputs are never modified",
-                path=out,
-            )
+    check_not_an_input(out, inputs)
 
 
 def _base_order(ck: Checkpoint) -> list[tuple[str, TensorInfo, str]]:
@@ -198,7 +193,7 @@ def _terms_for(
     for module, entry in sorted(meta.modules.items()):
         keys = adapter.keys(module)
         s = spec.scale_for(meta.scaling, entry.rank, entry.alpha) * weight
-        term = Term(entry.kind, keys.A, keys.B, s, entry.fan_in_fan_out, keys.magnitude)
+        term = Term(LayerKind(entry.kind), keys.A, keys.B, s, entry.fan_in_fan_out, keys.magnitude)
         out.setdefault(entry.base_tensor, []).append(PlannedTerm(index, module, term))
         if keys.bias is not None:
             bias_name = (
@@ -243,9 +238,7 @@ def build_plan(
         infer_fan_in_fan_out(meta, ck)
         problems = base_problems(meta, ck)
         if problems:
-            _, where, message = problems[0]
-            more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
-            raise BaseMismatchError(f"{where}: {message}{more}", path=adapter.path)
+            raise BaseMismatchError(first_problem(problems), path=adapter.path)
         if meta.dora and w != 1.0:
             raise UsageError(
                 f"adapter {labels[i]} uses DoRA, whose magnitude vector cannot be weighted "
@@ -261,11 +254,11 @@ def build_plan(
                     f"adapters {labels[other]} and {labels[i]} both replace base tensor "
                     f"{base_name!r}; merge them one at a time"
                 )
-            info, rep = ck.info(base_name), adapter.source.infos[key]
+            info, saved = ck.info(base_name), adapter.source.infos[key]
             assert info is not None  # base_problems checked it
-            if rep.shape != info.shape:
+            if saved.shape != info.shape:
                 raise BaseMismatchError(
-                    f"{key}: saved tensor is {list(rep.shape)} but base tensor {base_name!r} "
+                    f"{key}: saved tensor is {list(saved.shape)} but base tensor {base_name!r} "
                     f"is {list(info.shape)}",
                     path=adapter.path,
                 )

@@ -1,6 +1,7 @@
 """Combining the deltas of several adapters for one module: the exact weighted sum and TIES / DARE.
 
-A *term* is one parent's contribution ``coef * B @ A`` (coef = weight x the parent's LoRA scale). The exact
+A term (:class:`loraformat.ops.term.Term`) is one parent's contribution ``scale * B @ A`` (scale = weight x
+the parent's LoRA scale), its factors flattened to matrices (A r x n, B m x r). The exact
 sum of terms is again a LoRA product: stack the scaled A's as rows and the B's as columns (``stack``). PEFT's
 ``linear`` combination instead averages the A's and the B's separately, which adds cross terms
 ``w_i w_j B_i A_j`` and is not the weighted sum; ours is.
@@ -17,10 +18,10 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Sequence
-from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from loraformat.constants import DENSITY_METHODS
+from loraformat.constants import DENSITY_METHODS, LayerKind
+from loraformat.ops.term import Term
 
 if TYPE_CHECKING:
     import torch
@@ -28,33 +29,29 @@ if TYPE_CHECKING:
     from loraformat.ops.lowrank import RankSpec
 
 
-@dataclass
-class Term:
-    """One parent's contribution to a module: ``coef * B @ A`` with A (r x n) and B (m x r), flattened."""
-
-    A: torch.Tensor
-    B: torch.Tensor
-    coef: float
+def flat(A: torch.Tensor, B: torch.Tensor, scale: float) -> Term[torch.Tensor]:
+    """A term over flattened factors: B @ A is the module's (out, in...) delta as a matrix."""
+    return Term(LayerKind.LINEAR, A, B, scale)
 
 
-def stack(terms: Sequence[Term]) -> tuple[torch.Tensor, torch.Tensor]:
-    """Exact concatenation: ``B_cat @ A_cat == sum_i coef_i * B_i @ A_i`` with rank = sum of ranks.
+def stack(terms: Sequence[Term[torch.Tensor]]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Exact concatenation: ``B_cat @ A_cat == sum_i scale_i * B_i @ A_i`` with rank = sum of ranks.
 
-    A_cat stacks the rows ``coef_i * A_i``; B_cat stacks the columns ``B_i``.
+    A_cat stacks the rows ``scale_i * A_i``; B_cat stacks the columns ``B_i``.
     """
     import torch
 
-    A = torch.cat([t.A * t.coef for t in terms], dim=0)
+    A = torch.cat([t.lora_A * t.scale for t in terms], dim=0)
     B = torch.cat([t.B for t in terms], dim=1)
     return A, B
 
 
-def dense(term: Term) -> torch.Tensor:
+def dense(term: Term[torch.Tensor]) -> torch.Tensor:
     """The dense m x n delta of one term."""
-    return (term.B @ term.A) * term.coef
+    return (term.B @ term.lora_A) * term.scale
 
 
-def dense_sum(terms: Sequence[Term]) -> torch.Tensor:
+def dense_sum(terms: Sequence[Term[torch.Tensor]]) -> torch.Tensor:
     """The dense exact sum (for tests and the dense methods; the exact methods never form it)."""
     out = dense(terms[0])
     for t in terms[1:]:
@@ -122,7 +119,11 @@ def elect_and_merge(deltas: Sequence[torch.Tensor]) -> torch.Tensor:
 
 
 def combine_dense(
-    method: str, terms: Sequence[Term], *, density: float, generator: torch.Generator | None = None
+    method: str,
+    terms: Sequence[Term[torch.Tensor]],
+    *,
+    density: float,
+    generator: torch.Generator | None = None,
 ) -> torch.Tensor:
     """The dense result of a TIES / DARE method for one module.
 
@@ -145,7 +146,7 @@ def combine_dense(
 
 def compose_module(
     method: str,
-    terms: Sequence[Term],
+    terms: Sequence[Term[torch.Tensor]],
     *,
     rank: RankSpec | None,
     density: float = 1.0,
@@ -170,7 +171,7 @@ def compose_module(
             A, B = svd.factors(int(svd.S.shape[0]))
             return A, B, 1.0
     else:
-        fp32 = [Term(t.A.to(torch.float32), t.B.to(torch.float32), t.coef) for t in terms]
+        fp32 = [flat(t.lora_A.to(torch.float32), t.B.to(torch.float32), t.scale) for t in terms]
         svd = lowrank.dense_svd(combine_dense(method, fp32, density=density, generator=generator))
     if rank is None:
         raise ValueError(f"{method} needs a target rank")

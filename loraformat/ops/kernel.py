@@ -110,6 +110,10 @@ class Kernel(ABC, Generic[T]):
         """An uninitialised 1-D array of ``count`` elements of ``cd`` on the kernel's device."""
 
     @abstractmethod
+    def scale(self, x: T, factor: float) -> T:
+        """A new array ``factor * x`` (rounded in x's dtype)."""
+
+    @abstractmethod
     def contiguous(self, x: Any, cd: Any) -> T:
         """``x`` as a contiguous array of ``cd`` on the kernel's device (a copy only when needed)."""
 
@@ -139,11 +143,11 @@ class Kernel(ABC, Generic[T]):
         pd = self.product_dtype()
         scale = float(term.scale)
         if term.kind == LayerKind.BIAS:
-            return Factors(self.contiguous(term.B.reshape(-1), pd) * scale, None)  # type: ignore[attr-defined]
+            return Factors(self.scale(self.contiguous(term.B.reshape(-1), pd), scale), None)  # type: ignore[attr-defined]
         assert term.A is not None
         L, R = lora_factors(term.A, term.B, term.kind, term.fan_in_fan_out)
         mag = None if term.magnitude is None else self.contiguous(term.magnitude.reshape(-1), pd)  # type: ignore[attr-defined]
-        return Factors(self.contiguous(L, pd), self.contiguous(R, pd) * scale, term.axis, mag)
+        return Factors(self.contiguous(L, pd), self.scale(self.contiguous(R, pd), scale), term.axis, mag)
 
     def merge_block(
         self,

@@ -130,6 +130,9 @@ class NumpyKernel(Kernel[np.ndarray]):
     def empty(self, count: int, cd: Any) -> np.ndarray:
         return np.empty(count, cd)
 
+    def scale(self, x: np.ndarray, factor: float) -> np.ndarray:
+        return x * factor
+
     def contiguous(self, x: Any, cd: Any) -> np.ndarray:
         return np.ascontiguousarray(x, dtype=cd)
 

@@ -19,7 +19,7 @@ from loraformat.ops.kernel import Codec, Factors, Kernel
 
 
 def torch_dtype(st_dtype: str) -> torch.dtype:
-    return getattr(torch, TORCH_DTYPE_NAMES[st_dtype])  # type: ignore[no-any-return]
+    return getattr(torch, TORCH_DTYPE_NAMES[st_dtype])
 
 
 class DenseCodec(Codec[torch.Tensor]):
@@ -87,8 +87,11 @@ class TorchKernel(Kernel[torch.Tensor]):
     def empty(self, count: int, cd: Any) -> torch.Tensor:
         return torch.empty(count, dtype=cd, device=self.device)
 
+    def scale(self, x: torch.Tensor, factor: float) -> torch.Tensor:
+        return x.mul(factor)
+
     def contiguous(self, x: Any, cd: Any) -> torch.Tensor:
-        return x.to(device=self.device, dtype=cd).contiguous()  # type: ignore[no-any-return]
+        return x.to(device=self.device, dtype=cd).contiguous()
 
     def add_terms(
         self,

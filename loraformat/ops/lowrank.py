@@ -48,7 +48,7 @@ def parse_rank_spec(value: int | str | RankSpec | None) -> RankSpec | None:
     if isinstance(value, bool):
         raise UsageError(f"rank must be a positive integer or auto:E, not {value!r}")
     if isinstance(value, int):
-        rank: int | None = value
+        rank = value
     else:
         text = str(value).strip()
         if text.lower().startswith(AUTO_PREFIX):

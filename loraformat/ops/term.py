@@ -40,6 +40,13 @@ class Term(Generic[T]):
         return channel_axis(self.kind, self.fan_in_fan_out)
 
     @property
+    def lora_A(self) -> T:
+        """A, for every kind but ``BIAS`` (compose and rescale only ever hold such terms)."""
+        if self.A is None:
+            raise ValueError("a lora_bias term has no A factor")
+        return self.A
+
+    @property
     def is_dora(self) -> bool:
         return self.magnitude is not None
 
