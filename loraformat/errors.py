@@ -12,6 +12,7 @@ code  meaning
 3     hub: repository, revision or file not found
 4     hub: authentication or permission refused (401/403, gated, private)
 5     hub: network failure or offline mode
+70    internal error: an unexpected exception (a bug; --debug shows the traceback); nothing partial is left
 130   interrupted (Ctrl-C / SIGTERM); nothing partial is left behind
 ====  =======================================================================
 """
@@ -26,6 +27,7 @@ EXIT_USAGE = 2
 EXIT_HUB_NOT_FOUND = 3
 EXIT_HUB_AUTH = 4
 EXIT_HUB_NETWORK = 5
+EXIT_INTERNAL = 70  # EX_SOFTWARE of sysexits.h
 EXIT_INTERRUPTED = 130
 
 

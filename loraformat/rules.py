@@ -69,9 +69,9 @@ def check_not_an_input(
             )
 
 
-def and_more(count: int, noun: str = "") -> str:
+def and_more(count: int) -> str:
     """' (and N more)' after the first of ``count`` problems; '' when there is only one."""
-    return f" (and {count - 1} more{' ' + noun if noun else ''})" if count > 1 else ""
+    return f" (and {count - 1} more)" if count > 1 else ""
 
 
 def first_problem(problems: Sequence[tuple[Any, str, str]]) -> str:

@@ -151,7 +151,7 @@ def test_config_rank_differs_from_tensors(peft_adapters, tmp_path):
     assert len(problems) == 2 and "config says rank 16" in problems[0][2]
     with pytest.raises(AdapterError) as err:
         open_adapter(src)
-    assert str(err.value).startswith(str(src)) and "(and 1 more problems)" in str(err.value)
+    assert str(err.value).startswith(str(src)) and "(and 1 more)" in str(err.value)
 
 
 def test_wrong_ndim(native, tmp_path):

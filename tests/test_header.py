@@ -222,3 +222,22 @@ def test_fuzz_mutated_valid_file(tmp_path: Path, data: st.DataObject) -> None:
         return
     covered = sum(t.nbytes for t in h.tensors.values())
     assert covered == h.data_size and h.data_start + h.data_size == len(blob)
+
+
+def test_a_fifo_or_device_is_refused_at_once(tmp_path) -> None:
+    """`loraformat inspect` on a named pipe waited forever for a writer; it is now a usage error."""
+    import os
+    import subprocess
+    import sys
+
+    fifo = tmp_path / "adapter.safetensors"
+    os.mkfifo(fifo)
+    for target in (fifo, "/dev/zero"):
+        done = subprocess.run(
+            [sys.executable, "-c", "from loraformat.cli.main import main; main()", "inspect", str(target)],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert done.returncode == 2 and "is not a regular file" in done.stderr, done.stderr
+        assert len(done.stderr.strip().splitlines()) == 1

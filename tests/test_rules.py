@@ -45,7 +45,7 @@ def test_problem_summaries_say_how_many_more():
     problems = [("c", "m.q", "first"), ("c", "m.k", "second"), ("c", "m.v", "third")]
     assert first_problem(problems) == "m.q: first (and 2 more)"
     assert first_problem(problems[:1]) == "m.q: first"
-    assert and_more(1) == "" and and_more(4, "problems") == " (and 3 more problems)"
+    assert and_more(1) == "" and and_more(4) == " (and 3 more)"
 
 
 def test_device_resolution():

@@ -11,9 +11,7 @@ import click
 
 from loraformat import __version__
 from loraformat.cli.common import Settings
-from loraformat.errors import EXIT_INTERRUPTED, EXIT_USAGE, LoraformatError
-
-EXIT_INTERNAL = 70
+from loraformat.errors import EXIT_INTERNAL, EXIT_INTERRUPTED, EXIT_USAGE, LoraformatError
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110})
@@ -30,7 +28,7 @@ def cli(ctx: click.Context, debug: bool, quiet: bool) -> None:
       loraformat merge ./base-model adapter.safetensors -o ./merged
 
     Exit codes: 0 ok, 1 invalid input or findings, 2 usage or I/O error, 3 hub: not found,
-    4 hub: authentication, 5 hub: network or offline, 130 interrupted.
+    4 hub: authentication, 5 hub: network or offline, 70 internal error, 130 interrupted.
     """
     ctx.obj = Settings(quiet=quiet, debug=debug)
 
@@ -50,6 +48,11 @@ def _on_sigterm(signum: int, frame: object) -> None:
     raise KeyboardInterrupt
 
 
+def _one_line(exc: BaseException) -> str:
+    """An error message on one line, whatever the exception carried (library messages often span lines)."""
+    return " ".join(str(exc).split())
+
+
 def main(argv: list[str] | None = None) -> None:
     args = sys.argv[1:] if argv is None else argv
     debug = "--debug" in args or bool(os.environ.get("LORAFORMAT_DEBUG"))
@@ -62,7 +65,7 @@ def main(argv: list[str] | None = None) -> None:
     except LoraformatError as exc:
         if debug:
             traceback.print_exc()
-        click.echo(f"error: {exc}", err=True)
+        click.echo(f"error: {_one_line(exc)}", err=True)
         sys.exit(exc.exit_code)
     except click.exceptions.Exit as exc:
         sys.exit(exc.exit_code)
@@ -77,6 +80,9 @@ def main(argv: list[str] | None = None) -> None:
     except Exception as exc:  # the last line of defence: one line, not a traceback
         if debug:
             traceback.print_exc()
-        click.echo(f"error: internal error: {exc.__class__.__name__}: {exc} (rerun with --debug)", err=True)
+        click.echo(
+            f"error: internal error: {exc.__class__.__name__}: {_one_line(exc)} (rerun with --debug)",
+            err=True,
+        )
         sys.exit(EXIT_INTERNAL)
     sys.exit(code if isinstance(code, int) else 0)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import stat
 import struct
 from dataclasses import dataclass, field
 
@@ -183,6 +184,9 @@ def read_header(path: str | os.PathLike[str]) -> SafetensorsHeader:
     """Read and fully check the header of one safetensors file."""
     path = os.fspath(path)
     try:
+        if not stat.S_ISREG(os.stat(path).st_mode) and not os.path.isdir(path):
+            # a FIFO or a device: open() would wait for a writer forever, or read without end
+            raise InputNotFoundError("is not a regular file", path=path)
         with open(path, "rb") as f:
             file_size = os.fstat(f.fileno()).st_size
             prefix = f.read(8)
