@@ -153,9 +153,3 @@ class HubNetworkError(HubError):
     """The hub could not be reached, or offline mode forbids it."""
 
     exit_code = EXIT_HUB_NETWORK
-
-
-class InterruptedRun(LoraformatError):
-    """Ctrl-C or SIGTERM; outputs in progress were removed."""
-
-    exit_code = EXIT_INTERRUPTED

@@ -7,7 +7,7 @@ import os
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 Progress = Callable[[int], None]  # bytes moved since the last call
 
@@ -46,3 +46,12 @@ class HubBackend(Protocol):
         private: bool = False,
         progress: Progress | None = None,
     ) -> Published: ...
+
+
+if TYPE_CHECKING:  # the type checker proves that both backends provide the protocol
+
+    def _conforming(local: LocalHub, hf: HfHub) -> list[HubBackend]:
+        return [local, hf]
+
+    from loraformat.hub.hf import HfHub
+    from loraformat.hub.local import LocalHub

@@ -35,11 +35,6 @@ class Verified:
     native: bool
 
 
-def git_blob_id(path: Path) -> str:
-    """The git object id of a file (what the Hub reports as ``oid`` for non-LFS files)."""
-    return file_digest(path, 0, prefix=f"blob {path.stat().st_size}\0".encode(), algo="sha1")
-
-
 def verify_download(dest: Path, expected: Mapping[str, Expected], *, where: str) -> Verified:
     """Raise VerificationError unless the files in ``dest`` are complete, intact and a valid adapter."""
     from loraformat.adapter import open_adapter

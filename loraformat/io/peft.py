@@ -274,7 +274,6 @@ def peft_config_from_metadata(meta: AdapterMetadata) -> dict[str, Any]:
 PEFT_TASKS = frozenset(
     {"CAUSAL_LM", "SEQ_CLS", "SEQ_2_SEQ_LM", "TOKEN_CLS", "QUESTION_ANS", "FEATURE_EXTRACTION"}
 )
-_PEFT_TASKS = PEFT_TASKS  # backwards-compatible alias
 
 
 def _num(x: float) -> float | int:

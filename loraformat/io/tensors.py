@@ -39,16 +39,6 @@ def tensor_to_bytes(t: torch.Tensor) -> bytes:
     return t.reshape(-1).view(torch.uint8).numpy().tobytes()
 
 
-def tensor_from_bytes(
-    data: bytes | bytearray | memoryview, dtype: str, shape: tuple[int, ...]
-) -> torch.Tensor:
-    import torch
-
-    if len(data) == 0:
-        return torch.empty(shape, dtype=torch_dtype(dtype))
-    return torch.frombuffer(bytearray(data), dtype=torch.uint8).view(torch_dtype(dtype)).reshape(shape)
-
-
 class TensorSource:
     """What an Adapter reads tensors from."""
 
