@@ -72,7 +72,10 @@ def main() -> None:
         from loraformat.io.header import read_header
 
         tensors = len(read_header(adapter).tensors)
-    machine = f"{platform.machine()}, {os.cpu_count()} CPU cores, Python {platform.python_version()}"
+    load = os.getloadavg()[0]
+    machine = f"{platform.machine()}, {os.cpu_count()} CPU cores, Python {platform.python_version()}, load average {load:.1f}"
+    if load > (os.cpu_count() or 1):
+        machine += ": shared with other jobs, so every figure is inflated (compare with `python -c pass`)"
     lines = [
         SUBHEADING,
         "",

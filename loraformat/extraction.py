@@ -31,6 +31,7 @@ from loraformat.io.checkpoint import Checkpoint, open_checkpoint, read_tensor
 from loraformat.io.native import write_native
 from loraformat.metadata import AdapterMetadata, ModuleEntry, Provenance
 from loraformat.ops.lowrank import RankSpec, parse_rank_spec
+from loraformat.rules import check_not_an_input
 
 if TYPE_CHECKING:
     import torch
@@ -117,14 +118,10 @@ def _check_options(
 
 
 def _check_paths(base: Checkpoint, tuned: Checkpoint, out: Path, overwrite: bool) -> None:
-    out_r = out.resolve()
+    inputs: list[str | os.PathLike[str]] = []
     for ck in (base, tuned):
-        for inp in {ck.path.resolve(), *(Path(s.path).resolve() for s in ck.shards)}:
-            if out_r == inp or (inp.is_dir() and out_r.is_relative_to(inp)):
-                raise UsageError(
-                    f"output would overwrite or sit inside the input {inp}; inputs are never modified",
-                    path=out,
-                )
+        inputs += [ck.path, *(s.path for s in ck.shards)]
+    check_not_an_input(out, inputs)
     check_output(out, overwrite=overwrite)
 
 

@@ -477,3 +477,24 @@ class TestCuda:
 
     def test_auto_picks_cuda(self, tmp_path, peft_adapters, llama_base):
         assert _merge(llama_base, [peft_adapters["plain"]], tmp_path / "o").device.startswith("cuda")
+
+
+def test_write_shards_writes_any_subset_of_the_output_shards(tmp_path, peft_adapters, llama_base):
+    """The per-shard unit a distributed merge runs: each output shard written on its own is byte-identical to
+    the same shard of a whole merge."""
+    from loraformat.merging.devices import open_device
+    from loraformat.merging.engine import write_shards
+    from loraformat.merging.plan import build_plan
+
+    full = _merge(llama_base, [peft_adapters["plain"]], tmp_path / "full", max_shard_size="60KB")
+    assert len(full.shards) >= 2
+    with open_adapter(peft_adapters["plain"]) as adapter:
+        ck = open_checkpoint(llama_base)
+        plan = build_plan(ck, [adapter], [1.0], out_dtype=None, max_shard_size="60KB", verify=True)
+        for i, shard in enumerate(plan.shards):
+            part = tmp_path / f"part{i}"
+            part.mkdir()
+            stats = write_shards(plan, part, part, open_device("cpu", "auto", plan), shards={i})
+            assert [p.name for p in part.iterdir()] == [shard.name]
+            assert (part / shard.name).read_bytes() == (tmp_path / "full" / shard.name).read_bytes()
+            assert stats.bytes_written == shard.size
