@@ -46,7 +46,12 @@ def _parse_size(value: str | None) -> int | None:
     type=float,
     help="Weight of each adapter, in order (repeat once per adapter; default 1).",
 )
-@click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
+@click.option(
+    "--device",
+    default="auto",
+    show_default=True,
+    help="auto, cpu, cuda or cuda:N (cpu-staged: the GPU code path run on CPU, for testing).",
+)
 @click.option(
     "--dtype",
     type=click.Choice(["keep", "bf16", "fp16", "fp32"]),

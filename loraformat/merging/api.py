@@ -187,8 +187,8 @@ def merge(
     for every refusal (exit codes in loraformat.errors); nothing is ever left under ``out`` on failure.
     ``backend`` is for testing and benchmarking: "auto" merges on CPU with numpy (torch is then never imported)
     unless a term is DoRA or a dtype is exotic, and with torch otherwise and on CUDA; "torch" or "numpy" force
-    one (numpy refuses what it cannot merge). The results agree to the last bit but for rare 1-ulp differences
-    in the low-rank products' summation.
+    one (numpy refuses what it cannot merge); both kernels write the same bits (ops/kernel.py says why).
+    ``device``: auto, cpu, cuda, cuda:N, or cpu-staged (the CUDA orchestration run on CPU, for testing).
     """
     t0 = time.perf_counter()
     out = Path(out)
