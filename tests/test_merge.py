@@ -480,8 +480,8 @@ class TestCuda:
 
 
 def test_write_shards_writes_any_subset_of_the_output_shards(tmp_path, peft_adapters, llama_base):
-    """The per-shard unit a distributed merge runs: each output shard written on its own is byte-identical to
-    the same shard of a whole merge."""
+    """The per-shard unit a split merge's worker runs (write_shards on Plan.subset): each output shard written on
+    its own is byte-identical to the same shard of a whole merge."""
     from loraformat.merging.devices import open_device
     from loraformat.merging.engine import write_shards
     from loraformat.merging.plan import build_plan
@@ -494,7 +494,8 @@ def test_write_shards_writes_any_subset_of_the_output_shards(tmp_path, peft_adap
         for i, shard in enumerate(plan.shards):
             part = tmp_path / f"part{i}"
             part.mkdir()
-            stats = write_shards(plan, part, part, open_device("cpu", "auto", plan), shards={i})
+            sub = plan.subset([i])
+            stats = write_shards(sub, part, part, open_device("cpu", "auto", sub))
             assert [p.name for p in part.iterdir()] == [shard.name]
             assert (part / shard.name).read_bytes() == (tmp_path / "full" / shard.name).read_bytes()
             assert stats.bytes_written == shard.size
