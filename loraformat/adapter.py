@@ -181,7 +181,7 @@ class Adapter:
 MAX_SCALE = 3.4028234663852886e38
 
 
-def _scale_problems(module: str, meta: AdapterMetadata) -> list[tuple[str, str, str]]:
+def _scale_problems(module: str, meta: AdapterMetadata) -> list[Problem]:
     """The module's scale (alpha/r or alpha/sqrt(r)) must be finite, positive and within float32 range, or a
     merge would write inf/NaN or fail (spec/v1.md §16)."""
     entry = meta.modules[module]

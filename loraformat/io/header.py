@@ -162,7 +162,7 @@ def _entry(name: str, entry: object, path: str) -> tuple[int, int, str, str, tup
         raise _fail(
             path, f"tensor {name!r}: {end - begin} bytes for shape {shape} of {dtype} (expected {want})"
         )
-    return begin, end, name, dtype, tuple(shape)
+    return begin, end, name, str(dtype), tuple(shape)
 
 
 def _check_counts(raw: bytes, path: str) -> None:

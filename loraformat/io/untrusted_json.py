@@ -17,6 +17,7 @@ import contextlib
 import gc
 import json
 import math
+import os
 import re
 from collections.abc import Iterator
 from typing import Any
@@ -124,7 +125,7 @@ def load_json(
     *,
     what: str,
     error: type[InvalidInputError],
-    path: str | None = None,
+    path: str | os.PathLike[str] | None = None,
     deep: bool = True,
 ) -> Any:
     """Parse and check an untrusted JSON text; ``error("<what>: <field>: <reason>", path=path)`` on any problem

@@ -26,7 +26,7 @@ def nonfinite_mask(raw: np.ndarray, st_dtype: str) -> np.ndarray:
     """True where an element stored in ``raw`` is inf or NaN (its exponent bits are all ones)."""
     storage, exp, _ = _LAYOUT[st_dtype]
     e = storage(exp)
-    return (raw.view(storage) & e) == e  # type: ignore[no-any-return]
+    return (raw.view(storage) & e) == e
 
 
 def non_finite(raw: np.ndarray, st_dtype: str) -> tuple[int, int]:

@@ -193,13 +193,9 @@ class Kernel(ABC, Generic[T]):
             if direct is None:
                 enc.encode(w, start + s0, start + s1, out[s0 * out_row : s1 * out_row])  # type: ignore[index]
             if factors:
-                introduced = introduced | self._introduced(
-                    dec,
-                    src[s0 * src_row : s1 * src_row],
-                    enc,
-                    out[s0 * out_row : s1 * out_row],
-                    s1 - s0,  # type: ignore[index]
-                )
+                src_rows = src[s0 * src_row : s1 * src_row]  # type: ignore[index]
+                out_rows = out[s0 * out_row : s1 * out_row]  # type: ignore[index]
+                introduced = introduced | self._introduced(dec, src_rows, enc, out_rows, s1 - s0)
         return introduced
 
     def _introduced(self, dec: Codec[T], src: T, enc: Codec[T], out: T, rows: int) -> Any:
