@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from loraformat.merging import merge
+from loraformat.merging.api import merge
 from tests.diffusion_helpers import (
     add_te_lora,
     add_unet_lora,
