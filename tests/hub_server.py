@@ -12,8 +12,9 @@ every request:
 
 * ``hostile["sha"]``: the commit id repo info answers, whatever the revision (any JSON value: ``"../.."``);
 * ``hostile["tree"]``: {path: {field: value}} merged into (or added to) the tree listing's entries;
-* ``hostile["download"]``: {path: {"length": Content-Length to announce, "body": bytes to send instead,
-  "repeat": how many times to send body, "hang_up": close the connection after sending}}.
+* ``hostile["download"]``: {path: {"length": Content-Length to announce (None: none, the body runs until the
+  connection closes), "body": bytes to send instead, "repeat": how many times to send body, "hang_up": close
+  the connection after sending}}; ``hostile_sent`` counts the body bytes actually sent.
 """
 
 from __future__ import annotations
@@ -101,6 +102,7 @@ class HubServer:
         self.repos: dict[str, Repo] = {}
         self.requests: list[tuple[str, str]] = []
         self.hostile: dict[str, Any] = {}
+        self.hostile_sent = 0
         self.lock = threading.RLock()
         self._counter = 0
         self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), _handler_for(self))
@@ -615,15 +617,21 @@ class _Handler(BaseHTTPRequestHandler):
     def _send_hostile(self, evil: dict[str, Any], headers: dict[str, str]) -> None:
         """A download answer that lies: an announced length, a body of another size, a dropped connection."""
         body, repeat = evil.get("body", b""), int(evil.get("repeat", 1))
+        length = evil.get("length", len(body) * repeat)
         self.send_response(200)
         self.send_header("Content-Type", "application/octet-stream")
-        self.send_header("Content-Length", str(evil.get("length", len(body) * repeat)))
+        if length is None:  # no length: the body runs until the connection closes
+            self.send_header("Connection", "close")
+            self.close_connection = True
+        else:
+            self.send_header("Content-Length", str(length))
         for k, v in headers.items():
             self.send_header(k, v)
         self.end_headers()
         try:
             for _ in range(repeat):
                 self.wfile.write(body)
+                self.server_hub.hostile_sent += len(body)
             self.wfile.flush()
         except OSError:  # the client stopped reading: what a careful client does
             pass

@@ -194,3 +194,114 @@ def test_final_path_accepts_str(tmp_path):
     with atomic_file(str(tmp_path / "s.bin")) as f:
         f.write(b"1")
     assert Path(tmp_path / "s.bin").read_bytes() == b"1"
+
+
+# --- replacing an existing output under SIGKILL (merge --overwrite) -------------------------------------------
+
+KILLER = """
+import os, signal, sys
+from pathlib import Path
+import loraformat.io.atomic as atomic
+
+mode, base, adapter, out = sys.argv[1:5]
+real_exchange, real_replace = atomic.exchange, os.replace
+
+def die():
+    os.kill(os.getpid(), signal.SIGKILL)
+
+if mode == "before-exchange":
+    atomic.exchange = lambda a, b: die()
+elif mode == "after-exchange":
+    atomic.exchange = lambda a, b: (real_exchange(a, b), die())
+elif mode == "after-moving-out":  # the old code's window: OUT renamed away, the new one not yet in place
+    def replace(a, b):
+        real_replace(a, b)
+        if Path(a) == Path(out):
+            die()
+    os.replace = os.rename = replace
+elif mode == "between-renames":  # a file system without RENAME_EXCHANGE: the two-rename fallback
+    atomic.exchange = lambda a, b: False
+    def replace(a, b):
+        real_replace(a, b)
+        if Path(b).name.startswith("." + Path(out).name + ".old-"):
+            die()
+    os.replace = replace
+from loraformat.cli.main import main
+main(["--quiet", "merge", base, adapter, "-o", out, "--overwrite"])
+"""
+
+
+def _old_output(out: Path) -> None:
+    out.mkdir()
+    (out / "OLD").write_text("the output of an earlier run")
+
+
+def _killed_merge(mode: str, out: Path, llama_base: Path, adapter: Path) -> None:
+    proc = subprocess.run(
+        [sys.executable, "-c", KILLER, mode, str(llama_base), str(adapter), str(out)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == -9, proc.stderr[-2000:]
+
+
+def test_rename_exchange_swaps_atomically(tmp_path):
+    from loraformat.io.atomic import exchange
+
+    (tmp_path / "a").mkdir()
+    (tmp_path / "a" / "x").write_text("dir")
+    (tmp_path / "b").write_text("file")
+    assert exchange(tmp_path / "a", tmp_path / "b")  # Linux file systems the tests run on support it
+    assert (tmp_path / "b" / "x").read_text() == "dir" and (tmp_path / "a").read_text() == "file"
+
+
+@pytest.mark.parametrize("mode", ["before-exchange", "after-exchange"])
+def test_sigkill_during_overwrite_leaves_old_or_new_output(tmp_path, llama_base, peft_adapters, mode):
+    """At every instant OUT holds a complete output: the old one before the exchange, the new one after."""
+    out = tmp_path / "merged"
+    _old_output(out)
+    _killed_merge(mode, out, llama_base, peft_adapters["plain"])
+    if mode == "before-exchange":
+        assert (out / "OLD").exists() and not (out / "model.safetensors").exists()
+    else:
+        from loraformat.io.checkpoint import open_checkpoint
+
+        assert not (out / "OLD").exists() and open_checkpoint(out).shards  # the new, complete merge
+    assert {p.name for p in tmp_path.iterdir() if not p.name.startswith(".")} == {"merged"}
+
+
+def test_no_instant_without_an_output(tmp_path, llama_base, peft_adapters):
+    """Killed the moment the old output is moved away (if it ever is): OUT must still be there, complete."""
+    out = tmp_path / "merged"
+    _old_output(out)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            KILLER,
+            "after-moving-out",
+            str(llama_base),
+            str(peft_adapters["plain"]),
+            str(out),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode in (0, -9), proc.stderr[-2000:]
+    assert (out / "model.safetensors").exists() or (out / "OLD").exists()
+
+
+def test_sigkill_between_fallback_renames_is_recovered(tmp_path, llama_base, peft_adapters):
+    """Without RENAME_EXCHANGE a SIGKILL between the two renames leaves no OUT; the next run puts the old one
+    back before anything else (and so refuses to overwrite it without --overwrite)."""
+    from loraformat.io.atomic import check_output
+
+    out = tmp_path / "merged"
+    _old_output(out)
+    _killed_merge("between-renames", out, llama_base, peft_adapters["plain"])
+    assert not out.exists() and [p for p in tmp_path.iterdir() if p.name.startswith(".merged.old-")]
+    with pytest.raises(OutputExistsError):
+        check_output(out, overwrite=False)
+    assert (out / "OLD").exists() and not [p for p in tmp_path.iterdir() if p.name.startswith(".merged.old-")]

@@ -8,6 +8,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -210,6 +211,82 @@ def test_altered_download_of_the_promised_size_is_refused(
     err = _pull_fails(world, "acme/a", hub=server.url)
     assert_contained(world, before, err)
     assert isinstance(err, VerificationError) and "hashes to" in str(err)
+
+
+def _weights_size(server: HubServer) -> int:
+    repo = server.repos["acme/a"]
+    return repo.commits[repo.branches["main"]].files[WEIGHTS].size
+
+
+def test_enormous_content_length_is_refused_before_reading(server: HubServer, world: Path) -> None:
+    server.hostile = {"download": {WEIGHTS: {"length": 10**15, "body": b"x" * 4096}}}
+    before = digest_tree(world)
+    err = _pull_fails(world, "acme/a", hub=server.url)
+    assert_contained(world, before, err)
+    assert err.exit_code == 1 and "announces 1000000000000000 bytes" in str(err), str(err)
+
+
+def test_an_answer_longer_than_promised_is_not_read_to_the_end(server: HubServer, world: Path) -> None:
+    """200 MB sent without a length for a file the listing says is a few KB: reading stops right after the
+    promised size, the staging never holds more."""
+    server.hostile = {"download": {WEIGHTS: {"length": None, "body": b"x" * (1 << 20), "repeat": 200}}}
+    before = digest_tree(world)
+    err = _pull_fails(world, "acme/a", hub=server.url)
+    assert_contained(world, before, err)
+    assert err.exit_code == 1 and "stopped reading" in str(err), str(err)
+    assert server.hostile_sent < 100 << 20  # the client hung up long before the server was done
+
+
+def test_a_download_cut_off_midway_is_one_line(server: HubServer, world: Path, native: Path) -> None:
+    data = native.read_bytes()
+    server.hostile = {"download": {WEIGHTS: {"length": len(data), "body": data[: len(data) // 2]}}}
+    before = digest_tree(world)
+    err = _pull_fails(world, "acme/a", hub=server.url)
+    assert_contained(world, before, err)
+    assert err.exit_code == 5 and "broke off" in str(err) or "ended after" in str(err), str(err)
+    env = subprocess_env(world, HF_ENDPOINT=server.url, HF_TOKEN=next(iter(TOKENS)))
+    proc = run_cli(["pull", "acme/a", "-o", str(world / "work" / "out"), "--hub", server.url], env)
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert proc.returncode == 5 and len(lines) == 1, proc.stderr
+
+
+FULL_DISK = """
+import resource, sys
+resource.setrlimit(resource.RLIMIT_FSIZE, (4096, 4096))  # every file write beyond 4 KiB fails: a full disk
+from loraformat.cli.main import main
+main(sys.argv[1:])
+"""
+
+
+def test_disk_full_on_another_file_system_than_the_cache(server: HubServer, world: Path) -> None:
+    """The cache (tmp_path, ext4) already holds the revision; the output is on /dev/shm (tmpfs), so the pull
+    copies instead of linking, and the copy hits the limit: exit 2, one line, nothing under the target."""
+    import signal
+    import sys
+    import tempfile
+
+    shm = Path("/dev/shm")
+    if not shm.is_dir() or os.stat(shm).st_dev == os.stat(world).st_dev:
+        pytest.skip("needs /dev/shm on a file system of its own")
+    env = subprocess_env(world, HF_ENDPOINT=server.url, HF_TOKEN=next(iter(TOKENS)))
+    assert (
+        run_cli(["pull", "acme/a", "-o", str(world / "work" / "warm"), "--hub", server.url], env).returncode
+        == 0
+    )
+    with tempfile.TemporaryDirectory(dir=shm) as other:
+        target = Path(other) / "out"
+        before = digest_tree(world)
+        proc = subprocess.run(
+            [sys.executable, "-c", FULL_DISK, "pull", "acme/a", "-o", str(target), "--hub", server.url],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=120,
+            preexec_fn=lambda: signal.signal(signal.SIGXFSZ, signal.SIG_IGN),
+        )
+        lines = [line for line in proc.stderr.splitlines() if line.strip()]
+        assert proc.returncode == 2 and len(lines) == 1 and "write failed" in lines[0], proc.stderr
+        assert list(Path(other).iterdir()) == [] and digest_tree(world) == before
 
 
 # -- a tampered local hub ---------------------------------------------------------------------------------------

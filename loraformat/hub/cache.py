@@ -180,7 +180,7 @@ def fetch(
     stage = temp_name(entry)
     try:
         stage.mkdir(parents=True)
-        backend.download(repo_id, commit, names, stage, progress)
+        backend.download(repo_id, commit, names, stage, progress, {n: e.size for n, e in expected.items()})
         with ThreadPoolExecutor(max_workers=1) as pool:
             synced = pool.submit(fsync_tree, stage)  # the disk works while the CPU verifies
             verified = verify_download(stage, expected, where=where)
@@ -237,7 +237,10 @@ def materialize(
             try:
                 os.link(source, target)
             except OSError:  # another filesystem, or links not supported
-                shutil.copyfile(source, target)
+                try:
+                    shutil.copyfile(source, target)
+                except OSError as exc:  # the error names the cache file, but it is the output that failed
+                    raise write_error(exc, out) from None
                 os.chmod(target, 0o644)
             if progress:
                 progress(target.stat().st_size)

@@ -10,8 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import os
-import shutil
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -112,26 +111,37 @@ class HfHub:
         return out
 
     def download(
-        self, repo_id: str, commit: str, names: list[str], dest: Path, progress: Progress | None = None
+        self,
+        repo_id: str,
+        commit: str,
+        names: list[str],
+        dest: Path,
+        progress: Progress | None = None,
+        sizes: Mapping[str, int] | None = None,
     ) -> None:
-        """snapshot_download of exactly ``names`` at ``commit`` into dest (a fresh staging directory)."""
-        from huggingface_hub import snapshot_download
+        """Each of ``names`` at ``commit`` into dest (a fresh staging directory), reading no more than ``sizes``
+        (what the file list promised, already checked against the caps) allows: transfer.py."""
+        from huggingface_hub import hf_hub_url
+        from huggingface_hub.utils import build_hf_headers
 
+        from loraformat.hub.transfer import fetch_file
+
+        where = f"{repo_id}@{commit[:12]}"
         with self.errors(repo_id, commit):
-            snapshot_download(
-                repo_id,
-                revision=commit,
-                local_dir=dest,
-                allow_patterns=list(names),
-                token=self.token,
-                endpoint=self.endpoint,
-                max_workers=4,
-            )
-        shutil.rmtree(dest / ".cache", ignore_errors=True)  # huggingface_hub's own local_dir bookkeeping
-        if progress is not None:  # per file, once downloaded (snapshot_download draws its own bars)
+            headers = build_hf_headers(token=self.token)
             for name in names:
-                with contextlib.suppress(OSError):
-                    progress(os.path.getsize(dest / name))
+                url = hf_hub_url(repo_id, name, revision=commit, endpoint=self.endpoint)
+                size = (sizes or {}).get(name)
+                if size is None:
+                    raise VerificationError(f"{where}: {name} is not in the file list; refusing")
+                fetch_file(
+                    url,
+                    headers,
+                    dest / safe_relpath(name, repo=repo_id),
+                    size,
+                    where=where,
+                    progress=progress,
+                )
 
     # -- publishing ----------------------------------------------------------------------------------------------
     def publish(
@@ -201,25 +211,63 @@ class HfHub:
 
     @contextlib.contextmanager
     def errors(self, repo_id: str, revision: str | None = None) -> Iterator[None]:
-        """Translate huggingface_hub and transport errors into loraformat's hub errors (see map_error)."""
+        """Translate huggingface_hub and transport errors into loraformat's hub errors (see map_error); what
+        huggingface_hub warns or logs meanwhile is kept off stderr and folded into the one error line."""
         from huggingface_hub import constants
 
         if constants.is_offline_mode():
             raise HubNetworkError(f"offline mode is on (HF_HUB_OFFLINE=1): cannot reach {self.endpoint}")
-        try:
-            yield
-        except LoraformatError:
-            raise
-        except Exception as exc:
-            mapped = map_error(exc, repo_id=repo_id, revision=revision, endpoint=self.endpoint)
-            if mapped is None and isinstance(exc, _MALFORMED):
-                mapped = VerificationError(
-                    f"{self.endpoint} sent a malformed answer for {repo_id} "
-                    f"({exc.__class__.__name__}); refusing"
-                )
-            if mapped is None:
-                raise
-            raise scrub(mapped, self._secrets()) from None
+        with captured_warnings() as notes:
+            try:
+                yield
+            except LoraformatError as err:
+                raise scrub(fold(err, notes), self._secrets()) from None
+            except Exception as exc:
+                mapped = map_error(exc, repo_id=repo_id, revision=revision, endpoint=self.endpoint)
+                if mapped is None and isinstance(exc, _MALFORMED):
+                    mapped = VerificationError(
+                        f"{self.endpoint} sent a malformed answer for {repo_id} "
+                        f"({exc.__class__.__name__}); refusing"
+                    )
+                if mapped is None:
+                    raise
+                raise scrub(fold(mapped, notes), self._secrets()) from None
+
+
+@contextlib.contextmanager
+def captured_warnings() -> Iterator[Callable[[], list[str]]]:
+    """Collect huggingface_hub's warnings (warnings.warn and its logger) instead of printing them; yields a
+    function returning what was collected so far."""
+    import logging
+    import warnings
+
+    notes: list[str] = []
+
+    class _Keep(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            notes.append(record.getMessage())
+
+    logger = logging.getLogger("huggingface_hub")
+    saved = (logger.handlers[:], logger.propagate, logger.level)
+    logger.handlers, logger.propagate = [_Keep(logging.WARNING)], False
+    logger.setLevel(min(logger.level or logging.WARNING, logging.WARNING))
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            yield lambda: notes + [str(w.message) for w in caught]
+    finally:
+        logger.handlers, logger.propagate = saved[0], saved[1]
+        logger.setLevel(saved[2])
+
+
+def fold(err: LoraformatError, collected: Callable[[], list[str]]) -> LoraformatError:
+    """Append the first library warning, on the same line, to an error message."""
+    notes = collected()
+    if notes:
+        note = " ".join(notes[0].split())[:200]
+        err.message = f"{err.message} (huggingface_hub warned: {note})"
+        err.args = (err.message,)
+    return err
 
 
 #: What parsing a hostile server's JSON can raise inside huggingface_hub (missing keys, wrong types).

@@ -257,7 +257,13 @@ class LocalHub:
         return self.revision(repo_id, commit).files
 
     def download(
-        self, repo_id: str, commit: str, names: list[str], dest: Path, progress: Progress | None = None
+        self,
+        repo_id: str,
+        commit: str,
+        names: list[str],
+        dest: Path,
+        progress: Progress | None = None,
+        sizes: Mapping[str, int] | None = None,
     ) -> None:
         """Copy the objects of ``names`` into dest, checking each sha256 and size against the manifest (dest is
         a staging directory its caller verifies and fsyncs)."""

@@ -74,7 +74,7 @@ def verify_download(dest: Path, expected: Mapping[str, Expected], *, where: str)
         }
         digests = {key: f.result() for key, f in futures.items()}
     for name, want in expected.items():
-        got = digests.get(f"sha256:{name}") or digests.get(f"git:{name}")
+        got = digests.get(f"sha256:{name}") or digests.get(f"git:{name}") or ""
         recorded = want.sha256 or want.git_oid
         if recorded and got != recorded:
             raise VerificationError(

@@ -4,14 +4,23 @@ An error, Ctrl-C or SIGTERM removes the temporary; a SIGKILL leaves at most a hi
 never a partial file or directory under the final name. Without ``overwrite`` the final name is claimed with a
 hard link (fails if it appeared meanwhile) instead of a rename that would clobber it. Inputs are never opened
 for writing here.
+
+Replacing an existing output (``overwrite``) is one atomic step on Linux: ``renameat2(RENAME_EXCHANGE)`` swaps
+the finished temporary and the old output, so at every instant the final name holds either the old output or
+the new one; the old one is then deleted. Where the call is missing or the file system refuses it, the old
+output is first renamed to a hidden ``.<name>.old-<pid>-<id>`` and the new one renamed into place: a SIGKILL
+between those two renames leaves no final name, and the next run that checks that output name
+(:func:`check_output`) renames the old output back before doing anything else.
 """
 
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import errno
 import os
 import shutil
+import sys
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -30,8 +39,56 @@ _WRITE_ERRNOS = {
 }
 
 
-def temp_name(final: Path) -> Path:
-    return final.parent / f".{final.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+def temp_name(final: Path, kind: str = "tmp") -> Path:
+    return final.parent / f".{final.name}.{kind}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+
+
+_AT_FDCWD, _RENAME_EXCHANGE = -100, 2
+
+
+def exchange(a: Path, b: Path) -> bool:
+    """Atomically swap two existing paths with renameat2(RENAME_EXCHANGE); False where the platform, the C
+    library or the file system cannot (the caller falls back to two renames)."""
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        renameat2 = ctypes.CDLL(None, use_errno=True).renameat2
+    except (OSError, AttributeError):  # glibc < 2.28, musl
+        return False
+    renameat2.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
+    renameat2.restype = ctypes.c_int
+    if renameat2(_AT_FDCWD, os.fsencode(a), _AT_FDCWD, os.fsencode(b), _RENAME_EXCHANGE) == 0:
+        return True
+    err = ctypes.get_errno()
+    if err in (errno.EINVAL, errno.ENOSYS, errno.ENOTSUP, errno.EOPNOTSUPP):
+        return False
+    raise OSError(err, os.strerror(err), os.fspath(b))
+
+
+def recover_interrupted(final: Path) -> None:
+    """Put back an old output that a replacement killed between its two renames left under a hidden name (only
+    where RENAME_EXCHANGE was unavailable): the most recent ``.<name>.old-*`` when the final name is missing."""
+    if final.exists() or final.is_symlink() or not final.parent.is_dir():
+        return
+    olds = sorted(final.parent.glob(f".{final.name}.old-*"), key=lambda p: p.lstat().st_mtime_ns)
+    if olds:
+        with contextlib.suppress(OSError):
+            os.rename(olds[-1], final)
+            fsync_dir(final.parent)
+
+
+def _replace_existing(tmp: Path, final: Path) -> Path:
+    """Make ``tmp`` the output at ``final`` (which exists); returns the path now holding the old output."""
+    if exchange(tmp, final):
+        return tmp
+    old = temp_name(final, "old")
+    os.replace(final, old)
+    try:
+        os.replace(tmp, final)
+    except OSError:
+        os.replace(old, final)  # put the old output back
+        raise
+    return old
 
 
 def write_error(exc: OSError, path: Path | str) -> WriteError:
@@ -49,6 +106,7 @@ def fsync_dir(path: Path) -> None:
 
 
 def check_output(final: Path, *, overwrite: bool) -> None:
+    recover_interrupted(final)
     if (final.exists() or final.is_symlink()) and not overwrite:
         raise OutputExistsError("already exists (use --overwrite to replace it)", path=final)
     if not final.parent.is_dir():
@@ -146,13 +204,7 @@ def commit_dir(tmp: Path, final: Path, *, overwrite: bool) -> Path | None:
     if final.exists() or final.is_symlink():
         if not overwrite:
             raise OutputExistsError("appeared while writing; left untouched", path=final)
-        trash = temp_name(final)
-        os.replace(final, trash)
-        try:
-            os.replace(tmp, final)
-        except OSError:
-            os.replace(trash, final)  # put the old output back
-            raise
+        trash = _replace_existing(tmp, final)  # one atomic step where the system allows
     else:
         os.rename(tmp, final)  # fails rather than clobbers if a non-empty dir appeared meanwhile
     fsync_dir(final.parent)
