@@ -32,7 +32,12 @@ _SURROGATE_ESCAPE_STR = re.compile(r"\\u[dD][89a-fA-F]")
 
 def _where(parts: tuple[object, ...]) -> str:
     """A field's JSON path as ``lora_alpha``, ``rank_pattern['x']`` or ``modules['m']['alpha']``."""
-    head, rest = (str(parts[0]), parts[1:]) if parts and isinstance(parts[0], str) else ("", parts)
+    head, rest = ("", parts)
+    if parts and isinstance(parts[0], str):  # a plain field name bare, anything else quoted and escaped
+        head, rest = (
+            (parts[0] if re.fullmatch(r"[\w.-]{1,60}", parts[0], re.ASCII) else repr(parts[0])),
+            parts[1:],
+        )
     return head + "".join(f"[{p!r}]" for p in rest)
 
 
