@@ -262,3 +262,19 @@ def test_largest_accepted_headers_stay_bounded(tmp_path: Path, case: str) -> Non
     stats = json.loads(proc.stderr.strip().splitlines()[-1])
     assert stats["code"] == 1 and "internal error" not in proc.stdout + proc.stderr  # no adapter in it
     assert stats["mib"] < 512 and stats["cpu"] < 6, stats
+
+
+def test_the_largest_pattern_config_validates_quickly(
+    good: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """10,000 regex keys of the maximal length (the caps), none matching: compiling every one of them under
+    Python's re took 25 s; keys are now compiled only as the search reaches them, within one budget."""
+    import time
+
+    keys = {
+        ("(a|b)*" * 200)[: spec.MAX_PATTERN_LENGTH - 8] + f"x{i}": 2 for i in range(spec.MAX_PATTERN_KEYS)
+    }
+    adapter = peft_dir(good, tmp_path / "peft", config(rank_pattern=keys))
+    started = time.process_time()
+    code, out = cli(["validate", str(adapter)], capsys)
+    assert time.process_time() - started < 2 and code in (0, 1) and "internal error" not in out, out

@@ -6,16 +6,16 @@ catastrophic backtracking, thousands of nested groups or a huge repetition count
 end in a typed error, never hang or crash (spec/v1.md §16).
 
 * at most ``MAX_PATTERN_KEYS`` keys in total and ``MAX_PATTERN_LENGTH`` characters each;
-* every key must compile under Python's ``re`` (what PEFT uses); a key it rejects, or that overflows its
-  parser, is an invalid key;
+* every key the search reaches must compile under Python's ``re`` (what PEFT uses, compiling as lazily); a
+  key it rejects, or that overflows its parser, is an invalid key;
 * plain keys (letters, digits, ``_``, ``-`` and escaped dots, optionally anchored with ``^``; what loraformat
   itself writes) are resolved by dictionary look-ups on the path's dotted suffixes: no regex runs at all;
 * other keys are matched with RE2 (google-re2), which runs in time linear in the path and never backtracks.
   For the yes/no match PEFT needs it agrees with ``re`` on the syntax both accept, with these documented
   differences: keys using backreferences, lookaround, ``\\Z``, POSIX classes (``[[:``) or repetition counts
   above 1000 are refused; ``\\w``, ``\\d``, ``\\s`` and ``\\b`` are ASCII-only; module paths holding control
-  characters are refused. Resolution as a whole runs against one budget (``MATCH_BUDGET_S``), so even the
-  largest accepted config ends in an answer or an error within it. Each module path is resolved once, for rank
+  characters are refused. Resolution as a whole, compiling included, runs against one budget
+  (``MATCH_BUDGET_S``), so even the largest accepted config ends in an answer or an error within it. Each module path is resolved once, for rank
   and alpha together.
 """
 
@@ -57,7 +57,10 @@ class PatternTable:
     keys: list[str]
     anchored: dict[str, int] = field(default_factory=dict)  # plain key "^a\.b" as "a.b" -> first index
     suffix: dict[str, int] = field(default_factory=dict)  # plain key "a\.b" as "a.b" -> first index
-    compiled: list[tuple[int, Any]] = field(default_factory=list)  # (index, RE2 program) of the other keys
+    regex_keys: list[int] = field(
+        default_factory=list
+    )  # indexes of the other keys, compiled when first reached
+    programs: dict[int, Any] = field(default_factory=dict)
 
     def first_match(self, module: str, deadline: float, path: str) -> int | None:
         """Index of the first key matching ``module`` (PEFT's rule), or None."""
@@ -71,15 +74,18 @@ class PatternTable:
             if dot < 0:
                 break
             start = dot + 1
-        for index, program in self.compiled:
+        for index in self.regex_keys:
             if best is not None and index > best:
                 break
             if time.monotonic() > deadline:
                 raise AdapterError(
                     f"adapter_config.json: resolving {self.name} takes more than {MATCH_BUDGET_S} s "
-                    f"({len(self.compiled)} regex keys); refusing (spec/v1.md §16)",
+                    f"({len(self.regex_keys)} regex keys); refusing (spec/v1.md §16)",
                     path=path,
                 )
+            program = self.programs.get(index)
+            if program is None:  # as PEFT, a key is compiled when the search first reaches it
+                program = self.programs[index] = _compile(self.name, self.keys[index], path)
             if program.match(module):
                 return index
         return best
@@ -123,7 +129,7 @@ def build_table(name: str, patterns: dict[str, Any], path: str) -> PatternTable:
             target = table.anchored if plain.startswith("^") else table.suffix
             target.setdefault(plain.removeprefix("^"), index)
         else:
-            table.compiled.append((index, _compile(name, key, path)))
+            table.regex_keys.append(index)
     return table
 
 
