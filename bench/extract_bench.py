@@ -19,6 +19,7 @@ Then every module's actual error ||D - B A||_F / ||D||_F is measured here, from 
 against the optimum.
 
     python bench/extract_bench.py                       # TinyLlama shape (2.2 GB bf16), rank 16
+    python bench/extract_bench.py --layers 2            # TinyLlama widths, 2 layers (14 modules)
     python bench/extract_bench.py --size tiny           # a quick smoke run
 """
 
@@ -36,6 +37,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+import merge_bench  # noqa: E402
 from merge_bench import TARGETS, build_base, shapes  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
@@ -44,6 +46,17 @@ SPECTRUM_RANK, RHO = 64, 0.9
 DEFAULT_MERGEKIT = (
     Path(os.environ.get("LORAFORMAT_CI_CACHE", Path.home() / ".cache/loraformat-ci")) / "mergekit"
 )
+
+
+def weight_map(model: Path) -> dict[str, str]:
+    """tensor name -> file name (an unsharded model has no index)."""
+    index = model / "model.safetensors.index.json"
+    if index.exists():
+        return json.loads(index.read_text())["weight_map"]
+    from safetensors import safe_open
+
+    with safe_open(str(model / "model.safetensors"), "pt") as f:
+        return {name: "model.safetensors" for name in f.keys()}
 
 
 def is_target(name: str) -> bool:
@@ -61,7 +74,7 @@ def build_tuned(size: str, base: Path, path: Path) -> Path:
     tmp = path.with_name(path.name + ".partial")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    index = json.loads((base / "model.safetensors.index.json").read_text())["weight_map"]
+    index = weight_map(base)
     g = torch.Generator().manual_seed(1)
     state = {}
     for name, _shape in shapes(size):
@@ -108,7 +121,7 @@ def reference(size: str, base: Path, tuned: Path, rank: int) -> tuple[dict[str, 
     import torch
     from safetensors import safe_open
 
-    index = json.loads((base / "model.safetensors.index.json").read_text())["weight_map"]
+    index = weight_map(base)
     out, t0 = {}, time.perf_counter()
     for name, _ in shapes(size):
         if not is_target(name):
@@ -138,7 +151,7 @@ def errors(
     """Per target: ||D - s B A||_F / ||D||_F of the adapter's stored factors, divided by the optimum."""
     from safetensors import safe_open
 
-    index = json.loads((base / "model.safetensors.index.json").read_text())["weight_map"]
+    index = weight_map(base)
     fac = factors_of(adapter)
     ratios = {}
     for name, r in ref.items():
@@ -157,14 +170,33 @@ def errors(
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--size", choices=["tiny", "tinyllama"], default="tinyllama")
+    ap.add_argument(
+        "--layers",
+        type=int,
+        help="keep the size's widths but only this many layers (mergekit's full SVD of all 154 TinyLlama "
+        "modules takes hours on a loaded 2-core machine)",
+    )
     ap.add_argument("--rank", type=int, default=16)
     ap.add_argument("--mergekit-python", type=Path, default=DEFAULT_MERGEKIT / "bin/python")
     ap.add_argument("--skip-mergekit", action="store_true")
+    ap.add_argument("--build-only", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args()
+    if args.layers:
+        hidden, inter, _, vocab, heads, kv, shard = merge_bench.SIZES[args.size]
+        args.size = f"{args.size}-{args.layers}l"
+        merge_bench.SIZES[args.size] = (hidden, inter, args.layers, vocab, heads, kv, shard)
 
     root = HERE / "out" / f"extract-{args.size}"
-    base = with_architecture(build_base(args.size, root / "base"))
-    tuned = with_architecture(build_tuned(args.size, base, root / "tuned"))
+    if args.build_only:
+        with_architecture(
+            build_tuned(args.size, with_architecture(build_base(args.size, root / "base")), root / "tuned")
+        )
+        return
+    if not (
+        root / "tuned" / "config.json"
+    ).exists():  # build in a child: a forked child's peak RSS starts at ours
+        subprocess.run([sys.executable, __file__, *sys.argv[1:], "--build-only"], check=True)
+    base, tuned = root / "base", root / "tuned"
     work = Path(tempfile.mkdtemp(prefix="extract-bench-", dir=root))
     env = {**os.environ, "PYTHONPATH": str(HERE.parent), "LORAFORMAT_CACHE": str(work / "cache")}
     results: dict[str, dict[str, float]] = {}

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The main job end to end on the bundled example, on a machine with no network but the package registries:
-# build a small base and two PEFT adapters, convert and stamp them, validate, inspect, merge, compose,
-# rescale, then push and pull through the embedded local hub.
+# build a small base and two PEFT adapters, convert and stamp them, validate, inspect, merge, unmerge, extract
+# an adapter back from the merged model, compose, rescale, then push and pull through the embedded local hub.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export PIP_DISABLE_PIP_VERSION_CHECK=1 PIP_ROOT_USER_ACTION=ignore
@@ -21,6 +21,8 @@ step loraformat validate "$out/summarise.safetensors" "$out/translate.safetensor
 step loraformat inspect "$out/summarise.safetensors"
 step loraformat hash "$out/base"
 step loraformat merge "$out/base" "$out/summarise.safetensors" -o "$out/merged"
+step loraformat unmerge "$out/merged" "$out/summarise.safetensors" -o "$out/base-recovered"
+step loraformat extract "$out/base" "$out/merged" -o "$out/extracted.safetensors" --rank auto:0.999 --max-rank 16
 step loraformat compose "$out/summarise.safetensors" "$out/translate.safetensors" -o "$out/mix.safetensors" \
      --method svd --weights 0.7,0.3 --rank 16
 step loraformat rescale "$out/mix.safetensors" -o "$out/mix-r8.safetensors" --rank 8

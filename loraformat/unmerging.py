@@ -154,7 +154,8 @@ def unmerge(
     result.warnings = []
     if recovered.get("differing"):
         result.warnings.append(
-            f"{len(recovered['differing'])} of {recovered['checked']} recovered target tensors differ from the "
-            "base digests the adapters recorded (expected after bf16/fp16 rounding: within 1 ulp)"
+            f"{len(recovered['differing'])} of {recovered['checked']} recovered target tensors are not "
+            "bit-identical to the base the adapters recorded: expected after a merge that rounded (the "
+            "recovery is within one rounding of the base)"
         )
     return result
