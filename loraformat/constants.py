@@ -173,6 +173,8 @@ class StoredLayout(StrEnum):
     back to it (loraformat/ops/codec.py). Quantized layouts add their names here."""
 
     DENSE = "dense"  # a plain floating-point tensor (any dtype in io/header.py FLOAT_DTYPES)
+    FP8 = "fp8"  # F8_E4M3 with tensor, channel or block scales (spec/interop/fp8.md)
+    BNB4 = "bnb4"  # bitsandbytes packed 4-bit NF4/FP4 with its quant state (spec/interop/nf4.md)
 
 
 class QuantMethod(StrEnum):

@@ -81,7 +81,7 @@ def deltas_of(llama32: Path):
 
 @pytest.fixture(scope="session")
 def quantized_bases(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    """One 16-bit tiny Llama (intermediate 160: partial 128x128 tiles) and its quantized copies made by the real
+    """One 16-bit tiny Llama (intermediate 192: partial 128x128 tiles) and its quantized copies made by the real
     libraries: bitsandbytes nf4 (double quant) and fp4, compressed-tensors FP8 per tensor, per channel and
     block, and the DeepSeek block layout (tests/quant_fixtures.py)."""
     pytest.importorskip("bitsandbytes")
@@ -89,14 +89,15 @@ def quantized_bases(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]
     from tests.quant_fixtures import make_block_fp8_base, make_bnb4_base, make_ct_fp8_base
 
     root = tmp_path_factory.mktemp("quantized")
-    base = make_llama_base(root / "bf16")
+    base = make_llama_base(root / "bf16", intermediate=192)  # 192 = 128 + a partial tile; a multiple of 64
     return {
         "bf16": base,
         "nf4": make_bnb4_base(base, root / "nf4"),
         "fp4": make_bnb4_base(base, root / "fp4", quant_type="fp4", double_quant=False),
-        "fp8-tensor": make_ct_fp8_base(base, root / "fp8-tensor", scheme="FP8"),
+        "fp8-tensor": make_ct_fp8_base(base, root / "fp8-tensor", scheme="FP8_TENSOR"),
         "fp8-channel": make_ct_fp8_base(base, root / "fp8-channel", scheme="FP8_DYNAMIC"),
         "fp8-block": make_block_fp8_base(base, root / "fp8-block"),
+        "fp8-ct-block": make_ct_fp8_base(base, root / "fp8-ct-block", scheme="FP8_BLOCK"),
     }
 
 

@@ -38,9 +38,15 @@ def _ct_quantize(model: object, scheme: str) -> None:
     )
     from compressed_tensors.quantization.utils import calculate_qparams
 
-    qc = QuantizationConfig(
-        config_groups={"group_0": preset_name_to_scheme(scheme, TARGETS)}, ignore=["lm_head"]
-    )
+    if (
+        scheme == "FP8_TENSOR"
+    ):  # per-tensor weights, dynamic per-token activations (no input scales to calibrate)
+        group = preset_name_to_scheme("FP8_DYNAMIC", TARGETS)
+        assert group.weights is not None
+        group.weights.strategy = "tensor"
+    else:
+        group = preset_name_to_scheme(scheme, TARGETS)
+    qc = QuantizationConfig(config_groups={"group_0": group}, ignore=["lm_head"])
     apply_quantization_config(model, qc)
     for module in model.modules():  # type: ignore[attr-defined]
         args = getattr(getattr(module, "quantization_scheme", None), "weights", None)
@@ -65,7 +71,7 @@ def _ct_quantize(model: object, scheme: str) -> None:
 
 
 def make_ct_fp8_base(src: Path, out: Path, *, scheme: str = "FP8_DYNAMIC") -> Path:
-    """compressed-tensors float-quantized: FP8 (per-tensor), FP8_DYNAMIC (per-channel) or FP8_BLOCK."""
+    """compressed-tensors float-quantized: FP8_TENSOR (per-tensor), FP8_DYNAMIC (per-channel) or FP8_BLOCK."""
     from compressed_tensors.compressors import ModelCompressor
     from transformers import AutoModelForCausalLM
 

@@ -231,16 +231,16 @@ def test_a_1_0_file_stays_valid(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize("kind", ["nf4", "fp8-block", "fp8-channel"])
-def test_convert_stamps_against_a_quantized_base(
-    peft_adapters, quantized_bases, kind: str, tmp_path: Path
-) -> None:
+def test_convert_stamps_against_a_quantized_base(quantized_bases, kind: str, tmp_path: Path) -> None:
     """The quantized checkpoint's config fills base_model.quantization; packed 4-bit targets have their logical
     shapes; the digests cover the stored (quantized) bytes."""
     from loraformat.hashing import hash_base
     from loraformat.io.checkpoint import open_checkpoint
+    from tests.fixtures import LLAMA_TARGETS, make_peft_adapter
 
+    adapter = make_peft_adapter(quantized_bases["bf16"], tmp_path / "peft", r=4, target_modules=LLAMA_TARGETS)
     out = tmp_path / "a.safetensors"
-    res = _convert(str(peft_adapters["plain"]), "-o", str(out), "--base", str(quantized_bases[kind]))
+    res = _convert(str(adapter), "-o", str(out), "--base", str(quantized_bases[kind]))
     assert res.exit_code == 0, res.output
     doc = document(out)
     q = doc["base_model"]["quantization"]

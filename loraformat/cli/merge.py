@@ -62,6 +62,22 @@ def _parse_size(value: str | None) -> int | None:
 @click.option("--max-shard-size", help="Re-shard the output (e.g. 5GB); default: keep the base's shards.")
 @click.option("--no-verify", is_flag=True, help="Skip checking base tensors against the adapters' digests.")
 @click.option("--overwrite", is_flag=True, help="Replace an existing output directory.")
+@click.option(
+    "--dequantize-as",
+    type=click.Choice(["auto", "nf4", "fp4", "none"]),
+    default="auto",
+    show_default=True,
+    help="16-bit base: merge into dequant(quant(W)) as QLoRA trained (bitsandbytes' round trip, bit for bit); "
+    "auto does so when the adapter records a 4-bit training base, none keeps W.",
+)
+@click.option(
+    "--requantize",
+    type=click.Choice(["keep", "none"]),
+    default="keep",
+    show_default=True,
+    help="FP8 or bitsandbytes 4-bit base: keep writes the same quantized layout with fresh scales; none writes "
+    "16-bit weights and drops quantization_config.",
+)
 @click.option("--json", "as_json", is_flag=True, help="Print figures and what was verified as JSON.")
 @click.option(
     "--shard",
@@ -111,6 +127,8 @@ def merge_cmd(
     max_shard_size: str | None,
     no_verify: bool,
     overwrite: bool,
+    dequantize_as: str,
+    requantize: str,
     as_json: bool,
     share: str | None,
     assemble_workers: int | None,
@@ -133,6 +151,9 @@ def merge_cmd(
       loraformat merge ./Llama-3-8B adapter.safetensors -o ./merged
       loraformat merge ./base a.safetensors b.safetensors --weight 0.7 --weight 0.3 -o ./blend --json
       loraformat merge ./sd15-pipeline civitai_lora.safetensors -o ./sd15-merged
+      loraformat merge ./Llama-3-8B qlora-adapter/ -o ./merged --dequantize-as nf4
+      loraformat merge ./DeepSeek-V3-FP8 adapter.safetensors -o ./merged-fp8      # re-quantized, fresh scales
+      loraformat merge ./Qwen3-8B-FP8 adapter.safetensors -o ./merged-bf16 --requantize none
 
     \b
     Split across machines that share a file system (workers numbered from 0; any scheduler):
@@ -217,7 +238,12 @@ def merge_cmd(
             verify=not no_verify,
             overwrite=overwrite,
             progress=update,
+            dequantize_as=dequantize_as,
+            requantize=requantize,
         )
+    for note in result.warnings:
+        if not note.startswith("--no-verify") and not as_json:
+            warn(note)
     if as_json:
         emit_json(result.to_json())
         return
@@ -234,6 +260,24 @@ def merge_cmd(
         f"{human_bytes(result.bytes_written)} in {result.seconds:.2f} s ({human_bytes(result.gb_per_s * 1e9)}/s) on "
         f"{result.device} ({result.backend}); peak RSS {human_bytes(result.peak_rss_bytes)}; {verified}"
     )
+    if result.quantization is not None:
+        info(quantization_summary(result.quantization, result.requant_error))
+
+
+def quantization_summary(q: dict[str, Any], err: dict[str, Any] | None) -> str:
+    """One line: what was quantized and how much of the adapter survived re-quantization."""
+    base = q.get("base")
+    if isinstance(base, dict):
+        layout = f" ({base.get('scale_layout')} scales)" if base.get("scale_layout") else ""
+        text = f"quantized {base.get('method')} base{layout}, requantize {q.get('requantize')}"
+    else:
+        text = f"16-bit base merged into dequant(quant(W)) as {q.get('dequantize_as')} (QLoRA-faithful)"
+    if err:
+        text += (
+            f"; re-quantization error max {err['max_rel']:.1%} and RMS {err['rms_rel']:.1%} of the delta "
+            f"({err['max_abs']:.3g} / {err['rms_abs']:.3g} absolute)"
+        )
+    return text
 
 
 def _run_share(

@@ -11,7 +11,7 @@ from loraformat.constants import QUANT_4BIT, QuantMethod
 from loraformat.errors import UnsupportedQuantizationError
 from loraformat.io.checkpoint import Checkpoint, read_config
 from loraformat.io.fp8 import Fp8Base, detect_fp8, load_scale
-from loraformat.io.nf4 import STATE_SUFFIX, Nf4Weight, detect_nf4
+from loraformat.io.nf4 import Nf4Weight, detect_nf4
 from loraformat.metadata import BaseQuantization
 from loraformat.quantization import from_quantization_config
 
@@ -36,26 +36,12 @@ class QuantizedBase:
         return {c: w.name for w in self.nf4.values() for c in w.tensor_names if c != w.name}
 
 
-def _looks_quantized(ck: Checkpoint) -> str | None:
-    for name, (_, info) in ck.locations.items():
-        if STATE_SUFFIX in name:
-            return f"{name!r} is a bitsandbytes quant state"
-        if info.dtype.startswith("F8_"):
-            return f"{name!r} is {info.dtype}"
-    return None
-
-
 def open_quantized(ck: Checkpoint, *, check_scales: bool = True) -> QuantizedBase | None:
     """The base's quantized layout, or None for a plain floating-point checkpoint; ``check_scales`` reads every
     FP8 scale (kilobytes) so that NaN or zero scales are refused before anything is written."""
     config = read_config(ck) or {}
     qc = config.get("quantization_config")
-    if qc is None:
-        found = _looks_quantized(ck)
-        if found:
-            raise UnsupportedQuantizationError(
-                f"{found} but config.json has no quantization_config saying how to read it", path=ck.path
-            )
+    if qc is None:  # FP8 tensors without a config are copied as they are, and refused as targets (plan.py)
         return None
     quant = from_quantization_config(qc)
     if quant is None:

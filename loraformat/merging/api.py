@@ -28,9 +28,11 @@ from loraformat.errors import UsageError, WriteError
 from loraformat.io.atomic import atomic_dir, check_output, write_error
 from loraformat.io.checkpoint import open_checkpoint
 from loraformat.io.pipeline import is_pipeline
+from loraformat.io.quantized import attach as attach_quantized
 from loraformat.merging.devices import open_device
 from loraformat.merging.engine import Progress, write_shards
 from loraformat.merging.plan import Plan, build_plan, check_paths, resolve_dtype
+from loraformat.merging.quantplan import resolve_options
 from loraformat.rules import resolve_device
 
 __all__ = ["MergeResult", "merge"]
@@ -58,6 +60,10 @@ class MergeResult:
     verified: dict[str, Any] = field(default_factory=dict)
     warnings: list[str] = field(default_factory=list)
     components: dict[str, Any] = field(default_factory=dict)  # per pipeline component, for a pipeline base
+    #: quantized base / QLoRA round trip: {"base", "requantize", "dequantize_as"} (None: a plain merge)
+    quantization: dict[str, Any] | None = None
+    #: requant(W + dW) - (W + dW) against dW over the re-quantized tensors: max_rel, rms_rel, max_abs, rms_abs
+    requant_error: dict[str, Any] | None = None
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -104,16 +110,26 @@ def planned(
     max_shard_size: int | str | None,
     verify: bool,
     overwrite: bool,
+    dequantize_as: str = "auto",
+    requantize: str = "keep",
 ) -> Iterator[tuple[Plan, list[str]]]:
     """Open and check every input and plan the merge from headers: (the plan, notes for the result). The
-    adapters this opened are closed on exit. Shared by the one-machine merge and the split merge's workers."""
+    adapters this opened are closed on exit. Shared by the one-machine merge and the split merge's workers.
+    A quantized base (FP8, bitsandbytes 4-bit) is recognised and checked here, scales included."""
     opened, owned, notes = _open_adapters(list(adapters), base)
     try:
         ck = open_checkpoint(base)
         check_paths(ck, opened, out)
         check_output(out, overwrite=overwrite)
+        quant = resolve_options(attach_quantized(ck), [a.meta for a in opened], dequantize_as, requantize)
         plan = build_plan(
-            ck, opened, weights, out_dtype=out_dtype, max_shard_size=max_shard_size, verify=verify
+            ck,
+            opened,
+            weights,
+            out_dtype=out_dtype,
+            max_shard_size=max_shard_size,
+            verify=verify,
+            quant=quant,
         )
         yield plan, notes
     finally:
@@ -151,7 +167,9 @@ def _write_extras(plan: Plan, tmp: Path) -> int:
                 config = None
             if isinstance(config, dict):
                 for key, value in patch.items():
-                    if key in config:
+                    if key in config and value is None:
+                        del config[key]  # --requantize none: the weights are no longer quantized
+                    elif key in config:
                         config[key] = value
                 data = (json.dumps(config, indent=2, sort_keys=True) + "\n").encode()
                 dst.write_bytes(data)
@@ -167,6 +185,10 @@ def _peak_rss() -> int:
     return int(peak if sys.platform == "darwin" else peak * 1024)
 
 
+#: warn when the re-quantization error's RMS exceeds this fraction of the delta's
+LOST_DELTA_RMS = 0.5
+
+
 def merge(
     base: str | os.PathLike[str],
     adapters: Sequence[str | os.PathLike[str] | Adapter],
@@ -180,6 +202,8 @@ def merge(
     overwrite: bool = False,
     progress: Progress | None = None,
     backend: str = "auto",
+    dequantize_as: str = "auto",
+    requantize: str = "keep",
 ) -> MergeResult:
     """Merge ``adapters`` (paths or opened Adapters) into ``base`` and write a loadable model directory to ``out``.
 
@@ -189,6 +213,11 @@ def merge(
     unless a term is DoRA or a dtype is exotic, and with torch otherwise and on CUDA; "torch" or "numpy" force
     one (numpy refuses what it cannot merge); both kernels write the same bits (ops/kernel.py says why).
     ``device``: auto, cpu, cuda, cuda:N, or cpu-staged (the CUDA orchestration run on CPU, for testing).
+
+    Quantized bases (spec/interop/fp8.md, spec/interop/nf4.md) merge on the host CPU: FP8 and bitsandbytes 4-bit
+    weights are decoded, merged and re-quantized with fresh scales (``requantize="keep"``) or written 16-bit
+    (``"none"``); ``dequantize_as`` ("auto", "nf4", "fp4", "none") makes a 16-bit base's targets
+    dequant(quant(W)) first, as QLoRA trained them ("auto": when the adapters record a 4-bit training base).
     """
     t0 = time.perf_counter()
     out = Path(out)
@@ -205,8 +234,10 @@ def merge(
         return merge_pipeline(
             base, list(adapters), out, weights=ws, overwrite=overwrite, backend=backend, **options
         )
-    with planned(base, adapters, out, ws, out_dtype, max_shard_size, verify, overwrite) as (plan, notes):
-        dev = resolve_device(device, staged=True)
+    with planned(
+        base, adapters, out, ws, out_dtype, max_shard_size, verify, overwrite, dequantize_as, requantize
+    ) as (plan, notes):
+        dev = "cpu" if plan.quant is not None else resolve_device(device, staged=True)
         target = open_device(dev, backend, plan)
         engine_backend = target.kernel.name
         if engine_backend == "torch":
@@ -222,6 +253,13 @@ def merge(
             except OSError as exc:
                 raise write_error(exc, out) from None
         seconds = time.perf_counter() - t0
+    requant = stats.requant.report() if stats.requant.elements else None
+    if requant is not None and requant["rms_rel"] > LOST_DELTA_RMS:
+        notes.append(
+            f"re-quantization lost most of the adapter: its RMS error is {requant['rms_rel']:.0%} of the delta's "
+            "(the delta is below the quantization step); consider --requantize none"
+        )
+        warnings.warn(notes[-1], stacklevel=2)
     actions = [t.action for t in plan.tasks]
     return MergeResult(
         output=str(out),
@@ -265,4 +303,6 @@ def merge(
             ],
         },
         warnings=notes,
+        quantization=plan.quant.describe() if plan.quant is not None else None,
+        requant_error=requant,
     )

@@ -188,7 +188,8 @@ def _plan_blocker(kernel: Kernel[Any], plan: Plan) -> str | None:
     for task in plan.tasks:
         if task.action != "compute":
             continue
-        dtypes = [task.src_dtype, task.out_dtype]
+        # quantized layouts are decoded by their own codecs (ops/codec_quant.py), on the host, with numpy
+        dtypes = [] if task.quant is not None else [task.src_dtype, task.out_dtype]
         for t in task.terms:
             infos = plan.adapters[t.adapter].source.infos
             dtypes += [infos[k].dtype for k in (t.term.A, t.term.B) if k is not None]

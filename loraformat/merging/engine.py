@@ -27,13 +27,14 @@ from pathlib import Path
 from typing import Any
 
 from loraformat.constants import StoredLayout
-from loraformat.errors import AdapterError, HashMismatchError
+from loraformat.errors import AdapterError, HashMismatchError, UnsupportedQuantizationError
 from loraformat.hashing import start_tensor_digest
 from loraformat.io.header import DTYPE_BITS
 from loraformat.io.tensors import SafetensorsSource
 from loraformat.merging.devices import Device, Event
 from loraformat.merging.files import Buffer, Outputs, Pool, Sources, Stop, get, pread_into, put, read_array
 from loraformat.merging.plan import Plan, TensorTask
+from loraformat.ops.codec_quant import ErrorStats
 from loraformat.ops.kernel import Codec, Factors
 from loraformat.ops.term import rows_cols
 
@@ -57,6 +58,7 @@ class Stats:
     tensors_verified: int = 0
     peak_gpu_bytes: int = 0
     threads: int = 0
+    requant: ErrorStats = field(default_factory=ErrorStats)  # re-quantization error of quantized outputs
 
 
 @dataclass
@@ -149,6 +151,7 @@ class Pipeline:
         self.tasks = plan.tasks
         self.copy_runs = plan.copy_runs
         self.compute = [t for t in self.tasks if t.action == "compute"]
+        self.by_name = {t.name: t for t in plan.tasks}
         self.merged_bytes = 0  # source bytes the merge has consumed (the prefetcher stays ahead of it)
 
     # -- lifecycle ----------------------------------------------------------------------------------------------
@@ -227,7 +230,7 @@ class Pipeline:
             if not task.digests:
                 continue
             base = task.base
-            digest = start_tensor_digest(task.name, base.dtype, task.shape)
+            digest = start_tensor_digest(task.name, base.dtype, task.src_shape)
             for pos in range(0, base.nbytes, HASH_CHUNK):
                 self._check_abort()
                 n = min(HASH_CHUNK, base.nbytes - pos)
@@ -309,14 +312,20 @@ class Pipeline:
     def _block_rows(self, task: TensorTask, rows: int, cols: int) -> int:
         if task.whole:
             return max(rows, 1)
+        if task.quant is not None:  # the fp32 work is the largest buffer; whole groups of rows sharing scales
+            group = task.quant.row_group
+            return max(group, self.block // max(1, cols * 4) // group * group)
         per_row = max(1, cols * max(_itemsize(task.src_dtype), _itemsize(task.out_dtype)))
         return max(1, self.block // per_row)
 
     def _blocks(self, task: TensorTask) -> Iterator[tuple[int, int, int]]:
         """(start, stop, stored bytes) of each block of rows of ``task``."""
-        rows, cols = rows_cols(task.shape)
+        rows, cols = rows_cols(task.logical_shape)
         if rows == 0 or cols == 0:
             yield 0, rows, 0  # an empty tensor: one empty block, so that it is counted done
+            return
+        if task.quant is not None and task.whole:
+            yield 0, rows, task.base.nbytes  # packed or whole-tensor layouts: all the stored bytes at once
             return
         step, row_bytes = self._block_rows(task, rows, cols), cols * _itemsize(task.src_dtype)
         for r0 in range(0, rows, step):
@@ -356,7 +365,7 @@ class Pipeline:
             yield blk
 
     def _row_offset(self, task: TensorTask, row: int) -> int:
-        return row * rows_cols(task.shape)[1] * _itemsize(task.src_dtype)
+        return row * rows_cols(task.logical_shape)[1] * _itemsize(task.src_dtype)
 
     def _reader(self) -> None:
         """Stage each block into a (pinned) buffer with pread, so host->device copies run at full speed."""
@@ -398,13 +407,17 @@ class Pipeline:
                             raise nonfinite_error(current[0])
                         current, flagged = (task, *self._prepare(task)), False
                     _, dec, enc, factors = current
-                    rows, cols = rows_cols(task.shape)
+                    rows, cols = rows_cols(task.logical_shape)
                     out_nbytes = (blk.stop - blk.start) * enc.row_nbytes(cols)
                     obuf = self.out_pool.get(out_nbytes)
                     with device.stream():
                         src = device.copy_in(blk.host, blk.nbytes)
                         out = device.output(obuf, out_nbytes)
-                        sub = 0 if device.staged or task.whole else max(1, CPU_SUBBLOCK_ELEMS // max(cols, 1))
+                        sub = (
+                            0
+                            if device.staged or task.whole or task.quant
+                            else max(1, CPU_SUBBLOCK_ELEMS // max(cols, 1))
+                        )
                         flagged = flagged | kernel.merge_block(
                             src, dec, out, enc, factors, blk.start, blk.stop, cols, sub_rows=sub
                         )
@@ -419,16 +432,46 @@ class Pipeline:
                         task.shard, offset, obuf, out_nbytes, release, event, int(blk.stop >= rows)
                     )
                     put(self.to_write, job, self.abort)
+                    if task.quant is not None and blk.stop >= rows:
+                        self._finish_quantized(task, enc)
                 if current is not None and bool(flagged):
                     raise nonfinite_error(current[0])
         finally:
             self.stats.peak_gpu_bytes = device.end()
 
+    def _finish_quantized(self, task: TensorTask, enc: Codec[Any]) -> None:
+        """A re-quantized weight is done: write its fresh scales / quant state, add up its error."""
+        from loraformat.merging.quantplan import side_bytes
+
+        error = getattr(enc, "error", None)
+        if error is not None:
+            self.stats.requant.merge(error)
+        assert task.quant is not None
+        if not task.quant.side:
+            return
+        missing = [n for n in task.quant.side.values() if n not in self.by_name]
+        if missing:  # a split merge's worker got the weight but not its scales
+            raise UnsupportedQuantizationError(
+                f"{missing[0]!r} lies in another shard than its weight {task.name!r}"
+            )
+        sizes = {n: self.by_name[n].out_nbytes for n in task.quant.side.values()}
+        for name, data in side_bytes(task, enc, sizes).items():
+            side = self.by_name[name]
+            obuf = self.out_pool.get(len(data))
+            obuf.mem[: len(data)] = data
+            job = WriteJob(side.shard, side.offset, obuf, len(data), [(self.out_pool, obuf)], None, 0)
+            put(self.to_write, job, self.abort)
+
     def _prepare(self, task: TensorTask) -> tuple[Codec[Any], Codec[Any], list[Factors[Any]]]:
         """The task's codecs and its terms loaded, in the compute dtype, on the kernel's device."""
         kernel = self.kernel
-        dec = kernel.codec(StoredLayout.DENSE, task.src_dtype)
-        enc = kernel.codec(StoredLayout.DENSE, task.out_dtype)
+        if task.quant is not None:
+            from loraformat.merging.quantplan import make_codecs
+
+            dec, enc = make_codecs(task, self.plan.ck, kernel)
+        else:
+            dec = kernel.codec(StoredLayout.DENSE, task.src_dtype)
+            enc = kernel.codec(StoredLayout.DENSE, task.out_dtype)
         cd = kernel.compute_dtype(task.src_dtype, task.out_dtype)
         factors = []
         for planned in task.terms:

@@ -21,6 +21,7 @@ from loraformat.errors import BaseMismatchError, UnsupportedDtypeError, UsageErr
 from loraformat.io.checkpoint import INDEX_NAME, Checkpoint
 from loraformat.io.header import DTYPE_BITS, FLOAT_DTYPES, TensorInfo, encode_header
 from loraformat.io.tensors import SafetensorsSource
+from loraformat.merging.quantplan import QuantOptions, QuantTask, mark_targeted, quantized_task
 from loraformat.metadata import AdapterMetadata
 from loraformat.ops.term import Term, needs_whole_tensor
 from loraformat.rules import check_not_an_input, first_problem
@@ -73,6 +74,18 @@ class TensorTask:
     digests: list[tuple[str, str]] = field(default_factory=list)  # (expected hex digest, adapter label)
     shard: int = 0  # index into Plan.shards
     offset: int = 0  # absolute offset in the output shard
+    quant: QuantTask | None = None  # a quantized weight, or a QLoRA round trip (merging/quantplan.py)
+    side_of: str | None = None  # a scale / quant-state tensor whose new bytes the named weight's codec makes
+
+    @property
+    def logical_shape(self) -> tuple[int, ...]:
+        """The shape the merge computes in (a packed 4-bit weight's (out, in))."""
+        return self.quant.logical_shape if self.quant is not None else self.shape
+
+    @property
+    def src_shape(self) -> tuple[int, ...]:
+        """The shape of the stored bytes the merge starts from (what the base's digest covers)."""
+        return self.quant.stored_shape if self.quant is not None else self.shape
 
     @property
     def out_nbytes(self) -> int:
@@ -82,12 +95,21 @@ class TensorTask:
     def whole(self) -> bool:
         """Must be merged in one block: DoRA with per-column channels (Conv1D, embedding) needs column norms
         over every row."""
-        return needs_whole_tensor([t.term for t in self.terms])
+        return needs_whole_tensor([t.term for t in self.terms]) or (
+            self.quant is not None and self.quant.whole
+        )
 
     @property
     def action(self) -> str:
-        """copy: raw bytes of the base; copy-replacement: raw bytes of a saved tensor; compute: decode + merge."""
-        if self.terms or self.src_dtype != self.out_dtype:
+        """copy: raw bytes of the base; copy-replacement: raw bytes of a saved tensor; compute: decode + merge;
+        side: bytes produced by another tensor's codec (fresh scales, quant state)."""
+        if self.side_of is not None:
+            return "side"
+        if (
+            self.terms
+            or self.src_dtype != self.out_dtype
+            or (self.quant is not None and self.quant.decode_only)
+        ):
             return "compute"
         if self.replacement is not None:
             return "copy-replacement" if self.replacement_bytes is not None else "compute"
@@ -129,6 +151,8 @@ class Plan:
     out_dtype: str | None
     verify: bool
     unverified_adapters: list[str]
+    quant: QuantOptions | None = None
+    config_drop: dict[str, None] = field(default_factory=dict)
 
     @property
     def data_bytes(self) -> int:
@@ -153,11 +177,13 @@ class Plan:
             aux_files=[],
         )
 
-    def config_patch(self) -> dict[str, str]:
-        """config.json keys to rewrite when --dtype changed the weights' dtype."""
+    def config_patch(self) -> dict[str, str | None]:
+        """config.json keys to rewrite when --dtype changed the weights' dtype (None: remove the key, as
+        quantization_config after --requantize none)."""
+        patch: dict[str, str | None] = dict(self.config_drop)
         if self.out_dtype is None:
-            return {}
-        return {"torch_dtype": _CONFIG_DTYPE[self.out_dtype], "dtype": _CONFIG_DTYPE[self.out_dtype]}
+            return patch
+        return {**patch, "torch_dtype": _CONFIG_DTYPE[self.out_dtype], "dtype": _CONFIG_DTYPE[self.out_dtype]}
 
 
 def resolve_dtype(dtype: str) -> str | None:
@@ -226,6 +252,7 @@ def build_plan(
     out_dtype: str | None,
     max_shard_size: int | str | None,
     verify: bool,
+    quant: QuantOptions | None = None,
 ) -> Plan:
     labels = [_label(a, i) for i, a in enumerate(adapters)]
     metas: list[AdapterMetadata] = []
@@ -271,6 +298,8 @@ def build_plan(
                 if ck.info(name) is not None:
                     digests.setdefault(name, []).append((hexdigest, labels[i]))
 
+    if quant is not None:
+        mark_targeted(quant, terms)
     tasks: list[TensorTask] = []
     for name, info, path in _base_order(ck):
         rep = replacements.get(name)
@@ -283,12 +312,31 @@ def build_plan(
                 rep_bytes = Bytes(adapter.source.path, rinfo.start, rinfo.nbytes, rinfo.dtype)
         task_terms = terms.get(name, [])
         out = info.dtype if out_dtype is None or info.dtype not in FLOAT_DTYPES else out_dtype
+        special = quantized_task(quant, name, info, task_terms, out_dtype, rep is not None) if quant else None
+        if special is not None:
+            if special.drop:
+                continue
+            tasks.append(
+                TensorTask(
+                    name=name,
+                    shape=special.shape,
+                    src_dtype=info.dtype,
+                    out_dtype=special.out_dtype,
+                    base=Bytes(path, info.start, info.nbytes, info.dtype),
+                    terms=task_terms,
+                    digests=digests.get(name, []),
+                    quant=special.quant,
+                    side_of=special.side_of,
+                )
+            )
+            continue
         if task_terms or src_dtype != out:
             for dt, what in ((info.dtype, "base tensor"), (src_dtype, "replacement for")):
                 if dt not in FLOAT_DTYPES:
                     raise UnsupportedDtypeError(
                         f"{what} {name!r} is {dt}: cannot merge into {dt} weights (quantized or integer "
-                        "checkpoints need dequantizing first); supported: BF16, F16, F32, F64",
+                        "checkpoints need dequantizing first, or a quantization_config in config.json saying how they are "
+                        "scaled); supported: BF16, F16, F32, F64",
                         path=path,
                     )
         tasks.append(
@@ -320,6 +368,8 @@ def build_plan(
         out_dtype=out_dtype,
         verify=verify,
         unverified_adapters=unverified,
+        quant=quant,
+        config_drop=quant.config_drop() if quant else {},
     )
 
 
@@ -349,7 +399,11 @@ def _layout(
     by_name = {t.name: t for t in tasks}
     if max_shard_size is None:
         groups = [
-            (Path(s.path).name, [n for n, _, p in _base_order(ck) if p == s.path], dict(s.metadata))
+            (
+                Path(s.path).name,
+                [n for n, _, p in _base_order(ck) if p == s.path and n in by_name],
+                dict(s.metadata),
+            )
             for s in ck.shards
         ]
         sharded = ck.index is not None
@@ -400,7 +454,7 @@ def _copy_runs(tasks: list[TensorTask]) -> list[CopyRun]:
     runs: list[CopyRun] = []
     for t in tasks:
         action = t.action
-        if action == "compute":
+        if action in ("compute", "side"):
             continue
         src = t.base if action == "copy" else t.replacement_bytes
         assert src is not None

@@ -76,11 +76,14 @@ def _expand_cols(row_scales: np.ndarray, layout: Fp8Layout, cols: int) -> np.nda
     return np.repeat(row_scales.astype(np.float32), layout.block[1])[:cols]
 
 
-def decode_rows(q: np.ndarray, scale: np.ndarray, layout: Fp8Layout, row0: int = 0) -> np.ndarray:
-    """E4M3 bit patterns ``q`` (uint8, rows [row0, row0 + len(q)) of the weight) -> fp32 values.
+def decode_rows(
+    q: np.ndarray, scale: np.ndarray, layout: Fp8Layout, row0: int = 0, out: np.ndarray | None = None
+) -> np.ndarray:
+    """E4M3 bit patterns ``q`` (uint8, rows [row0, row0 + len(q)) of the weight) -> fp32 values (into ``out``
+    when given, a C-contiguous fp32 array of q's shape).
 
     ``scale`` is the weight's whole scale tensor; for ``block``, ``row0`` must start a block-row."""
-    out = _DECODE[q]
+    out = _DECODE[q] if out is None else np.take(_DECODE, q, out=out)
     s = np.asarray(scale, dtype=np.float32)
     rows, cols = q.shape
     if layout.kind == "tensor":
@@ -91,9 +94,22 @@ def decode_rows(q: np.ndarray, scale: np.ndarray, layout: Fp8Layout, row0: int =
         bo = layout.block[0]
         if row0 % bo:
             raise ValueError(f"row {row0} does not start a block of {bo} rows")
+        tiles = _tiles(out, layout)
+        if tiles is not None:  # whole tiles: one broadcast multiply
+            tiles *= s[row0 // bo : row0 // bo + tiles.shape[0], None, :, None]
+            return out
         for r in range(0, rows, bo):
             out[r : r + bo] *= _expand_cols(s[(row0 + r) // bo], layout, cols)
     return out
+
+
+def _tiles(x: np.ndarray, layout: Fp8Layout) -> np.ndarray | None:
+    """``x`` viewed (tile rows, bo, tile cols, bi) when it is made of whole tiles, else None."""
+    bo, bi = layout.block
+    rows, cols = x.shape
+    if rows % bo or cols % bi or not x.flags.c_contiguous:
+        return None
+    return x.reshape(rows // bo, bo, cols // bi, bi)
 
 
 def _round_scale(s: np.ndarray, scale_dtype: str) -> np.ndarray:
@@ -111,16 +127,20 @@ def fresh_scales(x: np.ndarray, layout: Fp8Layout, row0: int = 0) -> np.ndarray:
         amax = np.abs(x).max(initial=0.0).reshape(1)
     elif layout.kind == "channel":
         amax = np.abs(x).max(axis=1, initial=0.0).reshape(rows, 1)
+    elif _tiles(x, layout) is not None:
+        t = _tiles(x, layout)
+        assert t is not None
+        amax = np.maximum(t.max(axis=(1, 3)), -t.min(axis=(1, 3)))
     else:
         bo, bi = layout.block
         tiles_r, tiles_c = math.ceil(rows / bo), math.ceil(cols / bi)
         amax = np.zeros((tiles_r, tiles_c), dtype=np.float32)
         pad_c = tiles_c * bi - cols
-        for t in range(tiles_r):
-            a = np.abs(x[t * bo : (t + 1) * bo])
+        for tr in range(tiles_r):
+            a = np.abs(x[tr * bo : (tr + 1) * bo])
             if pad_c:
                 a = np.pad(a, ((0, 0), (0, pad_c)))
-            amax[t] = a.reshape(a.shape[0], tiles_c, bi).max(axis=(0, 2))
+            amax[tr] = a.reshape(a.shape[0], tiles_c, bi).max(axis=(0, 2))
     return _round_scale(amax.astype(np.float32) / np.float32(E4M3_MAX), layout.scale_dtype)
 
 
@@ -133,6 +153,11 @@ def encode_rows(x: np.ndarray, scale: np.ndarray, layout: Fp8Layout, row0: int =
         y = x / s.reshape(-1)[0]
     elif layout.kind == "channel":
         y = x / s.reshape(-1)[row0 : row0 + rows, None]
+    elif _tiles(x, layout) is not None:
+        bo = layout.block[0]
+        t = _tiles(x, layout)
+        assert t is not None
+        y = (t / s[row0 // bo : row0 // bo + t.shape[0], None, :, None]).reshape(rows, cols)
     else:
         bo = layout.block[0]
         y = np.empty_like(x)

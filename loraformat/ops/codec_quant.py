@@ -1,0 +1,263 @@
+"""Merge-kernel codecs for quantized layouts (loraformat.ops.kernel.Codec): FP8 E4M3 with tensor, channel or block
+scales, bitsandbytes 4-bit (NF4/FP4), and the QLoRA-faithful 4-bit round trip of a 16-bit weight.
+
+One codec object serves as both the decoder and the encoder of its tensor, so that it can measure what the
+re-quantization costs: the decoded base rows of each block are kept until the block is encoded, and
+``error`` accumulates, over every merged element, e = requant(W + ΔW) - (W + ΔW) against ΔW = (W + ΔW) - W.
+Fresh scales (and bitsandbytes' state) produced by ``encode`` are handed to the writer through ``side``.
+numpy arrays in and out (bitsandbytes' math runs in torch inside the 4-bit codecs); no file or network I/O.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from loraformat.constants import StoredLayout
+from loraformat.ops import fp8
+from loraformat.ops.kernel import Codec
+from loraformat.ops.kernel_numpy import DenseCodec
+
+
+@dataclass
+class ErrorStats:
+    """Running max and sum of squares of the re-quantization error and of the delta it is compared with."""
+
+    max_error: float = 0.0
+    sq_error: float = 0.0
+    max_delta: float = 0.0
+    sq_delta: float = 0.0
+    elements: int = 0
+
+    def add(self, err: np.ndarray, delta: np.ndarray) -> None:
+        if err.size == 0:
+            return
+        e, d = err.reshape(-1), delta.reshape(-1)
+        self.max_error = max(self.max_error, float(e.max()), -float(e.min()))
+        self.max_delta = max(self.max_delta, float(d.max()), -float(d.min()))
+        self.sq_error += float(np.dot(e, e))  # BLAS dot: one pass, no temporary
+        self.sq_delta += float(np.dot(d, d))
+        self.elements += err.size
+
+    def merge(self, other: ErrorStats) -> None:
+        self.max_error = max(self.max_error, other.max_error)
+        self.max_delta = max(self.max_delta, other.max_delta)
+        self.sq_error += other.sq_error
+        self.sq_delta += other.sq_delta
+        self.elements += other.elements
+
+    def report(self) -> dict[str, float | int]:
+        """max |e| / max |ΔW| and RMS(e) / RMS(ΔW) (0 when the adapter changed nothing)."""
+        rel_max = self.max_error / self.max_delta if self.max_delta else 0.0
+        rel_rms = math.sqrt(self.sq_error / self.sq_delta) if self.sq_delta else 0.0
+        return {
+            "max_rel": rel_max,
+            "rms_rel": rel_rms,
+            "max_abs": self.max_error,
+            "rms_abs": math.sqrt(self.sq_error / self.elements) if self.elements else 0.0,
+            "elements": self.elements,
+        }
+
+
+class _Measured(Codec[np.ndarray]):
+    """Keeps each block's decoded base rows so that ``encode`` can measure the error against the delta."""
+
+    def __init__(self) -> None:
+        self.error = ErrorStats()
+        self._base: tuple[int, np.ndarray] | None = None
+        self.side: dict[str, bytes] = {}  # companion role -> bytes, complete once the last block is encoded
+
+    def _keep(self, start: int, out: np.ndarray) -> None:
+        self._base = (start, out.copy())
+
+    def _measure(self, start: int, work: np.ndarray, requant: np.ndarray) -> None:
+        if self._base is None or self._base[0] != start or self._base[1].shape != work.shape:
+            return
+        base = self._base[1]
+        np.subtract(work, base, out=base)  # the delta, in the kept buffer
+        np.subtract(requant, work, out=requant)
+        self.error.add(requant, base)
+        self._base = None
+
+
+class Fp8Codec(_Measured):
+    """F8_E4M3 rows with the stored scales (decode) and fresh absmax/448 scales (encode, ``side["scale"]``)."""
+
+    layout = StoredLayout.FP8
+    dtype = "F8_E4M3"
+
+    def __init__(self, layout: fp8.Fp8Layout, scale: np.ndarray, shape: tuple[int, int]) -> None:
+        super().__init__()
+        self.fp8_layout, self.scale, self.shape = layout, scale.astype(np.float32), shape
+        self.fresh = np.zeros(layout.scale_shape(*shape), np.float32)
+
+    def row_nbytes(self, cols: int) -> int:
+        return cols
+
+    def decode(self, raw: np.ndarray, start: int, stop: int, out: np.ndarray) -> None:
+        q = raw.reshape(stop - start, -1)
+        if out.dtype == np.float32 and out.flags.c_contiguous:
+            fp8.decode_rows(q, self.scale, self.fp8_layout, row0=start, out=out)
+        else:
+            np.copyto(out, fp8.decode_rows(q, self.scale, self.fp8_layout, row0=start), casting="same_kind")
+        self._keep(start, out)
+
+    def nonfinite(self, raw: np.ndarray, rows: int) -> np.ndarray:
+        """E4M3 has no infinity; its NaNs are 0x7F and 0xFF."""
+        return ((raw & 0x7F) == 0x7F).reshape(rows, -1)
+
+    def _fresh_rows(self, work: np.ndarray, start: int, stop: int) -> np.ndarray:
+        kind = self.fp8_layout.kind
+        if kind == "tensor":
+            if (start, stop) != (0, self.shape[0]):
+                raise ValueError("a per-tensor FP8 scale needs the whole tensor in one block")
+            self.fresh[...] = fp8.fresh_scales(work, self.fp8_layout)
+        elif kind == "channel":
+            self.fresh[start:stop] = fp8.fresh_scales(work, self.fp8_layout)
+        else:
+            bo = self.fp8_layout.block[0]
+            self.fresh[start // bo : -(stop // -bo)] = fp8.fresh_scales(work, self.fp8_layout)
+        return self.fresh
+
+    def encode(self, work: np.ndarray, start: int, stop: int, raw: np.ndarray) -> None:
+        x = np.asarray(work, np.float32)
+        scale = self._fresh_rows(x, start, stop)
+        q = fp8.encode_rows(x, scale, self.fp8_layout, row0=start)
+        raw[:] = q.reshape(-1)
+        self._measure(start, x, fp8.decode_rows(q, scale, self.fp8_layout, row0=start))
+        if stop >= self.shape[0]:
+            dt = fp8.SCALE_DTYPES[self.fp8_layout.scale_dtype]
+            self.side["scale"] = np.ascontiguousarray(self.fresh.astype(dt)).tobytes()
+
+
+@dataclass(frozen=True)
+class Bnb4Spec:
+    """A bitsandbytes 4-bit quantization: what QLoRA trained against, or how a checkpoint stores a weight."""
+
+    quant_type: str  # nf4 | fp4
+    block_size: int
+    double_quant: bool
+    dtype: str  # torch dtype name the weight dequantizes to (its compute-side value)
+
+
+def _torch_dtype(name: str) -> Any:
+    import torch
+
+    return getattr(torch, name)
+
+
+class Bnb4Codec(_Measured):
+    """A packed bitsandbytes 4-bit weight (whole tensor): dequantized with its stored state, re-quantized with
+    the same quant type, block size and double quantization; ``side`` holds the new absmax, nested absmax and
+    the state JSON's new nested offset (``side_offset``)."""
+
+    layout = StoredLayout.BNB4
+    dtype = "U8"
+
+    def __init__(
+        self, spec: Bnb4Spec, shape: tuple[int, ...], state: dict[str, np.ndarray], offset: float | None
+    ):
+        super().__init__()
+        self.spec, self.shape, self.arrays, self.offset = spec, shape, state, offset
+        self.new_offset: float | None = None
+        self._bad: np.ndarray | None = None
+
+    def row_nbytes(self, cols: int) -> int:
+        return cols // 2
+
+    def nonfinite(self, raw: np.ndarray, rows: int) -> np.ndarray:
+        """4-bit codes have no inf/NaN: the mask is that of the values last encoded (NaN poisons a block)."""
+        if self._bad is not None and self._bad.shape[0] == rows:
+            return self._bad
+        return np.zeros((rows, max(1, raw.size * 2 // max(rows, 1))), bool)
+
+    def _state(self) -> Any:
+        import torch
+
+        from loraformat.ops.nf4 import State4bit
+
+        a = self.arrays
+        return State4bit(
+            self.spec.quant_type,
+            self.spec.block_size,
+            tuple(self.shape),
+            _torch_dtype(self.spec.dtype),
+            torch.from_numpy(a["absmax"].copy()),
+            torch.from_numpy(a["quant_map"].copy()),
+            self.offset,
+            torch.from_numpy(a["nested_absmax"].copy()) if "nested_absmax" in a else None,
+            torch.from_numpy(a["nested_quant_map"].copy()) if "nested_quant_map" in a else None,
+        )
+
+    def decode(self, raw: np.ndarray, start: int, stop: int, out: np.ndarray) -> None:
+        import torch
+
+        from loraformat.ops.nf4 import dequantize_4bit
+
+        if (start, stop) != (0, self.shape[0]):
+            raise ValueError("a bitsandbytes 4-bit weight is decoded whole")
+        w = dequantize_4bit(torch.from_numpy(np.ascontiguousarray(raw)), self._state())
+        np.copyto(out, w.float().numpy().reshape(out.shape), casting="same_kind")
+        self._keep(start, out)
+
+    def encode(self, work: np.ndarray, start: int, stop: int, raw: np.ndarray) -> None:
+        import torch
+
+        from loraformat.ops.nf4 import dequantize_4bit, quantize_4bit
+
+        self._bad = ~np.isfinite(work)
+        x = torch.from_numpy(np.ascontiguousarray(work, np.float32)).reshape(self.shape)
+        packed, state = quantize_4bit(
+            x,
+            quant_type=self.spec.quant_type,
+            block_size=self.spec.block_size,
+            double_quant=self.spec.double_quant,
+        )
+        state.dtype = _torch_dtype(self.spec.dtype)
+        raw[:] = packed.reshape(-1).numpy()
+        requant = dequantize_4bit(packed, state).float().numpy().reshape(work.shape)
+        self._measure(start, np.asarray(work, np.float32), requant)
+        self.side["absmax"] = state.absmax.numpy().tobytes()
+        if state.nested_absmax is not None:
+            self.side["nested_absmax"] = state.nested_absmax.numpy().tobytes()
+        self.new_offset = state.offset
+
+
+class Bnb4RoundtripCodec(Codec[np.ndarray]):
+    """A 16-bit weight decoded as QLoRA saw it: dequant(quant(W)) in the weight's dtype (bitsandbytes' round trip,
+    bit for bit), then widened exactly. Whole tensor (the block scales and the double-quant offset span it)."""
+
+    layout = StoredLayout.DENSE
+
+    def __init__(self, st_dtype: str, spec: Bnb4Spec, shape: tuple[int, ...]) -> None:
+        self.dtype, self.spec, self.shape = st_dtype, spec, shape
+        self.dense = DenseCodec(st_dtype)
+
+    def row_nbytes(self, cols: int) -> int:
+        return self.dense.row_nbytes(cols)
+
+    def nonfinite(self, raw: np.ndarray, rows: int) -> np.ndarray:
+        return self.dense.nonfinite(raw, rows)
+
+    def decode(self, raw: np.ndarray, start: int, stop: int, out: np.ndarray) -> None:
+        import torch
+
+        from loraformat.ops.nf4 import roundtrip_4bit
+
+        if (start, stop) != (0, self.shape[0]):
+            raise ValueError("a QLoRA round trip needs the whole tensor")
+        self.dense.decode(raw, start, stop, out)
+        w = torch.from_numpy(np.ascontiguousarray(out, np.float32)).to(_torch_dtype(self.spec.dtype))
+        rt = roundtrip_4bit(
+            w,
+            quant_type=self.spec.quant_type,
+            block_size=self.spec.block_size,
+            double_quant=self.spec.double_quant,
+        )
+        np.copyto(out, rt.float().numpy().reshape(out.shape), casting="same_kind")
+
+    def encode(self, work: np.ndarray, start: int, stop: int, raw: np.ndarray) -> None:
+        self.dense.encode(work, start, stop, raw)
