@@ -618,13 +618,14 @@ class _Handler(BaseHTTPRequestHandler):
         """A download answer that lies: an announced length, a body of another size, a dropped connection."""
         body, repeat = evil.get("body", b""), int(evil.get("repeat", 1))
         length = evil.get("length", len(body) * repeat)
+        hang_up = length is None or evil.get("hang_up", True)
         self.send_response(200)
         self.send_header("Content-Type", "application/octet-stream")
-        if length is None:  # no length: the body runs until the connection closes
+        if length is not None:  # without a length the body runs until the connection closes
+            self.send_header("Content-Length", str(length))
+        if hang_up:  # announced, so the client never reuses a connection this answer closes
             self.send_header("Connection", "close")
             self.close_connection = True
-        else:
-            self.send_header("Content-Length", str(length))
         for k, v in headers.items():
             self.send_header(k, v)
         self.end_headers()
@@ -635,5 +636,3 @@ class _Handler(BaseHTTPRequestHandler):
             self.wfile.flush()
         except OSError:  # the client stopped reading: what a careful client does
             pass
-        if evil.get("hang_up", True):
-            self.close_connection = True
