@@ -117,6 +117,13 @@ def quantized_task(
     opts: QuantOptions, name: str, info: TensorInfo, terms: list[Any], out_dtype: str | None, replaced: bool
 ) -> Special | None:
     """The decision for ``name``, or None when it is an ordinary tensor for the usual rules."""
+    quantized_target = bool(terms) and (opts.roundtrip is not None or opts.base is not None)
+    if quantized_target and any(t.term.magnitude is not None for t in terms):
+        raise UnsupportedQuantizationError(
+            f"{name!r}: DoRA adapters cannot be merged into a quantized base or a QLoRA round trip (DoRA "
+            "renormalises whole rows of the merged weight, which the quantized codecs do not do); merge into the "
+            "16-bit base with --dequantize-as none"
+        )
     base = opts.base
     if base is not None:
         weights = base.fp8.weights if base.fp8 is not None else base.nf4
