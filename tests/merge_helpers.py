@@ -8,6 +8,7 @@ from typing import Any
 import torch
 
 from loraformat.io.checkpoint import open_checkpoint
+from loraformat.ops.term import Term, lora_factors, rows_cols
 
 
 def ulp_distance(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -115,3 +116,31 @@ def fp64_reference(
             B = adapter.lora_B(module).double()
             out[entry.base_tensor] = out[entry.base_tensor] + w * adapter.scale(module) * (B @ A)
     return out
+
+
+def exact_and_bound(
+    W: torch.Tensor, terms: list[Term], out_dtype: torch.dtype
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The merged weight in fp64 and the documented bound of a kernel's error (ops/kernel.py): a full ulp of
+    the output (the one rounding, plus the fp32 error pushing a value across a boundary) + for each term
+    (r + 2) * eps * (|L| @ |s R|) (its product and the scaled factor) + eps * |work| for each addition."""
+    work_dtype = torch.float64 if torch.float64 in (W.dtype, out_dtype) else torch.float32
+    eps = torch.finfo(work_dtype).eps
+    exact = W.double().reshape(rows_cols(W.shape))
+    err = torch.zeros_like(exact)
+    for t in terms:
+        L, R = lora_factors(t.A.double(), t.B.double(), t.kind, t.fan_in_fan_out)
+        exact = exact + L @ (t.scale * R)
+        err += (t.A.shape[0] + 2) * eps * (L.abs() @ (abs(t.scale) * R.abs()))
+    err += len(terms) * eps * exact.abs()
+    rounded = exact.to(out_dtype)
+    ulp = (
+        torch.nextafter(rounded.abs(), torch.tensor(float("inf"), dtype=out_dtype)) - rounded.abs()
+    ).double()
+    return exact.reshape(W.shape), (err + ulp).reshape(W.shape)
+
+
+def assert_within_bound(got: torch.Tensor, W: torch.Tensor, terms: list[Term]) -> None:
+    exact, bound = exact_and_bound(W, terms, got.dtype)
+    excess = (got.double() - exact).abs() - bound
+    assert excess.max() <= 0, f"{int((excess > 0).sum())} elements beyond the bound, worst {excess.max():.3g}"

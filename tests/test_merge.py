@@ -13,6 +13,7 @@ import torch
 
 import loraformat
 from loraformat.adapter import open_adapter
+from loraformat.constants import LayerKind
 from loraformat.conversion import convert
 from loraformat.errors import (
     BaseMismatchError,
@@ -24,9 +25,11 @@ from loraformat.errors import (
 from loraformat.io.checkpoint import INDEX_NAME, open_checkpoint
 from loraformat.merging import engine
 from loraformat.merging.api import merge as merge_fn
+from loraformat.ops.term import Term
 from tests.fixtures import PEFT_VARIANTS, make_peft_adapter
 from tests.merge_helpers import (
     assert_close_to,
+    assert_within_bound,
     fp64_reference,
     load_dir,
     logits,
@@ -141,14 +144,28 @@ def test_matches_peft_merge_and_unload(variant, backend, merged, peft_refs, peft
 
 
 @pytest.mark.parametrize("variant, mode", [(v, m) for v, m in CASES if m != "torch"])
-def test_kernels_and_devices_write_the_same_bits(variant, mode, merged):
-    """Every fixture: the numpy kernel and the staged (CUDA-orchestration) device write byte-identical
-    directories to the torch kernel on the host (same operation order, fp64 products, one rounding)."""
+def test_kernels_and_devices_agree(variant, mode, merged, peft_adapters):
+    """Every fixture: the numpy kernel and the staged (CUDA-orchestration) device write the same files as the
+    torch kernel on the host: every non-weight file, every safetensors header and every untouched tensor byte
+    for byte; merged tensors differ at most by the BLAS summation order of the products (ops/kernel.py): one
+    ulp of a 16-bit weight, the last bits of an fp32 one."""
     (_, a), (_, b) = merged[variant, "torch"], merged[variant, mode]
     names = sorted(p.name for p in a.iterdir())
     assert names == sorted(p.name for p in b.iterdir())
     for name in names:
-        assert (a / name).read_bytes() == (b / name).read_bytes(), name
+        if not name.endswith(".safetensors"):
+            assert (a / name).read_bytes() == (b / name).read_bytes(), name
+            continue
+        ha, hb = ((d / name).read_bytes() for d in (a, b))
+        n = 8 + int.from_bytes(ha[:8], "little")
+        assert ha[:n] == hb[:n], name
+    changed = _changed_by(peft_adapters[variant])
+    ta, tb = load_dir(a), load_dir(b)
+    for name, tensor in ta.items():
+        if name in changed:
+            assert_close_to(tb[name], tensor, f"{variant}:{name}:{mode}")
+        else:
+            assert raw_bytes(b, name) == raw_bytes(a, name), name
 
 
 def test_auto_backend_is_numpy_on_cpu_but_torch_for_dora(tmp_path, merged, peft_adapters, llama_base):
@@ -307,18 +324,24 @@ def test_max_shard_size_reshards(tmp_path, peft_adapters, llama_base, llama_base
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_dtype_conversion(backend, tmp_path, peft_adapters, gpt2_base, llama_base):
-    # fp32 GPT-2 base -> bf16: merged values are the exact W + s (B A)^T rounded once (PEFT's fp32 result can
-    # be further off where W + dW nearly cancels: 1e5 fp32 ulps here), untouched ones rounded from the base
+    # fp32 GPT-2 base -> bf16: merged values are the exact W + s (B A)^T rounded once, up to the fp32 error of
+    # the product where W + dW nearly cancels (the bound of ops/kernel.py; PEFT's fp32 result is further off
+    # there: 1e5 fp32 ulps), untouched ones rounded from the base
     _merge(gpt2_base, [peft_adapters["gpt2"]], tmp_path / "bf16", dtype="bf16", backend=backend)
     ours, base = load_dir(tmp_path / "bf16"), load_dir(gpt2_base)
     adapter = open_adapter(peft_adapters["gpt2"])
-    exact = {k: v.double() for k, v in base.items()}
-    for module, entry in adapter.modules.items():
-        dw = adapter.scale(module) * (adapter.lora_B(module).double() @ adapter.lora_A(module).double())
-        exact[entry.base_tensor] += dw.T  # Conv1D stores (in, out)
+    terms = {
+        entry.base_tensor: Term(
+            LayerKind.LINEAR, adapter.lora_A(m), adapter.lora_B(m), adapter.scale(m), fan_in_fan_out=True
+        )
+        for m, entry in adapter.modules.items()  # Conv1D stores (in, out)
+    }
     for name, tensor in ours.items():
         assert tensor.dtype == torch.bfloat16
-        assert max_ulp(tensor, exact[name].to(torch.bfloat16)) <= 1, name
+        if name in terms:
+            assert_within_bound(tensor, base[name], [terms[name]])
+        else:
+            assert torch.equal(tensor, base[name].to(torch.bfloat16)), name
     assert json.loads((tmp_path / "bf16" / "config.json").read_text()).get("dtype", "bfloat16") == "bfloat16"
     # bf16 Llama -> fp32: untouched tensors are exact upcasts, merged ones unrounded fp32
     _merge(llama_base, [peft_adapters["plain"]], tmp_path / "fp32", dtype="fp32", backend=backend)

@@ -1,6 +1,6 @@
-"""The merge kernels (loraformat.ops.kernel*): both against PEFT's own layers, both bit-identical to each other
-(operation order, single rounding), any row partition equal to the whole block, and the numpy codecs bit-exact
-against torch's conversions."""
+"""The merge kernels (loraformat.ops.kernel*): both against PEFT's own layers, both within the bound
+ops/kernel.py documents of the exact result (and so of each other), each one's bits independent of how the rows
+are partitioned into blocks, and the numpy codecs bit-exact against torch's conversions."""
 
 from __future__ import annotations
 
@@ -18,7 +18,7 @@ from loraformat.ops import kernel_numpy
 from loraformat.ops.kernel_numpy import NumpyKernel
 from loraformat.ops.kernel_torch import TorchKernel, torch_dtype
 from loraformat.ops.term import Term, needs_whole_tensor, rows_cols
-from tests.merge_helpers import max_ulp
+from tests.merge_helpers import assert_within_bound, max_ulp, ulp_distance
 
 KERNELS = [NumpyKernel(), TorchKernel("cpu")]
 
@@ -107,7 +107,7 @@ def _term(layer: nn.Module, magnitude: bool = False) -> Term:
 
 
 @pytest.mark.parametrize("module", ["lin", "emb", "c1", "c3", "k1d"])
-def test_both_kernels_merge_like_peft_and_agree_bit_for_bit(module):
+def test_both_kernels_merge_like_peft_within_the_bound(module):
     torch.manual_seed(0)
     model = _peft(Net())
     layer = getattr(model.base_model.model, module)
@@ -115,8 +115,9 @@ def test_both_kernels_merge_like_peft_and_agree_bit_for_bit(module):
     term = _term(layer)
     ours = [merge(k, W, [term], step=3, sub=2) for k in KERNELS]
     layer.merge()
-    torch.testing.assert_close(ours[0], layer.get_base_layer().weight.data, rtol=1e-6, atol=1e-6)
-    assert torch.equal(ours[0], ours[1])
+    for got in ours:
+        torch.testing.assert_close(got, layer.get_base_layer().weight.data, rtol=1e-6, atol=1e-6)
+        assert_within_bound(got, W, [term])
 
 
 def test_fan_in_fan_out_transposes_like_peft():
@@ -142,8 +143,9 @@ def test_fan_in_fan_out_transposes_like_peft():
     term = Term(LayerKind.LINEAR, A, B, layer.scaling["default"], fan_in_fan_out=True)
     ours = [merge(k, W, [term], step=2) for k in KERNELS]
     layer.merge()
-    torch.testing.assert_close(ours[0], layer.get_base_layer().weight.data)
-    assert torch.equal(ours[0], ours[1])
+    for got in ours:
+        torch.testing.assert_close(got, layer.get_base_layer().weight.data)
+        assert_within_bound(got, W, [term])
 
 
 @pytest.mark.parametrize("module", ["lin", "emb", "c1", "c3"])
@@ -189,8 +191,9 @@ def test_weighted_sum_is_exact_in_fp32_and_rounded_once():
     ref = W.double() + sum(s * (B.double() @ A.double()) for A, B, s in parts)
     terms = [Term(LayerKind.LINEAR, A, B, s) for A, B, s in parts]
     ours = [merge(k, W, terms, step=10, sub=3) for k in KERNELS]
-    assert ours[0].dtype == torch.bfloat16 and max_ulp(ours[0], ref.to(torch.bfloat16)) <= 1
-    assert torch.equal(ours[0], ours[1])
+    for got in ours:
+        assert got.dtype == torch.bfloat16 and max_ulp(got, ref.to(torch.bfloat16)) <= 1
+        assert_within_bound(got, W, terms)
 
 
 def test_lora_bias_term():
@@ -220,21 +223,32 @@ DTYPES = [torch.bfloat16, torch.float16, torch.float32, torch.float64]
     dtypes=st.tuples(st.sampled_from(DTYPES), st.sampled_from(DTYPES)),
     seed=st.integers(0, 2**16),
 )
-def test_kernels_are_bit_identical_for_any_partition(rows, cols, rank, step, sub, fifo, scale, dtypes, seed):
-    """Power-of-two scales included: no kernel takes a shortcut the other does not. With an F64 base or output
-    the work is fp64 like the products, so the BLAS summation order shows in the last fp64 bit there."""
+def test_kernels_within_the_bound_for_any_partition(rows, cols, rank, step, sub, fifo, scale, dtypes, seed):
+    """Each kernel, whatever the blocks and sub-blocks: within the documented bound of the exact merge, and the
+    same bits when run again on the same blocks (a rerun, a split merge's worker). Power-of-two scales
+    included: no kernel takes a shortcut."""
     g = torch.Generator().manual_seed(seed)
     out_f, in_f = (cols, rows) if fifo else (rows, cols)
     W = torch.randn(rows, cols, generator=g).to(dtypes[0])
     A, B = torch.randn(rank, in_f, generator=g), torch.randn(out_f, rank, generator=g)
     term = Term(LayerKind.LINEAR, A, B, scale, fan_in_fan_out=fifo)
-    whole = merge(TorchKernel(), W, [term], dtypes[1])
     for k in KERNELS:
         got = merge(k, W, [term], dtypes[1], step=step, sub=sub)
-        if torch.float64 in dtypes:
-            torch.testing.assert_close(got, whole, rtol=1e-14, atol=1e-15)
-        else:
-            assert torch.equal(got.view(torch.uint8), whole.view(torch.uint8))
+        assert_within_bound(got, W, [term])
+        again = merge(k, W, [term], dtypes[1], step=step, sub=sub)
+        assert torch.equal(got.view(torch.uint8), again.view(torch.uint8)), k.name
+
+
+def test_kernels_differ_only_in_the_last_bit_and_rarely():
+    """The kernels' products sum the rank in their BLAS's order: on a realistic block (bf16 weights, rank 16,
+    scale 2) a bf16 output differs between them in at most one ulp and in well under 0.1 % of the elements."""
+    g = torch.Generator().manual_seed(7)
+    W = (0.02 * torch.randn(512, 1024, generator=g)).to(torch.bfloat16)
+    A, B = 0.01 * torch.randn(16, 1024, generator=g), 0.01 * torch.randn(512, 16, generator=g)
+    term = Term(LayerKind.LINEAR, A, B, 2.0)
+    a, b = (merge(k, W, [term], step=100, sub=64) for k in KERNELS)
+    d = ulp_distance(a, b)
+    assert int(d.max()) <= 1 and float((d > 0).float().mean()) < 1e-3
 
 
 # --- numpy codecs against torch's conversions ---------------------------------------------------------------------
@@ -294,6 +308,12 @@ def test_f32_to_bf16_matches_torch_bit_for_bit():
     # the out= form gives the same bits
     out = np.empty(x.shape, np.uint16)
     assert kernel_numpy.f32_to_bf16(x, out) is out and np.array_equal(out, ours)
+    # the integer rounding the merge uses once it checked the rows are finite: the same bits, including every
+    # finite value past bfloat16's largest (it must become inf, as torch's cast makes it)
+    finite = np.isfinite(x)
+    fast = kernel_numpy.f32_to_bf16(np.ascontiguousarray(x[finite]), finite=True)
+    assert np.array_equal(fast, theirs[finite])
+    assert (fast == 0x7F80).sum() >= 2 and (fast == 0xFF80).sum() >= 1  # 0x7F7F8000, 0x7F7FFFFF, 0xFF7FFFFF
 
 
 def test_bf16_to_f32_is_exact_for_every_pattern():
@@ -301,6 +321,8 @@ def test_bf16_to_f32_is_exact_for_every_pattern():
     ours = kernel_numpy.bf16_to_f32(bits)
     theirs = torch.from_numpy(bits.view(np.int16)).view(torch.bfloat16).float().numpy()
     assert np.array_equal(ours.view(np.uint32), theirs.view(np.uint32))
+    strided = np.empty((2**16, 2), np.float32)[:, 0]  # a non-contiguous out takes the cast
+    assert np.array_equal(kernel_numpy.bf16_to_f32(bits, strided).view(np.uint32), theirs.view(np.uint32))
     finite = ~np.isnan(ours)
     assert np.array_equal(kernel_numpy.f32_to_bf16(ours)[finite], bits[finite])  # round trip
 

@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import os
-import sys
 import warnings
 from typing import Any
 
@@ -162,12 +160,6 @@ def merge_cmd(
       loraformat merge ./base a.safetensors -o ./merged --ray=10.0.0.1:6379 --workers 16
     """
     from loraformat.merging.api import merge
-
-    if "numpy" not in sys.modules:
-        # The CPU merge calls numpy's OpenBLAS for many short products; its extra threads spin between them and
-        # take the cores the writer and the hasher need (~7 s of CPU on a 2.2 GB merge on 2 cores). OpenBLAS
-        # reads this once, when numpy loads; a value the user set wins.
-        os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 
     if weights and len(weights) != len(adapters):
         raise UsageError(f"got {len(weights)} --weight for {len(adapters)} adapter(s); give one per adapter")

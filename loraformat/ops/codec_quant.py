@@ -122,7 +122,9 @@ class Fp8Codec(_Measured):
             self.fresh[start // bo : -(stop // -bo)] = fp8.fresh_scales(work, self.fp8_layout)
         return self.fresh
 
-    def encode(self, work: np.ndarray, start: int, stop: int, raw: np.ndarray) -> None:
+    def encode(
+        self, work: np.ndarray, start: int, stop: int, raw: np.ndarray, *, finite: bool = False
+    ) -> None:
         x = np.asarray(work, np.float32)
         scale = self._fresh_rows(x, start, stop)
         q = fp8.encode_rows(x, scale, self.fp8_layout, row0=start)
@@ -203,7 +205,9 @@ class Bnb4Codec(_Measured):
         np.copyto(out, w.float().numpy().reshape(out.shape), casting="same_kind")
         self._keep(start, out)
 
-    def encode(self, work: np.ndarray, start: int, stop: int, raw: np.ndarray) -> None:
+    def encode(
+        self, work: np.ndarray, start: int, stop: int, raw: np.ndarray, *, finite: bool = False
+    ) -> None:
         import torch
 
         from loraformat.ops.nf4 import dequantize_4bit, quantize_4bit
@@ -235,6 +239,7 @@ class Bnb4RoundtripCodec(Codec[np.ndarray]):
     def __init__(self, st_dtype: str, spec: Bnb4Spec, shape: tuple[int, ...]) -> None:
         self.dtype, self.spec, self.shape = st_dtype, spec, shape
         self.dense = DenseCodec(st_dtype)
+        self.max_finite = self.dense.max_finite
 
     def row_nbytes(self, cols: int) -> int:
         return self.dense.row_nbytes(cols)
@@ -259,5 +264,7 @@ class Bnb4RoundtripCodec(Codec[np.ndarray]):
         )
         np.copyto(out, rt.float().numpy().reshape(out.shape), casting="same_kind")
 
-    def encode(self, work: np.ndarray, start: int, stop: int, raw: np.ndarray) -> None:
-        self.dense.encode(work, start, stop, raw)
+    def encode(
+        self, work: np.ndarray, start: int, stop: int, raw: np.ndarray, *, finite: bool = False
+    ) -> None:
+        self.dense.encode(work, start, stop, raw, finite=finite)

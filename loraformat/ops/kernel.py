@@ -4,17 +4,23 @@ A merge streams each target tensor through here a block of rows at a time (mergi
 A :class:`Kernel` is the array library the math runs in (numpy: ops/kernel_numpy.py, torch on CPU or CUDA:
 ops/kernel_torch.py); a :class:`Codec` is how one stored layout is turned into compute-dtype rows and back
 (plain floating point today; quantized layouts add codecs, see :meth:`Kernel.codec`). Both kernels run the
-same :meth:`Kernel.merge_block` with the same operation order -- per term ``prod = L @ (scale * R)`` in fp64,
-``work += prod`` rounded to the work dtype, then one rounding to the stored dtype.
+same :meth:`Kernel.merge_block` with the same operation order -- per term ``work += L @ (scale * R)`` in the
+work dtype (fp32; fp64 when the base or the output is F64), then one rounding to the stored dtype.
 
-Why fp64 products: numpy (OpenBLAS) and torch (MKL), and even one library on one row versus many (gemv versus
-gemm), sum the r products of a dot product in different orders, and in fp32 that changes the last bit of a
-fifth of the elements. The products of fp32 factors are exact in fp64 and their sum carries 29 more bits, so
-after rounding to fp32 the order no longer shows: the kernels, and any partition of the rows into blocks, give
-the same bits (tests/test_ops_kernel.py checks it on random shapes; test_merge.py on every fixture). They can
-still differ where an fp64 sum lies within a few fp64 ulps of an fp32 rounding boundary, which is rare enough
-(about r * 2**-29 per element) that no fixture shows it. Where the work itself is fp64 (an F64 base or
-output) nothing masks the order: results agree to the last fp64 bit or two only.
+Where the kernels may differ, and by how much (tests/test_ops_kernel.py checks these bounds on random shapes,
+tests/test_merge.py on every fixture): a product ``L @ R`` sums ``r`` terms, and BLAS libraries (numpy's
+OpenBLAS, torch's MKL, cuBLAS) choose their own summation order, so a product can differ between kernels in
+its last fp32 bit or two. After ``work += prod`` and the one rounding to the stored dtype this shows only where
+the exact sum lies within that much of a rounding boundary of the output: BF16/F16 outputs differ in about one
+element in 10^4 or fewer, by one ulp; F32 outputs in a few percent of the merged elements, by an ulp or two.
+Each kernel is, element by element, within ``ulp(out)/2 + (r + 2) * eps * (|L| @ |R|)`` of the exact result
+(eps of the work dtype), which is what "the math in fp32, rounded once" promises and what PEFT's own merge
+does. The same bound holds for any partition of the rows into blocks, but the bits need not: MKL in particular
+picks its summation order by the block's shape and its thread count. A run is reproducible with the same
+kernel, device and blocks -- which the block plan fixes from the tensor's shape and dtype -- so a split merge's
+workers write byte for byte the shards of the whole merge on the same kind of machine. (An earlier design
+formed the products in fp64 to hide the order; that doubled the cost of a CPU merge, and on most GPUs far
+more, for a difference below PEFT's own rounding.)
 
 Everything here is pure: arrays in, arrays out, no file or network I/O.
 """
@@ -36,7 +42,7 @@ T = TypeVar("T")  # the kernel's array type: numpy.ndarray or torch.Tensor
 @dataclass
 class Factors(Generic[T]):
     """A term prepared for row blocks of the stored weight viewed (rows, cols): rows [s, e) of its delta are
-    ``L[s:e] @ R`` (the scale folded into R, in fp64); for a lora_bias term ``L`` is the scaled bias (rows,)
+    ``L[s:e] @ R`` (the scale folded into R, in the work dtype); for a lora_bias term ``L`` is the scaled bias (rows,)
     and ``R`` is None."""
 
     L: T
@@ -55,6 +61,9 @@ class Codec(ABC, Generic[T]):
 
     layout: StoredLayout
     dtype: str  # the stored element dtype (safetensors name)
+    #: the largest finite stored value, when the stored dtype has one: work within +-max_finite encodes to
+    #: finite values, so the merge can skip its inf/NaN check on the encoded rows (None: always check)
+    max_finite: float | None = None
 
     @abstractmethod
     def row_nbytes(self, cols: int) -> int:
@@ -65,8 +74,10 @@ class Codec(ABC, Generic[T]):
         """Stored rows -> ``out`` (stop - start, cols) in the compute dtype, exactly."""
 
     @abstractmethod
-    def encode(self, work: T, start: int, stop: int, raw: T) -> None:
-        """Compute-dtype rows -> stored bytes, rounded once (to nearest even)."""
+    def encode(self, work: T, start: int, stop: int, raw: T, *, finite: bool = False) -> None:
+        """Compute-dtype rows -> stored bytes, rounded once (to nearest even). ``finite``: the caller checked
+        that every element of ``work`` is finite and within +-:attr:`max_finite` (an encoder may then skip its
+        inf/NaN handling)."""
 
     @abstractmethod
     def nonfinite(self, raw: T, rows: int) -> T:
@@ -87,11 +98,7 @@ class Kernel(ABC, Generic[T]):
     # -- what a subclass provides ---------------------------------------------------------------------------
     @abstractmethod
     def compute_dtype(self, *st_dtypes: str) -> Any:
-        """fp64 when any stored dtype is F64, else fp32: the precision of the rows a merge works on."""
-
-    @abstractmethod
-    def product_dtype(self) -> Any:
-        """fp64: the precision of the factors and their products (see the module docstring)."""
+        """fp64 when any stored dtype is F64, else fp32: the precision of the rows, factors and products."""
 
     @abstractmethod
     def codec(self, layout: StoredLayout, st_dtype: str, aux: dict[str, T] | None = None) -> Codec[T]:
@@ -121,8 +128,13 @@ class Kernel(ABC, Generic[T]):
     def add_terms(
         self, work: T, factors: Sequence[Factors[T]], start: int, stop: int, scratch: T | None
     ) -> None:
-        """work (stop - start, cols) += each term's rows, in order: ``prod = L @ R`` in the product dtype, then
-        ``work += prod`` rounded to the work dtype."""
+        """work (stop - start, cols) += each term's rows, in order: ``work += L @ R`` in the work dtype (the
+        product rounded, then the sum rounded; ``scratch`` holds the product where the library needs one)."""
+
+    def within(self, work: T, limit: float) -> bool:
+        """True when every element of ``work`` is finite and within +-``limit`` (False: unknown). A kernel
+        answers it where that is cheaper than testing the encoded rows (never on a device that would stall)."""
+        return False
 
     @abstractmethod
     def any_true(self, mask: T) -> Any:
@@ -139,8 +151,8 @@ class Kernel(ABC, Generic[T]):
 
     # -- the one algorithm ----------------------------------------------------------------------------------
     def prepare(self, term: Term[T]) -> Factors[T]:
-        """Factor a loaded term as L @ R over the stored layout, contiguous, in the product dtype."""
-        pd = self.product_dtype()
+        """Factor a loaded term (its tensors in the work dtype) as L @ R over the stored layout, contiguous."""
+        pd = term.B.dtype  # type: ignore[attr-defined]
         scale = float(term.scale)
         if term.kind == LayerKind.BIAS:
             return Factors(self.scale(self.contiguous(term.B.reshape(-1), pd), scale), None)  # type: ignore[attr-defined]
@@ -177,9 +189,7 @@ class Kernel(ABC, Generic[T]):
         step = n if sub_rows <= 0 else min(sub_rows, n)
         direct = enc.view(out, n, cols, cd)  # the output holds the compute dtype: merge in place
         work = None if direct is not None else self.empty(step * cols, cd)
-        scratch = (
-            self.empty(step * cols, self.product_dtype()) if any(f.R is not None for f in factors) else None
-        )
+        scratch = self.empty(step * cols, cd) if any(f.R is not None for f in factors) else None
         src_row, out_row = dec.row_nbytes(cols), enc.row_nbytes(cols)
         for s0 in range(0, n, step):
             s1 = min(n, s0 + step)
@@ -188,11 +198,14 @@ class Kernel(ABC, Generic[T]):
             else:
                 w = work[: (s1 - s0) * cols].reshape(s1 - s0, cols)  # type: ignore[index]
             dec.decode(src[s0 * src_row : s1 * src_row], start + s0, start + s1, w)  # type: ignore[index]
+            checked = False
             if factors:
                 self.add_terms(w, factors, start + s0, start + s1, scratch)
+                checked = enc.max_finite is not None and self.within(w, enc.max_finite)
             if direct is None:
-                enc.encode(w, start + s0, start + s1, out[s0 * out_row : s1 * out_row])  # type: ignore[index]
-            if factors:
+                raw = out[s0 * out_row : s1 * out_row]  # type: ignore[index]
+                enc.encode(w, start + s0, start + s1, raw, finite=checked)
+            if factors and not checked:
                 src_rows = src[s0 * src_row : s1 * src_row]  # type: ignore[index]
                 out_rows = out[s0 * out_row : s1 * out_row]  # type: ignore[index]
                 introduced = introduced | self._introduced(dec, src_rows, enc, out_rows, s1 - s0)

@@ -31,6 +31,8 @@ class DenseCodec(Codec[torch.Tensor]):
         self.dtype = st_dtype
         self.torch_dtype = torch_dtype(st_dtype)
         self.itemsize = torch.empty(0, dtype=self.torch_dtype).element_size()
+        if self.torch_dtype.is_floating_point:
+            self.max_finite = float(torch.finfo(self.torch_dtype).max)
 
     def row_nbytes(self, cols: int) -> int:
         return cols * self.itemsize
@@ -41,7 +43,9 @@ class DenseCodec(Codec[torch.Tensor]):
     def decode(self, raw: torch.Tensor, start: int, stop: int, out: torch.Tensor) -> None:
         out.copy_(self._elements(raw, stop - start))
 
-    def encode(self, work: torch.Tensor, start: int, stop: int, raw: torch.Tensor) -> None:
+    def encode(
+        self, work: torch.Tensor, start: int, stop: int, raw: torch.Tensor, *, finite: bool = False
+    ) -> None:
         self._elements(raw, stop - start).copy_(work)
 
     def nonfinite(self, raw: torch.Tensor, rows: int) -> torch.Tensor:
@@ -60,9 +64,6 @@ class TorchKernel(Kernel[torch.Tensor]):
     def compute_dtype(self, *st_dtypes: str) -> Any:
         return torch.float64 if "F64" in st_dtypes else torch.float32
 
-    def product_dtype(self) -> Any:
-        return torch.float64
-
     def codec(
         self, layout: StoredLayout, st_dtype: str, aux: dict[str, torch.Tensor] | None = None
     ) -> Codec[torch.Tensor]:
@@ -73,6 +74,16 @@ class TorchKernel(Kernel[torch.Tensor]):
     def any_true(self, mask: torch.Tensor) -> Any:
         flag = mask.any()
         return flag if flag.is_cuda else bool(flag)
+
+    def within(self, work: torch.Tensor, limit: float) -> bool:
+        """On the CPU one min/max pass (NaN propagates and fails the test); on CUDA "unknown", so that the
+        merge reads one flag per tensor instead of synchronising on every block."""
+        if self.device.type != "cpu":
+            return False
+        if work.numel() == 0:
+            return True
+        lo, hi = torch.aminmax(work)
+        return bool(hi <= limit) and bool(lo >= -limit)
 
     def from_host(self, buffer: Any, nbytes: int) -> torch.Tensor:
         if nbytes == 0:
@@ -106,10 +117,10 @@ class TorchKernel(Kernel[torch.Tensor]):
             if f.R is None:
                 work.add_(f.L[start:stop].unsqueeze(1))
                 continue
-            prod = _product(f, start, stop, work, scratch)
             if f.magnitude is None:
-                work.add_(prod)
+                work.addmm_(f.L[start:stop], f.R)
                 continue
+            prod = _product(f, start, stop, work, scratch)
             assert base is not None  # DoRA: norms against the unmerged rows, as PEFT takes them
             mag = f.magnitude[start:stop].unsqueeze(1) if f.axis == 0 else f.magnitude.unsqueeze(0)
             delta = prod.to(work.dtype)  # PEFT's delta, in the work dtype
