@@ -125,10 +125,12 @@ def test_fp8_merge_requantizes_with_fresh_scales(quantized_bases, adapter, merge
         sname = _scale_name(kind, name)
         w = base_t[name].float() * _expand(base_t[sname], base_t[name].shape, kind)
         expected = _plus(w, adapter, name)
-        scale = _fresh(expected, kind, base_t[sname].dtype)
-        assert torch.equal(out_t[sname], scale.reshape(out_t[sname].shape)), name
-        q = (expected / _expand(scale, expected.shape, kind)).clamp(-448, 448).to(torch.float8_e4m3fn)
-        assert torch.equal(out_t[name].view(torch.uint8), q.view(torch.uint8)), name
+        # the merge's fp32 W + delta is within the kernel's bound of this fp64-exact one (ops/kernel.py): the
+        # same fresh scales up to the scale dtype's last bit, the same E4M3 codes but on a rounding boundary
+        scale = _fresh(expected, kind, base_t[sname].dtype).reshape(out_t[sname].shape)
+        assert max_ulp(out_t[sname], scale) <= 1 and (out_t[sname] != scale).float().mean() < 0.05, name
+        q = (expected / _expand(out_t[sname], expected.shape, kind)).clamp(-448, 448).to(torch.float8_e4m3fn)
+        assert (out_t[name].view(torch.uint8) != q.view(torch.uint8)).float().mean() < 1e-3, name
     for name in ("model.norm.weight", "model.embed_tokens.weight", "lm_head.weight"):
         assert out_raw[name] == base_raw[name]  # untargeted: byte for byte
     config = json.loads((out / "config.json").read_text())
@@ -231,13 +233,18 @@ def test_bnb4_checkpoint_merge_is_what_bitsandbytes_would_write(
         packed, ref = F.quantize_4bit(
             expected, blocksize=state.blocksize, compress_statistics=state.nested, quant_type=state.quant_type
         )
-        assert torch.equal(out_t[name], packed), name
+        # the merge's fp32 W + delta is within the kernel's bound of this fp64-exact one (ops/kernel.py): the
+        # same 4-bit codes but where a value lies on a code boundary, the same block statistics to the last bits
+        # (bit-exactness against bitsandbytes quantizing our own fp32 merge is checked below)
+        assert out_t[name].shape == packed.shape
+        assert (out_t[name] != packed).float().mean() < 2e-3, name
         new = _bnb_state(out_t, name)
-        assert torch.equal(new.absmax, ref.absmax)
-        if state.nested:
-            assert torch.equal(new.state2.absmax, ref.state2.absmax) and float(new.offset) == float(
-                ref.offset
-            )
+        if state.nested:  # 8-bit block statistics, themselves scaled by fp32 ones
+            assert (new.absmax != ref.absmax).float().mean() < 2e-2, name
+            torch.testing.assert_close(new.state2.absmax, ref.state2.absmax, rtol=1e-5, atol=0)
+            assert float(new.offset) == pytest.approx(float(ref.offset), rel=1e-5)
+        else:
+            torch.testing.assert_close(new.absmax, ref.absmax, rtol=1e-5, atol=0)
     assert out_raw["model.norm.weight"] == base_raw["model.norm.weight"]
     assert result.requant_error is not None and result.requant_error["rms_rel"] < 0.5
     # transformers + bitsandbytes load it, hold exactly what they make of the fp32 merge quantized on load, and

@@ -44,7 +44,7 @@ OUT_BUFFERS = 3
 STAGING_BUFFERS = 6
 CPU_SUBBLOCK_ELEMS = 1 << 16  # rows merged at a time on the host: the fp32 work and product stay in L2
 HASH_CHUNK = 64 * MiB
-COPY_PIECE = 256 * MiB
+COPY_PIECE = 64 * MiB  # between two pieces the writer writes the merged blocks that are ready
 PREFETCH_AHEAD = 1 << 30  # the prefetcher asks the kernel to read at most this far ahead of the merge
 
 Progress = Callable[[int, int], None]  # (bytes written, tensors done) increments
@@ -278,8 +278,12 @@ class Pipeline:
 
     # -- writer ---------------------------------------------------------------------------------------------
     def _writer(self) -> None:
+        """Untouched tensors first, as raw byte ranges, but merged blocks that are ready are written between two
+        copy pieces: otherwise the merge stalls on its few output buffers until every untouched byte is copied
+        (most of an FP8 base whose adapter targets q and v)."""
         assert self.outputs is not None and self.sources is not None
         scratch: bytearray | None = None
+        done = False
         for run in self.copy_runs:
             for pos in range(0, run.nbytes, COPY_PIECE):  # in pieces, so that an interrupt is seen quickly
                 self._check_abort()
@@ -295,18 +299,34 @@ class Pipeline:
                 )
                 self._count(bytes_read=n, bytes_written=n)
                 self.progress(n, 0)
+                done = done or self._write_ready()
         self.progress(0, len(self.tasks) - len(self.compute))
-        while True:
+        while not done:
             job = get(self.to_write, self.abort)
             if job is None:
                 return
-            if job.event is not None:
-                job.event.synchronize()
-            self.outputs.write(job.shard, job.offset, job.buf.mem[: job.nbytes])
-            for pool, buf in job.release:
-                pool.put(buf)
-            self._count(bytes_written=job.nbytes)
-            self.progress(job.nbytes, job.tensors_done)
+            self._write_job(job)
+
+    def _write_ready(self) -> bool:
+        """Write the merged blocks already queued, without waiting; True once the end was seen."""
+        while True:
+            try:
+                job = self.to_write.get_nowait()
+            except queue.Empty:
+                return False
+            if job is None:
+                return True
+            self._write_job(job)
+
+    def _write_job(self, job: WriteJob) -> None:
+        assert self.outputs is not None
+        if job.event is not None:
+            job.event.synchronize()
+        self.outputs.write(job.shard, job.offset, job.buf.mem[: job.nbytes])
+        for pool, buf in job.release:
+            pool.put(buf)
+        self._count(bytes_written=job.nbytes)
+        self.progress(job.nbytes, job.tensors_done)
 
     # -- the merge loop -------------------------------------------------------------------------------------
     def _block_rows(self, task: TensorTask, rows: int, cols: int) -> int:
@@ -317,6 +337,17 @@ class Pipeline:
             return max(group, self.block // max(1, cols * 4) // group * group)
         per_row = max(1, cols * max(_itemsize(task.src_dtype), _itemsize(task.out_dtype)))
         return max(1, self.block // per_row)
+
+    def _sub_rows(self, task: TensorTask, cols: int) -> int:
+        """Rows the host merges at a time within a block (0: the whole block at once): about
+        CPU_SUBBLOCK_ELEMS elements, whole groups of rows sharing quantization scales."""
+        if self.device.staged or task.whole:
+            return 0
+        rows = max(1, CPU_SUBBLOCK_ELEMS // max(cols, 1))
+        if task.quant is not None:
+            group = task.quant.row_group
+            return max(group, rows // group * group)
+        return rows
 
     def _blocks(self, task: TensorTask) -> Iterator[tuple[int, int, int]]:
         """(start, stop, stored bytes) of each block of rows of ``task``."""
@@ -413,11 +444,7 @@ class Pipeline:
                     with device.stream():
                         src = device.copy_in(blk.host, blk.nbytes)
                         out = device.output(obuf, out_nbytes)
-                        sub = (
-                            0
-                            if device.staged or task.whole or task.quant
-                            else max(1, CPU_SUBBLOCK_ELEMS // max(cols, 1))
-                        )
+                        sub = self._sub_rows(task, cols)
                         flagged = flagged | kernel.merge_block(
                             src, dec, out, enc, factors, blk.start, blk.stop, cols, sub_rows=sub
                         )

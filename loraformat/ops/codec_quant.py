@@ -99,10 +99,9 @@ class Fp8Codec(_Measured):
 
     def decode(self, raw: np.ndarray, start: int, stop: int, out: np.ndarray) -> None:
         q = raw.reshape(stop - start, -1)
-        if out.dtype == np.float32 and out.flags.c_contiguous:
-            fp8.decode_rows(q, self.scale, self.fp8_layout, row0=start, out=out)
-        else:
-            np.copyto(out, fp8.decode_rows(q, self.scale, self.fp8_layout, row0=start), casting="same_kind")
+        values = fp8.decode_rows(q, self.scale, self.fp8_layout, row0=start, out=out)
+        if values is not out:
+            np.copyto(out, values, casting="same_kind")
         self._keep(start, out)
 
     def nonfinite(self, raw: np.ndarray, rows: int) -> np.ndarray:

@@ -25,8 +25,8 @@ import numpy as np
 
 E4M3_MAX = 448.0
 _E4M3 = np.dtype(ml_dtypes.float8_e4m3fn)
-#: uint8 bit pattern -> fp32 value (a table lookup is the fastest decode numpy has)
-_DECODE = np.arange(256, dtype=np.uint8).view(_E4M3).astype(np.float32)
+_TWO_120 = np.float32(2.0**120)
+_SIGN_AND_VALUE_BITS = np.uint32(0x87F00000)  # bit 31 and bits 20-26 of a float32
 #: safetensors dtype of a scale tensor -> numpy dtype it is stored in
 SCALE_DTYPES: dict[str, Any] = {"F32": np.float32, "BF16": ml_dtypes.bfloat16, "F16": np.float16}
 
@@ -76,30 +76,52 @@ def _expand_cols(row_scales: np.ndarray, layout: Fp8Layout, cols: int) -> np.nda
     return np.repeat(row_scales.astype(np.float32), layout.block[1])[:cols]
 
 
+def _bits_times_2_pow_minus_120(q: np.ndarray, out: np.ndarray) -> None:
+    """E4M3 bit patterns -> fp32 values times 2^-120, in two integer passes (a table lookup costs 4x more).
+
+    The 7 value bits (4 exponent, 3 mantissa) placed at bits 20-26 of a float32 are a float32 whose exponent is
+    E4M3's minus 120, subnormal E4M3 values included (they land on float32 subnormals with the same mantissa
+    bits); the sign goes to bit 31 (shifting the sign-extended byte puts it at bits 27-31, the mask keeps 31)."""
+    np.left_shift(q.view(np.int8), 20, out=out.view(np.int32), dtype=np.int32)
+    np.bitwise_and(out.view(np.uint32), _SIGN_AND_VALUE_BITS, out=out.view(np.uint32))
+
+
 def decode_rows(
     q: np.ndarray, scale: np.ndarray, layout: Fp8Layout, row0: int = 0, out: np.ndarray | None = None
 ) -> np.ndarray:
     """E4M3 bit patterns ``q`` (uint8, rows [row0, row0 + len(q)) of the weight) -> fp32 values (into ``out``
-    when given, a C-contiguous fp32 array of q's shape).
+    when given, a C-contiguous fp32 array of q's shape): fl(value * scale), exactly as a table lookup and a
+    multiply give it.
 
     ``scale`` is the weight's whole scale tensor; for ``block``, ``row0`` must start a block-row."""
-    out = _DECODE[q] if out is None else np.take(_DECODE, q, out=out)
+    if out is None or out.dtype != np.float32 or not out.flags.c_contiguous:
+        out = np.empty(q.shape, np.float32)
     s = np.asarray(scale, dtype=np.float32)
     rows, cols = q.shape
+    if layout.kind == "block" and row0 % layout.block[0]:
+        raise ValueError(f"row {row0} does not start a block of {layout.block[0]} rows")
+    _bits_times_2_pow_minus_120(q, out)
+    if (
+        s.size and float(s.max()) < 2.0**7
+    ):  # s * 2^120 is exact: one multiply restores the values and scales them
+        s = s * _TWO_120
+    else:
+        out *= _TWO_120
     if layout.kind == "tensor":
         out *= s.reshape(-1)[0]
     elif layout.kind == "channel":
         out *= s.reshape(-1)[row0 : row0 + rows, None]
     else:
         bo = layout.block[0]
-        if row0 % bo:
-            raise ValueError(f"row {row0} does not start a block of {bo} rows")
         tiles = _tiles(out, layout)
         if tiles is not None:  # whole tiles: one broadcast multiply
             tiles *= s[row0 // bo : row0 // bo + tiles.shape[0], None, :, None]
-            return out
-        for r in range(0, rows, bo):
-            out[r : r + bo] *= _expand_cols(s[(row0 + r) // bo], layout, cols)
+        else:
+            for r in range(0, rows, bo):
+                out[r : r + bo] *= _expand_cols(s[(row0 + r) // bo], layout, cols)
+    nan = np.bitwise_and(q, 0x7F) == 0x7F  # E4M3's NaNs: 0x7F and 0xFF
+    if nan.any():
+        out[nan] = np.nan
     return out
 
 
