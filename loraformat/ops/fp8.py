@@ -111,27 +111,14 @@ def decode_rows(
         out *= s.reshape(-1)[0]
     elif layout.kind == "channel":
         out *= s.reshape(-1)[row0 : row0 + rows, None]
-    else:
+    else:  # one block-row at a time, by a row of per-column scales (long inner loops, unlike a 4-D broadcast)
         bo = layout.block[0]
-        tiles = _tiles(out, layout)
-        if tiles is not None:  # whole tiles: one broadcast multiply
-            tiles *= s[row0 // bo : row0 // bo + tiles.shape[0], None, :, None]
-        else:
-            for r in range(0, rows, bo):
-                out[r : r + bo] *= _expand_cols(s[(row0 + r) // bo], layout, cols)
+        for r in range(0, rows, bo):
+            out[r : r + bo] *= _expand_cols(s[(row0 + r) // bo], layout, cols)
     nan = np.bitwise_and(q, 0x7F) == 0x7F  # E4M3's NaNs: 0x7F and 0xFF
     if nan.any():
         out[nan] = np.nan
     return out
-
-
-def _tiles(x: np.ndarray, layout: Fp8Layout) -> np.ndarray | None:
-    """``x`` viewed (tile rows, bo, tile cols, bi) when it is made of whole tiles, else None."""
-    bo, bi = layout.block
-    rows, cols = x.shape
-    if rows % bo or cols % bi or not x.flags.c_contiguous:
-        return None
-    return x.reshape(rows // bo, bo, cols // bi, bi)
 
 
 def _round_scale(s: np.ndarray, scale_dtype: str) -> np.ndarray:
@@ -149,20 +136,15 @@ def fresh_scales(x: np.ndarray, layout: Fp8Layout, row0: int = 0) -> np.ndarray:
         amax = np.abs(x).max(initial=0.0).reshape(1)
     elif layout.kind == "channel":
         amax = np.abs(x).max(axis=1, initial=0.0).reshape(rows, 1)
-    elif _tiles(x, layout) is not None:
-        t = _tiles(x, layout)
-        assert t is not None
-        amax = np.maximum(t.max(axis=(1, 3)), -t.min(axis=(1, 3)))
-    else:
+    else:  # per block-row: column maxima and minima (two fast passes), then the maximum of each tile's columns
         bo, bi = layout.block
         tiles_r, tiles_c = math.ceil(rows / bo), math.ceil(cols / bi)
         amax = np.zeros((tiles_r, tiles_c), dtype=np.float32)
-        pad_c = tiles_c * bi - cols
+        cols_amax = np.zeros(tiles_c * bi, dtype=np.float32)  # padded: a partial edge tile adds zeros
         for tr in range(tiles_r):
-            a = np.abs(x[tr * bo : (tr + 1) * bo])
-            if pad_c:
-                a = np.pad(a, ((0, 0), (0, pad_c)))
-            amax[tr] = a.reshape(a.shape[0], tiles_c, bi).max(axis=(0, 2))
+            part = x[tr * bo : (tr + 1) * bo]
+            np.maximum(part.max(axis=0), -part.min(axis=0), out=cols_amax[:cols])
+            amax[tr] = cols_amax.reshape(tiles_c, bi).max(axis=1)
     return _round_scale(amax.astype(np.float32) / np.float32(E4M3_MAX), layout.scale_dtype)
 
 
@@ -175,11 +157,6 @@ def encode_rows(x: np.ndarray, scale: np.ndarray, layout: Fp8Layout, row0: int =
         y = x / s.reshape(-1)[0]
     elif layout.kind == "channel":
         y = x / s.reshape(-1)[row0 : row0 + rows, None]
-    elif _tiles(x, layout) is not None:
-        bo = layout.block[0]
-        t = _tiles(x, layout)
-        assert t is not None
-        y = (t / s[row0 // bo : row0 // bo + t.shape[0], None, :, None]).reshape(rows, cols)
     else:
         bo = layout.block[0]
         y = np.empty_like(x)
