@@ -74,7 +74,7 @@ def test_bf16_scales_are_rounded_before_use() -> None:
     x = _weight(64, 64, 3)
     layout = fp8.Fp8Layout("channel", scale_dtype="BF16")
     q, scale = fp8.quantize(x, layout)
-    assert np.array_equal(scale, scale.astype(fp8.SCALE_DTYPES["BF16"]).astype(np.float32))
+    assert np.array_equal(scale, fp8.scale_values(fp8.stored_scales(scale, "BF16"), "BF16"))
     assert np.abs(fp8.decode_rows(q, scale, layout) - x).max() < np.abs(x).max() / 8
 
 
@@ -109,3 +109,27 @@ def test_decode_is_exact_for_every_code_and_scale(kind: str, scale: float) -> No
     nan = np.isnan(ref)
     assert nan.sum() == 4 and np.isnan(ours[nan]).all()
     assert np.array_equal(ours[~nan].view(np.uint32), ref[~nan].view(np.uint32))
+
+
+def _e4m3_candidates() -> np.ndarray:
+    """fp32 values across E4M3's whole range: random, every code's value, the exact ties between neighbouring
+    codes (normal and subnormal), one float32 ulp either side of each, both zeros, NaNs, the clip limits."""
+    rng = np.random.default_rng(1)
+    codes = torch.arange(256, dtype=torch.uint8).view(torch.float8_e4m3fn).float().numpy()
+    finite = np.unique(codes[np.isfinite(codes)])
+    ties = (finite[1:] + finite[:-1]) / 2  # exact in fp32: neighbours differ by one E4M3 step
+    near = np.concatenate([np.nextafter(ties, np.inf), np.nextafter(ties, -np.inf)])
+    spread = rng.standard_normal(100_000).astype(np.float32) * np.float32(2.0) ** rng.integers(-12, 9, 100_000)
+    tiny = rng.uniform(-(2.0**-6), 2.0**-6, 20_000).astype(np.float32)
+    special = np.array([0.0, -0.0, 448.0, -448.0, 2.0**-6, -(2.0**-6), 2.0**-10, np.nan, -np.nan], np.float32)
+    return np.concatenate([finite, ties, near, spread, tiny, special]).astype(np.float32)
+
+
+def test_e4m3_encode_matches_torch_cast_bit_for_bit() -> None:
+    y = np.clip(_e4m3_candidates(), -448.0, 448.0)
+    ours = fp8.f32_to_e4m3(y)
+    theirs = torch.from_numpy(y.copy()).to(torch.float8_e4m3fn).view(torch.uint8).numpy()
+    nan = np.isnan(y)
+    assert nan.sum() == 2 and np.all((ours[nan] & 0x7F) == 0x7F)
+    assert np.array_equal(ours[~nan], theirs[~nan])
+    assert (y[~nan] == 0).sum() >= 2 and ((ours == 0x80) & (y == 0)).any()  # -0 keeps its sign

@@ -15,7 +15,7 @@ from loraformat.errors import UnsupportedQuantizationError
 from loraformat.io.checkpoint import Checkpoint
 from loraformat.io.header import TensorInfo
 from loraformat.metadata import BaseQuantization
-from loraformat.ops.fp8 import SCALE_DTYPES, Fp8Layout, scale_problem
+from loraformat.ops.fp8 import SCALE_DTYPES, Fp8Layout, scale_problem, scale_values, stored_scales
 from loraformat.quantization import fp8_block
 
 FP8_DTYPE = "F8_E4M3"
@@ -98,7 +98,7 @@ def detect_fp8(ck: Checkpoint, quant: BaseQuantization, quant_method: str) -> Fp
 def load_scale(ck: Checkpoint, w: Fp8Weight) -> np.ndarray:
     """The weight's scales as fp32, refusing NaN, infinite, zero or negative values."""
     shard, info = ck.locations[w.scale_name]
-    values = read_array(shard.path, info, SCALE_DTYPES[info.dtype]).astype(np.float32)
+    values = scale_values(read_array(shard.path, info, SCALE_DTYPES[info.dtype]), info.dtype)
     problem = scale_problem(values)
     if problem:
         raise _refuse(f"scale {w.scale_name!r} {problem}", shard.path)
@@ -107,4 +107,4 @@ def load_scale(ck: Checkpoint, w: Fp8Weight) -> np.ndarray:
 
 def scale_bytes(scale: np.ndarray, w: Fp8Weight) -> bytes:
     """Fresh scales in the stored dtype (and shape: per-tensor and per-channel keep [1]/[] and [out]/[out, 1])."""
-    return np.ascontiguousarray(scale.astype(SCALE_DTYPES[w.layout.scale_dtype])).tobytes()
+    return np.ascontiguousarray(stored_scales(scale, w.layout.scale_dtype)).tobytes()

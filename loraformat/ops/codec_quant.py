@@ -130,8 +130,8 @@ class Fp8Codec(_Measured):
         raw[:] = q.reshape(-1)
         self._measure(start, x, fp8.decode_rows(q, scale, self.fp8_layout, row0=start))
         if stop >= self.shape[0]:
-            dt = fp8.SCALE_DTYPES[self.fp8_layout.scale_dtype]
-            self.side["scale"] = np.ascontiguousarray(self.fresh.astype(dt)).tobytes()
+            stored = fp8.stored_scales(self.fresh, self.fp8_layout.scale_dtype)
+            self.side["scale"] = np.ascontiguousarray(stored).tobytes()
 
 
 @dataclass(frozen=True)

@@ -6,10 +6,8 @@ algorithm of :class:`loraformat.ops.kernel.Kernel` with the same operation order
 write the same bits. Not here: DoRA (its norms are reductions whose summation order differs between the
 libraries) and dtypes other than BF16/F16/F32/F64; the merge picks the torch kernel for those.
 
-numpy has no bfloat16 of its own: bf16 tensors are held as uint16 bit patterns. Widening is a 16-bit shift;
-narrowing rounds to nearest even with integer arithmetic when the merge has checked the rows are finite (the
-common case, 1.6x faster than a cast), else through ml_dtypes' bfloat16 cast, which handles inf and NaN; both
-give torch's bits (tests/test_ops_kernel.py checks every class of pattern).
+numpy has no bfloat16 of its own: bf16 tensors are held as uint16 bit patterns and converted in integer
+arithmetic (loraformat/ops/bf16.py), with torch's bits.
 """
 
 from __future__ import annotations
@@ -20,10 +18,10 @@ import sys
 from collections.abc import Iterable, Iterator, Sequence
 from typing import Any
 
-import ml_dtypes
 import numpy as np
 
 from loraformat.constants import StoredLayout
+from loraformat.ops.bf16 import BF16_MAX, bf16_to_f32, f32_to_bf16
 from loraformat.ops.finite import nonfinite_mask
 from loraformat.ops.kernel import Codec, Factors, Kernel
 
@@ -34,53 +32,13 @@ STORAGE: dict[str, type[np.generic]] = {
     "F32": np.float32,
     "F64": np.float64,
 }
-_BF16 = np.dtype(ml_dtypes.bfloat16)
 #: the largest finite value of each stored dtype
 MAX_FINITE = {
-    "BF16": float(ml_dtypes.finfo(ml_dtypes.bfloat16).max),
+    "BF16": BF16_MAX,
     "F16": float(np.finfo(np.float16).max),
     "F32": float(np.finfo(np.float32).max),
     "F64": float(np.finfo(np.float64).max),
 }
-
-
-def bf16_to_f32(bits: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
-    """bfloat16 bit patterns (uint16) -> float32, exactly (the upper half of a float32)."""
-    if out is None:
-        out = np.empty(bits.shape, np.float32)
-    if out.dtype != np.float32 or not out.flags.c_contiguous:
-        np.copyto(out, bits.view(_BF16), casting="unsafe")
-        return out
-    np.left_shift(bits, 16, out=out.view(np.uint32), dtype=np.uint32)
-    return out
-
-
-def f32_to_bf16(
-    x: np.ndarray, out: np.ndarray | None = None, *, finite: bool = False, scratch: np.ndarray | None = None
-) -> np.ndarray:
-    """float32 -> bfloat16 bit patterns (uint16), rounded to nearest even; NaN stays NaN.
-
-    ``finite`` (every element of ``x`` is finite): round with integer arithmetic, adding 0x7FFF plus the lowest
-    kept bit and dropping the low half (a value past bfloat16's largest carries into the exponent and becomes
-    inf, as it should); a NaN could carry into the sign, so other rows take ml_dtypes' cast."""
-    if out is None:
-        out = np.empty(x.shape, np.uint16)
-    if not finite or x.dtype != np.float32 or not x.flags.c_contiguous:
-        np.copyto(out.view(_BF16), x, casting="unsafe")
-        return out
-    bits = x.view(np.uint32)
-    tmp = (
-        np.empty(x.shape, np.uint32)
-        if scratch is None
-        else scratch.view(np.uint32)[: x.size].reshape(x.shape)
-    )
-    np.right_shift(bits, 16, out=tmp)
-    np.bitwise_and(tmp, 1, out=tmp)
-    np.add(tmp, 0x7FFF, out=tmp)
-    np.add(tmp, bits, out=tmp)
-    np.right_shift(tmp, 16, out=tmp)
-    np.copyto(out, tmp, casting="unsafe")
-    return out
 
 
 class DenseCodec(Codec[np.ndarray]):
@@ -116,7 +74,7 @@ class DenseCodec(Codec[np.ndarray]):
             if self.dtype in ("BF16", "F16") and work.dtype == np.float64:
                 work = work.astype(np.float32)
             if self.dtype == "BF16":
-                if finite and (self._scratch is None or self._scratch.size < work.size):
+                if self._scratch is None or self._scratch.size < work.size:
                     self._scratch = np.empty(work.size, np.uint32)
                 f32_to_bf16(work, out, finite=finite, scratch=self._scratch)
             else:
