@@ -119,7 +119,9 @@ def _e4m3_candidates() -> np.ndarray:
     finite = np.unique(codes[np.isfinite(codes)])
     ties = (finite[1:] + finite[:-1]) / 2  # exact in fp32: neighbours differ by one E4M3 step
     near = np.concatenate([np.nextafter(ties, np.inf), np.nextafter(ties, -np.inf)])
-    spread = rng.standard_normal(100_000).astype(np.float32) * np.float32(2.0) ** rng.integers(-12, 9, 100_000)
+    spread = rng.standard_normal(100_000).astype(np.float32) * np.float32(2.0) ** rng.integers(
+        -12, 9, 100_000
+    )
     tiny = rng.uniform(-(2.0**-6), 2.0**-6, 20_000).astype(np.float32)
     special = np.array([0.0, -0.0, 448.0, -448.0, 2.0**-6, -(2.0**-6), 2.0**-10, np.nan, -np.nan], np.float32)
     return np.concatenate([finite, ties, near, spread, tiny, special]).astype(np.float32)
