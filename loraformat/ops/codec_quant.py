@@ -144,6 +144,14 @@ class Bnb4Spec:
     dtype: str  # torch dtype name the weight dequantizes to (its compute-side value)
 
 
+#: stored dtype -> (a numpy dtype of its width torch can wrap, the torch dtype name to view that as)
+_STORED_VIEW: dict[str, tuple[np.dtype[Any], str]] = {
+    "BF16": (np.dtype(np.int16), "bfloat16"),
+    "F16": (np.dtype(np.float16), "float16"),
+    "F32": (np.dtype(np.float32), "float32"),
+}
+
+
 def _torch_dtype(name: str) -> Any:
     import torch
 
@@ -196,11 +204,13 @@ class Bnb4Codec(_Measured):
     def decode(self, raw: np.ndarray, start: int, stop: int, out: np.ndarray) -> None:
         import torch
 
+        from loraformat.ops.kernel_torch import cpu_threads
         from loraformat.ops.nf4 import dequantize_4bit
 
         if (start, stop) != (0, self.shape[0]):
             raise ValueError("a bitsandbytes 4-bit weight is decoded whole")
-        w = dequantize_4bit(torch.from_numpy(np.ascontiguousarray(raw)), self._state())
+        with cpu_threads():
+            w = dequantize_4bit(torch.from_numpy(np.ascontiguousarray(raw)), self._state())
         np.copyto(out, w.float().numpy().reshape(out.shape), casting="same_kind")
         self._keep(start, out)
 
@@ -209,19 +219,21 @@ class Bnb4Codec(_Measured):
     ) -> None:
         import torch
 
+        from loraformat.ops.kernel_torch import cpu_threads
         from loraformat.ops.nf4 import dequantize_4bit, quantize_4bit
 
         self._bad = ~np.isfinite(work)
         x = torch.from_numpy(np.ascontiguousarray(work, np.float32)).reshape(self.shape)
-        packed, state = quantize_4bit(
-            x,
-            quant_type=self.spec.quant_type,
-            block_size=self.spec.block_size,
-            double_quant=self.spec.double_quant,
-        )
-        state.dtype = _torch_dtype(self.spec.dtype)
+        with cpu_threads():
+            packed, state = quantize_4bit(
+                x,
+                quant_type=self.spec.quant_type,
+                block_size=self.spec.block_size,
+                double_quant=self.spec.double_quant,
+            )
+            state.dtype = _torch_dtype(self.spec.dtype)
+            requant = dequantize_4bit(packed, state).float().numpy().reshape(work.shape)
         raw[:] = packed.reshape(-1).numpy()
-        requant = dequantize_4bit(packed, state).float().numpy().reshape(work.shape)
         self._measure(start, np.asarray(work, np.float32), requant)
         self.side["absmax"] = state.absmax.numpy().tobytes()
         if state.nested_absmax is not None:
@@ -249,19 +261,37 @@ class Bnb4RoundtripCodec(Codec[np.ndarray]):
     def decode(self, raw: np.ndarray, start: int, stop: int, out: np.ndarray) -> None:
         import torch
 
+        from loraformat.ops.kernel_torch import cpu_threads
         from loraformat.ops.nf4 import roundtrip_4bit
 
         if (start, stop) != (0, self.shape[0]):
             raise ValueError("a QLoRA round trip needs the whole tensor")
+        target = torch.from_numpy(out) if out.flags.c_contiguous else None
+        with cpu_threads():
+            rt = roundtrip_4bit(
+                self._weight(raw, start, stop, out),
+                quant_type=self.spec.quant_type,
+                block_size=self.spec.block_size,
+                double_quant=self.spec.double_quant,
+                out=None if target is None else target.view(-1),
+            )
+        if target is None:
+            np.copyto(out, rt.float().numpy().reshape(out.shape), casting="same_kind")
+
+    def _weight(self, raw: np.ndarray, start: int, stop: int, out: np.ndarray) -> Any:
+        """The stored weight as a torch tensor of the spec's dtype: the stored bytes themselves when that is
+        their dtype (no widening and narrowing back), else decoded into ``out`` and converted."""
+        import torch
+
+        dtype = _torch_dtype(self.spec.dtype)
+        view = _STORED_VIEW.get(self.dtype)
+        if view is not None and view[1] == self.spec.dtype and raw.ctypes.data % view[0].itemsize == 0:
+            data = raw if raw.flags.writeable else raw.copy()  # torch warns on read-only arrays
+            return torch.from_numpy(data.view(view[0])).view(dtype)
         self.dense.decode(raw, start, stop, out)
-        w = torch.from_numpy(np.ascontiguousarray(out, np.float32)).to(_torch_dtype(self.spec.dtype))
-        rt = roundtrip_4bit(
-            w,
-            quant_type=self.spec.quant_type,
-            block_size=self.spec.block_size,
-            double_quant=self.spec.double_quant,
-        )
-        np.copyto(out, rt.float().numpy().reshape(out.shape), casting="same_kind")
+        return torch.from_numpy(np.ascontiguousarray(out, np.float32)).to(
+            dtype, copy=True
+        )  # out gets the result
 
     def encode(
         self, work: np.ndarray, start: int, stop: int, raw: np.ndarray, *, finite: bool = False

@@ -128,7 +128,7 @@ class TorchKernel(Kernel[torch.Tensor]):
             work.add_(delta).mul_(mag.to(work.dtype) / norm)
 
     def threads(self) -> contextlib.AbstractContextManager[int]:
-        return _cpu_threads() if self.device.type == "cpu" else contextlib.nullcontext(1)
+        return cpu_threads() if self.device.type == "cpu" else contextlib.nullcontext(1)
 
 
 def _product(
@@ -141,9 +141,10 @@ def _product(
 
 
 @contextlib.contextmanager
-def _cpu_threads() -> Iterator[int]:
+def cpu_threads() -> Iterator[int]:
     """The hasher and the writer each keep a core busy: leave them theirs, or OpenMP's spinning threads and
-    the I/O threads slow each other down several times over."""
+    the I/O threads slow each other down several times over (also for torch work inside numpy merges: the
+    QLoRA round trip ran 2-6x slower on 2 threads beside them)."""
     previous = torch.get_num_threads()
     torch.set_num_threads(max(1, min(previous, (os.cpu_count() or 1) - 2)))
     try:

@@ -6,9 +6,11 @@ trained against, and a re-quantized NF4 checkpoint is what bitsandbytes itself w
 
 - quantize: per block of ``block_size`` consecutive elements (row-major, the last block partial) absmax,
   ``x * (1 / absmax)`` (a partial last block: ``x / absmax``), clamped to [-1, 1], bucketed on the midpoints
-  of the sorted code, two 4-bit indices per byte (first element in the high nibble);
+  of the sorted code, two 4-bit indices per byte (first element in the high nibble); the bucket comes from a
+  table over the high 16 bits of the fp32 value plus one exact comparison (:class:`_Cells`), not a binary search;
 - double quantization: the absmax vector minus its mean, quantized with the 8-bit dynamic map in blocks of 256
-  (nearest code value, ties to the lower index), the mean kept as ``offset``;
+  (nearest code value, ties to the lower index), the mean kept as ``offset``: bitsandbytes with torch on one
+  thread (with more, a long absmax vector's mean depends on the thread count: :func:`_double_quantize`);
 - dequantize: ``code[index] * absmax`` in fp32, rounded once to the weight dtype.
 
 No file or network I/O: callers hand in tensors (loraformat/io/nf4.py reads and writes the checkpoint layout).
@@ -17,6 +19,7 @@ No file or network I/O: callers hand in tensors (loraformat/io/nf4.py reads and 
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
 from dataclasses import dataclass
 from functools import cache
 from typing import Any
@@ -46,8 +49,9 @@ _NF4 = (
     0.7229568362236023,
     1.0,
 )
-#: get_4bit_type("fp4") before normalisation: sign, 2 exponent bits, 1 mantissa bit, in bit-pattern order
-_FP4 = (0, 0.0625, 8.0, 12.0, 4.0, 6.0, 2.0, 3.0, -0.0, -0.0625, -8.0, -12.0, -4.0, -6.0, -2.0, -3.0)
+#: get_4bit_type("fp4") before normalisation: sign, 2 exponent bits, 1 mantissa bit, in bit-pattern order; index 8
+#: is +0.0, not -0.0: bitsandbytes writes it as the integer ``-0`` (dequantized zeros keep bitsandbytes' sign)
+_FP4 = (0, 0.0625, 8.0, 12.0, 4.0, 6.0, 2.0, 3.0, 0, -0.0625, -8.0, -12.0, -4.0, -6.0, -2.0, -3.0)
 
 
 @cache
@@ -144,43 +148,151 @@ def dequantize_blockwise8(
     return vals * scale
 
 
-def _absmax_blocks(flat: torch.Tensor, block_size: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-block absmax and the values scaled into [-1, 1], exactly as bitsandbytes' default kernel."""
+_HALF_OR_SINGLE = (torch.bfloat16, torch.float16, torch.float32)
+#: elements per pass: the fp32 / int32 temporaries of a pass stay in L2, and it is a multiple of every block size
+_CHUNK = 1 << 16
+
+
+@dataclass(frozen=True)
+class _Cells:
+    """``bucketize(x, midpoints)`` for fp32 ``x`` without its binary search (about 25 ns an element on one core).
+
+    A cell is the 65536 floats sharing their high 16 bits (sign, exponent and 7 mantissa bits): an interval far
+    narrower than the gap between two midpoints, so it holds at most one of them, and one exact comparison
+    against that midpoint (+inf where there is none) finishes the search. Slot ``2 * cell + (x <= bound)`` then
+    holds the answer; NaN compares false and lands in slot ``2 * cell``, which holds NaN's bucket (the last)."""
+
+    bound: torch.Tensor  # fp32 [65536], by cell
+    index: torch.Tensor  # uint8 [2 * 65536], by slot: the stored 4-bit index
+    value: torch.Tensor  # fp32 [2 * 65536], by slot: its code value
+
+
+def _cell_ends() -> torch.Tensor:
+    """The first and last fp32 of every cell, cell ``c`` being the high half ``(c - 32768)`` as a signed int."""
+    high = (torch.arange(1 << 16, dtype=torch.int64) ^ 0x8000) << 16
+    ends = torch.stack([high, high | 0xFFFF])
+    return torch.where(ends >= 1 << 31, ends - (1 << 32), ends).to(torch.int32).view(torch.float32)
+
+
+@cache
+def _cells(quant_type: str) -> _Cells:
+    bounds, order = _bounds(quant_type)
+    ends = _cell_ends()
+    ends_bucket = torch.bucketize(ends, bounds)  # the reference itself, at both ends of every cell
+    lo, hi = ends_bucket.amin(dim=0), ends_bucket.amax(dim=0)
+    special = ends[1].isnan()  # exponent all ones: +-inf then NaN, or NaN only
+    if bool(((hi - lo > 1) & ~special).any()):
+        raise AssertionError(f"two {quant_type} midpoints share a cell")
+    beyond = torch.cat([bounds, torch.tensor([math.inf])])
+    bound = torch.where(special, ends[0], torch.where(hi > lo, beyond[lo], math.inf))
+    if_le = torch.where(special, ends_bucket[0], lo)
+    if_gt = torch.where(special, ends_bucket[1], hi)
+    stored = order[torch.stack([if_gt, if_le], dim=1).reshape(-1)]
+    return _Cells(bound, stored.to(torch.uint8), code4(quant_type)[stored])
+
+
+class _Search:
+    """Reusable per-chunk buffers for :meth:`slots`: allocated once per weight, not once per chunk."""
+
+    def __init__(self, quant_type: str, size: int) -> None:
+        self.cells = _cells(quant_type)
+        self.idx = torch.empty(size, dtype=torch.int32)
+        self.bound = torch.empty(size, dtype=torch.float32)
+        self.le = torch.empty(size, dtype=torch.bool)
+
+    def slots(self, x: torch.Tensor) -> torch.Tensor:
+        """Each element's slot in the cell tables (contiguous fp32 ``x``; valid until the next call)."""
+        n = x.numel()
+        idx, bound, le = self.idx[:n], self.bound[:n], self.le[:n]
+        torch.bitwise_right_shift(x.view(torch.int32), 16, out=idx)
+        idx.add_(32768)
+        torch.index_select(self.cells.bound, 0, idx, out=bound)
+        torch.le(x, bound, out=le)
+        return torch.add(le, idx, alpha=2, out=idx)
+
+
+def _check_block_size(block_size: int) -> None:
+    if block_size not in BLOCK_SIZES:
+        raise ValueError(f"4-bit block size must be one of {BLOCK_SIZES}, not {block_size}")
+
+
+def _flat(w: torch.Tensor) -> torch.Tensor:
+    """The weight as bitsandbytes reads it: flat, and in fp32 unless half or single (exact either way)."""
+    flat = w.reshape(-1)
+    return flat if flat.dtype in _HALF_OR_SINGLE else flat.float()
+
+
+def _block_absmax(flat: torch.Tensor, block_size: int) -> torch.Tensor:
+    """Per-block absmax (fp32) as bitsandbytes stores it: the partial last block's is clamped to 1e-38. Widened
+    to fp32 a chunk at a time first (exact): abs and max are several times faster on fp32 than on 16-bit."""
     n = flat.numel()
-    rem = n % block_size
-    full = n - rem
-    body = flat[:full].view(-1, block_size)
-    absmax = body.abs().max(dim=-1)[0]
-    scaled = torch.clamp(body * (1.0 / absmax.clamp(min=1e-38).view(-1, 1)), -1, 1).reshape(-1)
-    if rem:
-        am = flat[full:].abs().max().clamp(min=1e-38)
-        absmax = torch.cat([absmax, am.unsqueeze(0)])
-        scaled = torch.cat([scaled, torch.clamp(flat[full:] / am, -1, 1)])
-    return absmax, scaled
+    full = n - n % block_size
+    absmax = torch.empty(full // block_size)
+    buf = torch.empty(min(_CHUNK, full))
+    for start in range(0, full, _CHUNK):
+        stop = min(full, start + _CHUNK)
+        x = buf[: stop - start]
+        x.copy_(flat[start:stop]).abs_()
+        torch.amax(x.view(-1, block_size), dim=1, out=absmax[start // block_size : stop // block_size])
+    if full == n:
+        return absmax
+    tail = flat[full:].abs().max().float().clamp(min=1e-38)
+    return torch.cat([absmax, tail.unsqueeze(0)])
+
+
+def _scaled_chunks(
+    flat: torch.Tensor, absmax: torch.Tensor, block_size: int, buf: torch.Tensor
+) -> Iterator[tuple[int, int, torch.Tensor]]:
+    """(start, stop, x): runs of whole blocks scaled as bitsandbytes scales them, ``x * (1 / absmax)`` (into
+    ``buf``), then the partial last block, ``x / absmax``. Unclamped: every midpoint lies inside (-1, 1), so
+    clamping to [-1, 1] never changes a bucket (NaN stays NaN either way)."""
+    n = flat.numel()
+    full = n - n % block_size
+    inv = 1.0 / absmax[: full // block_size].clamp(min=1e-38)
+    for start in range(0, full, _CHUNK):
+        stop = min(full, start + _CHUNK)
+        rows = (stop - start) // block_size
+        x = buf[: stop - start]
+        scale = inv[start // block_size : start // block_size + rows, None]
+        x.copy_(flat[start:stop]).view(rows, block_size).mul_(scale)
+        yield start, stop, x
+    if full < n:
+        yield full, n, flat[full:].float() / absmax[-1]
+
+
+def _double_quantize(absmax: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, float]:
+    """(uint8 indices, nested absmax, offset): the absmax vector minus its mean on the 8-bit dynamic map.
+
+    The mean is taken on one thread: torch splits a long reduction between its threads, so the offset's last
+    bit (and, through it, an ulp of a few weights) would otherwise depend on the machine's core count."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        offset = absmax.mean()
+    finally:
+        torch.set_num_threads(previous)
+    q, nested = quantize_blockwise8(absmax - offset, dynamic_map(), NESTED_BLOCK_SIZE)
+    return q, nested, float(offset)
 
 
 def quantize_4bit(
     w: torch.Tensor, *, quant_type: str = "nf4", block_size: int = 64, double_quant: bool = False
 ) -> tuple[torch.Tensor, State4bit]:
     """``w`` (F32/BF16/F16, any shape) -> (packed uint8 of shape ((numel + 1) // 2, 1), its state)."""
-    if block_size not in BLOCK_SIZES:
-        raise ValueError(f"4-bit block size must be one of {BLOCK_SIZES}, not {block_size}")
-    bounds, order = _bounds(quant_type)
-    absmax, scaled = _absmax_blocks(w.reshape(-1).float(), block_size)
-    if scaled.numel() % 2:
-        scaled = torch.nn.functional.pad(scaled, (0, 1))
-    q = torch.bucketize(scaled, bounds, out_int32=True)
-    if quant_type != "nf4":
-        q = order[q]
-    q8 = q.to(torch.uint8)
-    packed = ((q8[::2] << 4) | q8[1::2]).unsqueeze(1)
+    _check_block_size(block_size)
+    flat = _flat(w)
+    absmax = _block_absmax(flat, block_size)
+    search = _Search(quant_type, min(_CHUNK, flat.numel()))
+    q = torch.empty(flat.numel() + flat.numel() % 2, dtype=torch.uint8)
+    for start, stop, x in _scaled_chunks(flat, absmax, block_size, torch.empty(min(_CHUNK, flat.numel()))):
+        torch.index_select(search.cells.index, 0, search.slots(x), out=q[start:stop])
+    if flat.numel() % 2:  # an odd count pads one scaled 0.0
+        q[-1:] = search.cells.index[search.slots(torch.zeros(1))]
+    packed = ((q[::2] << 4) | q[1::2]).unsqueeze(1)
     state = State4bit(quant_type, block_size, tuple(w.shape), w.dtype, absmax, code4(quant_type))
     if double_quant:
-        offset = absmax.mean()
-        state.absmax, state.nested_absmax = quantize_blockwise8(
-            absmax - offset, dynamic_map(), NESTED_BLOCK_SIZE
-        )
-        state.offset, state.nested_code = float(offset), dynamic_map().clone()
+        state.absmax, state.nested_absmax, state.offset = _double_quantize(absmax)
+        state.nested_code = dynamic_map().clone()
     return packed, state
 
 
@@ -201,7 +313,7 @@ def dequantize_4bit_f32(packed: torch.Tensor, state: State4bit) -> torch.Tensor:
     flat = packed.reshape(-1).view(torch.uint8)
     code = state.code.float()
     pairs = torch.stack([code.repeat_interleave(16), code.repeat(16)], dim=1)  # byte -> (high, low) values
-    vals = pairs[flat.int()].reshape(-1)
+    vals = pairs.index_select(0, flat.int()).reshape(-1)
     bs = state.block_size
     blocks = -(n // -bs)
     if vals.numel() < blocks * bs:
@@ -216,11 +328,59 @@ def dequantize_4bit(packed: torch.Tensor, state: State4bit) -> torch.Tensor:
 
 
 def roundtrip_4bit(
-    w: torch.Tensor, *, quant_type: str = "nf4", block_size: int = 64, double_quant: bool = False
+    w: torch.Tensor,
+    *,
+    quant_type: str = "nf4",
+    block_size: int = 64,
+    double_quant: bool = False,
+    out: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """dequant(quant(w)) in w's dtype: the weight a QLoRA adapter trained against, for a 16-bit base ``w``."""
-    packed, state = quantize_4bit(w, quant_type=quant_type, block_size=block_size, double_quant=double_quant)
-    return dequantize_4bit(packed, state)
+    """dequant(quant(w)) in w's dtype: the weight a QLoRA adapter trained against, for a 16-bit base ``w``.
+
+    Bit for bit ``dequantize_4bit(*quantize_4bit(w))``, but chunk by chunk in cache and without packing: each
+    element goes from its scaled value to its code value and is rescaled at once. ``out`` (contiguous, any float
+    dtype, ``w.numel()`` elements) receives the result, rounded to w's dtype first, and is returned."""
+    _check_block_size(block_size)
+    flat = _flat(w)
+    absmax = _block_absmax(flat, block_size)
+    scales = absmax
+    if double_quant:
+        q, nested, offset = _double_quantize(absmax)
+        dq = dequantize_blockwise8(q, nested, dynamic_map(), NESTED_BLOCK_SIZE)
+        scales = dq + torch.tensor(offset, dtype=torch.float32)
+    result = torch.empty(w.shape, dtype=w.dtype) if out is None else out
+    dst = result.view(-1)
+    rounded = w.dtype if w.dtype in _HALF_OR_SINGLE else torch.float32  # as bitsandbytes rounds
+    tmp = None if dst.dtype == rounded else torch.empty(min(_CHUNK, dst.numel()), dtype=rounded)
+    search = _Search(quant_type, min(_CHUNK, flat.numel()))
+    for start, stop, x in _scaled_chunks(flat, absmax, block_size, torch.empty(min(_CHUNK, flat.numel()))):
+        vals = torch.index_select(search.cells.value, 0, search.slots(x), out=x)  # x is spent: reuse it
+        _rescale(vals, scales, start, block_size, dst[start:stop], tmp)
+    return result
+
+
+def _rescale(
+    vals: torch.Tensor,
+    scales: torch.Tensor,
+    start: int,
+    block_size: int,
+    dst: torch.Tensor,
+    tmp: torch.Tensor | None,
+) -> None:
+    """dst = code value * block scale, the product in fp32 rounded once: straight into ``dst`` when it has the
+    rounding dtype, else into ``tmp`` (which has it) and then widened into ``dst``."""
+    n = vals.numel()
+    into = dst if tmp is None else tmp[:n]
+    if n % block_size:  # the partial last block alone
+        torch.mul(vals, scales[start // block_size], out=into)
+    else:
+        first = start // block_size
+        rows = n // block_size
+        torch.mul(
+            vals.view(rows, block_size), scales[first : first + rows, None], out=into.view(rows, block_size)
+        )
+    if tmp is not None:
+        dst.copy_(into)
 
 
 def state_summary(state: State4bit) -> dict[str, Any]:
