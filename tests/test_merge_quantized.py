@@ -412,3 +412,23 @@ def test_dora_on_a_quantized_base_is_refused_in_one_line(quantized_bases, tmp_pa
     assert done.returncode == 1, done.stderr
     assert len(done.stderr.strip().splitlines()) == 1 and "DoRA" in done.stderr, done.stderr
     assert not out.exists()
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf")])
+def test_faithful_merge_refuses_a_non_finite_weight_in_one_line(
+    quantized_bases, adapter, tmp_path: Path, value: float
+) -> None:
+    """bitsandbytes' double quantization of a weight holding NaN or inf is undefined (our port used to crash
+    with an IndexError traceback): the faithful merge refuses it, naming the tensor, and writes nothing."""
+    qlora = _convert(adapter, tmp_path / "qlora.safetensors", "bnb-nf4,block_size=64,double_quant=true")
+    bad = _edited(quantized_bases["bf16"], tmp_path / "bad", lambda t: t[Q].view(-1).__setitem__(7, value))
+    out = tmp_path / "out"
+    res = _cli("merge", str(bad), str(qlora), "-o", str(out))
+    assert res.returncode == 1, res.stderr
+    assert Q in res.stderr and "NaN or infinite" in res.stderr, res.stderr
+    assert len(res.stderr.strip().splitlines()) == 1 and "Traceback" not in res.stderr
+    assert not out.exists() and not list(tmp_path.glob(".out.tmp*"))
+    plain = _cli("merge", str(bad), str(qlora), "-o", str(tmp_path / "plain"), "--dequantize-as", "none")
+    assert plain.returncode == 0, (
+        plain.stderr
+    )  # W + delta keeps the base's own NaN/inf, as a plain merge does

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import json
 import sys
 from collections.abc import Callable, Iterator
@@ -81,3 +82,22 @@ def human_bytes(n: float) -> str:
             return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
         n /= 1024
     return f"{n} B"
+
+
+def keep_freed_memory() -> None:
+    """Let glibc keep the memory of freed temporaries instead of handing it back to the kernel.
+
+    A merge frees and re-allocates megabyte-sized numpy temporaries thousands of times; by default glibc returns
+    them to the kernel (munmap, heap trim) and every reuse faults the pages in again: about 500,000 page faults,
+    a fifth of an FP8 merge's wall time (2.15 s -> 1.71 s measured). The CLI owns its process, so it raises the
+    mmap and trim thresholds there; the library leaves a host process's allocator alone."""
+    if not sys.platform.startswith("linux"):
+        return
+    try:
+        mallopt = ctypes.CDLL("libc.so.6").mallopt
+    except (OSError, AttributeError):  # not glibc
+        return
+    m_trim_threshold, m_top_pad, m_mmap_threshold = -1, -2, -3
+    mallopt(m_mmap_threshold, 32 << 20)  # glibc's largest allowed value
+    mallopt(m_trim_threshold, 256 << 20)
+    mallopt(m_top_pad, 32 << 20)

@@ -8,7 +8,15 @@ from typing import Any
 
 import click
 
-from loraformat.cli.common import emit_json, human_bytes, info, progress, resolve_adapter, warn
+from loraformat.cli.common import (
+    emit_json,
+    human_bytes,
+    info,
+    keep_freed_memory,
+    progress,
+    resolve_adapter,
+    warn,
+)
 from loraformat.errors import UsageError
 
 
@@ -161,6 +169,7 @@ def merge_cmd(
     """
     from loraformat.merging.api import merge
 
+    keep_freed_memory()
     if weights and len(weights) != len(adapters):
         raise UsageError(f"got {len(weights)} --weight for {len(adapters)} adapter(s); give one per adapter")
     modes = [

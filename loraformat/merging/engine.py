@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from loraformat.constants import StoredLayout
-from loraformat.errors import AdapterError, HashMismatchError, UnsupportedQuantizationError
+from loraformat.errors import AdapterError, HashMismatchError, InvalidInputError, UnsupportedQuantizationError
 from loraformat.hashing import start_tensor_digest
 from loraformat.io.header import DTYPE_BITS
 from loraformat.io.tensors import SafetensorsSource
@@ -445,9 +445,12 @@ class Pipeline:
                         src = device.copy_in(blk.host, blk.nbytes)
                         out = device.output(obuf, out_nbytes)
                         sub = self._sub_rows(task, cols)
-                        flagged = flagged | kernel.merge_block(
-                            src, dec, out, enc, factors, blk.start, blk.stop, cols, sub_rows=sub
-                        )
+                        try:
+                            flagged = flagged | kernel.merge_block(
+                                src, dec, out, enc, factors, blk.start, blk.stop, cols, sub_rows=sub
+                            )
+                        except InvalidInputError as exc:  # e.g. a 4-bit codec refusing NaN
+                            raise type(exc)(f"{task.name}: {exc}") from None
                         del src
                         event = device.copy_out(out, obuf, out_nbytes)
                     release = [(self.out_pool, obuf)]

@@ -26,6 +26,8 @@ from typing import Any
 
 import torch
 
+from loraformat.errors import InvalidInputError
+
 BLOCK_SIZES = (32, 64, 128, 256, 512, 1024, 2048, 4096)
 NESTED_BLOCK_SIZE = 256  # bitsandbytes quantizes the absmax vector in blocks of 256
 QUANT_TYPES = ("nf4", "fp4")
@@ -265,6 +267,10 @@ def _double_quantize(absmax: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, 
 
     The mean is taken on one thread: torch splits a long reduction between its threads, so the offset's last
     bit (and, through it, an ulp of a few weights) would otherwise depend on the machine's core count."""
+    if not bool(torch.isfinite(absmax).all()):
+        raise InvalidInputError(
+            "the weight holds NaN or infinite values: its 4-bit block statistics cannot be double-quantized"
+        )
     previous = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
