@@ -432,3 +432,29 @@ def test_faithful_merge_refuses_a_non_finite_weight_in_one_line(
     assert plain.returncode == 0, (
         plain.stderr
     )  # W + delta keeps the base's own NaN/inf, as a plain merge does
+
+
+@pytest.mark.parametrize("kind", ["fp8-block", "nf4"])
+def test_split_merge_of_a_quantized_base_is_byte_identical(
+    quantized_bases, adapter, tmp_path: Path, kind: str
+) -> None:
+    """Three `--shard i/3` workers and `--assemble 3` write the bytes of a one-machine merge, with shards small
+    enough that a weight and its fresh scales (or 4-bit state) would fall apart: the shard plan keeps each
+    re-quantized weight and its side tensors in one shard (a worker writes them together)."""
+    base, size = quantized_bases[kind], "10KB"
+    whole = tmp_path / "whole"
+    res = _cli("merge", str(base), str(adapter), "-o", str(whole), "--max-shard-size", size)
+    assert res.returncode == 0, res.stderr
+    assert len(list(whole.glob("*.safetensors"))) > 5
+    out = tmp_path / "split"
+    for i in range(3):
+        res = _cli(
+            "merge", str(base), str(adapter), "-o", str(out), "--max-shard-size", size, "--shard", f"{i}/3"
+        )
+        assert res.returncode == 0, res.stderr
+    res = _cli("merge", str(base), str(adapter), "-o", str(out), "--max-shard-size", size, "--assemble", "3")
+    assert res.returncode == 0, res.stderr
+    names = sorted(p.name for p in whole.iterdir())
+    assert names == sorted(p.name for p in out.iterdir())
+    for name in names:
+        assert (whole / name).read_bytes() == (out / name).read_bytes(), name

@@ -482,7 +482,8 @@ class Pipeline:
         missing = [n for n in task.quant.side.values() if n not in self.by_name]
         if missing:  # a split merge's worker got the weight but not its scales
             raise UnsupportedQuantizationError(
-                f"{missing[0]!r} lies in another shard than its weight {task.name!r}"
+                f"{missing[0]!r} lies in another shard than its weight {task.name!r}: a split merge writes a "
+                "re-quantized weight and its scales together; pass --max-shard-size, whose shards keep them so"
             )
         sizes = {n: self.by_name[n].out_nbytes for n in task.quant.side.values()}
         for name, data in side_bytes(task, enc, sizes).items():

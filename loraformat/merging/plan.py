@@ -410,10 +410,12 @@ def _layout(
     else:
         from huggingface_hub.serialization import split_state_dict_into_shards_factory
 
+        owner = _side_owners(tasks)
         try:
             split = split_state_dict_into_shards_factory(
-                {t.name: t for t in tasks},
+                _owners_first(tasks, owner),
                 get_storage_size=lambda t: t.out_nbytes,
+                get_storage_id=lambda t: owner.get(t.name),  # a re-quantized weight and its scales: one shard
                 filename_pattern="model{suffix}.safetensors",
                 max_shard_size=max_shard_size,
             )
@@ -448,6 +450,32 @@ def _layout(
     if len(set(names_seen)) != len(names_seen) or INDEX_NAME in names_seen:
         raise UsageError("the output shard names collide")  # pragma: no cover - defensive
     return shards, index
+
+
+def _side_owners(tasks: list[TensorTask]) -> dict[str, str]:
+    """Re-quantized weight or side tensor (fresh scales, quantization state) -> the weight's name: the merge
+    writes the side tensors when it finishes the weight, so a split merge's worker needs them in its shard."""
+    owner: dict[str, str] = {}
+    for t in tasks:
+        if t.quant is not None and t.quant.side:
+            owner[t.name] = t.name
+            owner.update(dict.fromkeys(t.quant.side.values(), t.name))
+    return owner
+
+
+def _owners_first(tasks: list[TensorTask], owner: dict[str, str]) -> dict[str, TensorTask]:
+    """Tasks by name, each side tensor right after its weight: huggingface_hub's planner sizes a group of
+    tensors sharing a storage id by its first member, so the weight must come first."""
+    sides: dict[str, list[TensorTask]] = {}
+    for t in tasks:
+        if owner.get(t.name, t.name) != t.name:
+            sides.setdefault(owner[t.name], []).append(t)
+    ordered: dict[str, TensorTask] = {}
+    for t in tasks:
+        if owner.get(t.name, t.name) == t.name:
+            ordered[t.name] = t
+            ordered.update((side.name, side) for side in sides.get(t.name, []))
+    return ordered
 
 
 def _copy_runs(tasks: list[TensorTask]) -> list[CopyRun]:
