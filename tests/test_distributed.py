@@ -45,16 +45,23 @@ def cluster():
 def test_ray_merge_is_byte_identical_on_two_nodes(
     tmp_path, cluster, llama_base, stamped_adapter, split_reference, capsys
 ):
-    out = tmp_path / "m"
-    code, stdout, err = run_cli(
-        merge_args(llama_base, stamped_adapter, out, f"--ray={cluster.address}", "--workers", 3, "--json"),
-        capsys,
-    )
-    assert code == 0, err
-    result = json.loads(stdout)
-    assert tree_bytes(out) == split_reference
-    assert result["workers"] == 3 and len(result["nodes"]) == 2  # the shares ran on both nodes
-    assert not any(p.exists() for p in staging_dirs(out))
+    nodes: list[set[str]] = []
+    for attempt in range(3):  # SPREAD is best effort: a busy machine may start every share on the head
+        out = tmp_path / f"m{attempt}"
+        code, stdout, err = run_cli(
+            merge_args(
+                llama_base, stamped_adapter, out, f"--ray={cluster.address}", "--workers", 3, "--json"
+            ),
+            capsys,
+        )
+        assert code == 0, err
+        result = json.loads(stdout)
+        assert tree_bytes(out) == split_reference and result["workers"] == 3
+        assert not any(p.exists() for p in staging_dirs(out))
+        nodes.append(set(result["nodes"]))
+        if len(nodes[-1]) == 2:
+            break
+    assert len(nodes[-1]) == 2, nodes  # the shares ran on both nodes
 
 
 def _kill_a_share_mid_write(cluster, out: Path, stop: threading.Event) -> list[int]:
