@@ -95,12 +95,95 @@ def _eq(a: Any, b: Any) -> bool:
 class _Evaluator:
     def __init__(self, schema: dict[str, Any]) -> None:
         self.root = schema
+        # (schema node, type, value) -> valid, for scalars: a document repeats the same ranks, alphas, kinds and
+        # layer-name patterns thousands of times; one evaluator per document, so the cache is bounded by it
+        self._scalars: dict[tuple[int, type, Any], bool] = {}
 
     def _resolve(self, ref: str) -> Any:
         node: Any = self.root
         for part in ref.removeprefix("#/").split("/"):
             node = node[part]
         return node
+
+    def valid(self, node: Any, value: Any) -> bool:
+        """Whether ``value`` satisfies ``node``: the checks of :meth:`errors` without messages or generators,
+        several times faster on the common case, a valid document (a 50,000-module one has 950,000 nodes)."""
+        if value is None or isinstance(value, (str, int, float)):
+            key = (id(node), type(value), value)
+            known = self._scalars.get(key)
+            if known is None:
+                known = self._scalars[key] = self._valid(node, value)
+            return known
+        return self._valid(node, value)
+
+    def _valid(self, node: Any, value: Any) -> bool:
+        if node is True or node == {}:
+            return True
+        if node is False:
+            return False
+        if "$ref" in node and not self.valid(self._resolve(node["$ref"]), value):
+            return False
+        if "type" in node:
+            types = node["type"] if isinstance(node["type"], list) else [node["type"]]
+            if not any(_TYPES[t](value) for t in types):
+                return False
+        if "enum" in node and not any(_eq(value, e) for e in node["enum"]):
+            return False
+        if "const" in node and not _eq(value, node["const"]):
+            return False
+        if isinstance(value, str) and not self._valid_string(node, value):
+            return False
+        if _TYPES["number"](value) and not self._valid_number(node, value):
+            return False
+        if isinstance(value, list) and not self._valid_array(node, value):
+            return False
+        if isinstance(value, dict) and not self._valid_object(node, value):
+            return False
+        for key in ("oneOf", "anyOf"):
+            if key in node:
+                passing = sum(self.valid(sub, value) for sub in node[key])
+                if passing == 0 or (key == "oneOf" and passing > 1):
+                    return False
+        if "if" in node:
+            branch = "then" if self.valid(node["if"], value) else "else"
+            if branch in node and not self.valid(node[branch], value):
+                return False
+        return True
+
+    @staticmethod
+    def _valid_string(node: Any, value: str) -> bool:
+        if "pattern" in node and not re.search(node["pattern"], value):
+            return False
+        return not ("minLength" in node and len(value) < node["minLength"])
+
+    @staticmethod
+    def _valid_number(node: Any, value: Any) -> bool:
+        if "minimum" in node and value < node["minimum"]:
+            return False
+        if "maximum" in node and value > node["maximum"]:
+            return False
+        return not ("exclusiveMinimum" in node and value <= node["exclusiveMinimum"])
+
+    def _valid_array(self, node: Any, value: list[Any]) -> bool:
+        if "minItems" in node and len(value) < node["minItems"]:
+            return False
+        if "maxItems" in node and len(value) > node["maxItems"]:
+            return False
+        return "items" not in node or all(self.valid(node["items"], item) for item in value)
+
+    def _valid_object(self, node: Any, value: dict[str, Any]) -> bool:
+        if any(req not in value for req in node.get("required", ())):
+            return False
+        if "minProperties" in node and len(value) < node["minProperties"]:
+            return False
+        if "propertyNames" in node and not all(self.valid(node["propertyNames"], n) for n in value):
+            return False
+        props = node.get("properties", {})
+        extra = node.get("additionalProperties", True)
+        for name, sub in value.items():
+            if not self.valid(props[name] if name in props else extra, sub):
+                return False
+        return True
 
     def errors(
         self, node: Any, value: Any, path: tuple[Any, ...] = ()
@@ -212,6 +295,8 @@ def violations(document: Any) -> list[tuple[str, str]]:
     """(JSON path, message) for every schema violation, in document order; empty when valid."""
     v = _validator()
     if isinstance(v, _Evaluator):
+        if _Evaluator(v.root).valid(v.root, document):  # its own scalar cache, dropped with the document
+            return []
         found = [(list(p), m) for p, m in v.errors(v.root, document)]
     else:
         found = [(list(e.absolute_path), e.message) for e in v.iter_errors(document)]

@@ -11,6 +11,7 @@ raises, because that is a usage error rather than a property of the adapter.
 from __future__ import annotations
 
 import copy
+import mmap
 import os
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -443,7 +444,9 @@ class _RawTensors:
 
         source = self.adapter.source
         if isinstance(source, SafetensorsSource) and os.path.getsize(source.path):
-            self.map = np.memmap(source.path, dtype=np.uint8, mode="r")
+            # a plain array over the mapping: np.memmap's slices run Python code each (100,000 tensors: 0.45 s)
+            with open(source.path, "rb") as f:
+                self.map = np.frombuffer(mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ), dtype=np.uint8)
         return self
 
     def __exit__(self, *exc: object) -> None:
