@@ -133,6 +133,8 @@ def merge(
     max_shard_size: int | str | None = None,
     verify: bool = True,
     overwrite: bool = False,
+    dequantize_as: str = "auto",
+    requantize: str = "keep",
 ) -> DistributedMergeResult:
     """Merge on a Ray cluster: one task per worker share, then assemble here. The output is byte for byte that
     of :func:`loraformat.merge`. ``workers`` defaults to the tasks the cluster runs at once (at most one per
@@ -147,7 +149,12 @@ def merge(
     base = os.path.abspath(base)
     paths = [p if "://" in p else os.path.abspath(p) for p in paths]
     kw: dict[str, Any] = dict(
-        weights=weights, dtype=dtype, max_shard_size=max_shard_size, overwrite=overwrite
+        weights=weights,
+        dtype=dtype,
+        max_shard_size=max_shard_size,
+        overwrite=overwrite,
+        dequantize_as=dequantize_as,
+        requantize=requantize,
     )
     with _planned(base, paths, out, verify=verify, **kw) as plan:  # every refusal before any task starts
         shard_count = len(plan.shards)

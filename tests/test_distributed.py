@@ -180,3 +180,23 @@ def test_unreachable_cluster_is_one_line(tmp_path, llama_base, stamped_adapter, 
     )
     assert code == 2 and "cannot reach the Ray cluster" in err and err.count("\n") == 1
     assert sorted(tmp_path.iterdir()) == []
+
+
+def test_ray_merge_of_an_fp8_base_is_byte_identical(tmp_path, cluster, quantized_bases, capsys):
+    """A re-quantized FP8 (128x128 block scales) merge split over the cluster writes the bytes of a one-machine
+    merge: every share re-quantizes its weights with fresh scales and writes the scales beside them."""
+    from tests.fixtures import LLAMA_TARGETS, make_peft_adapter
+
+    base = quantized_bases["fp8-block"]
+    adapter = make_peft_adapter(
+        quantized_bases["bf16"], tmp_path / "a", r=8, lora_alpha=16, target_modules=LLAMA_TARGETS
+    )
+    args = ["merge", base, adapter, "--max-shard-size", "10KB", "--json", "-o"]
+    code, _, err = run_cli([*args, tmp_path / "whole"], capsys)
+    assert code == 0, err
+    code, stdout, err = run_cli([*args, tmp_path / "ray", f"--ray={cluster.address}", "--workers", 3], capsys)
+    assert code == 0, err
+    result = json.loads(stdout)
+    assert result["workers"] == 3
+    assert tree_bytes(tmp_path / "ray") == tree_bytes(tmp_path / "whole")
+    assert len(list((tmp_path / "whole").glob("*.safetensors"))) > 5

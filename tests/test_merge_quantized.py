@@ -434,26 +434,27 @@ def test_faithful_merge_refuses_a_non_finite_weight_in_one_line(
     )  # W + delta keeps the base's own NaN/inf, as a plain merge does
 
 
-@pytest.mark.parametrize("kind", ["fp8-block", "nf4"])
+@pytest.mark.parametrize("kind, requantize", [("fp8-block", "keep"), ("nf4", "keep"), ("fp8-block", "none")])
 def test_split_merge_of_a_quantized_base_is_byte_identical(
-    quantized_bases, adapter, tmp_path: Path, kind: str
+    quantized_bases, adapter, tmp_path: Path, kind: str, requantize: str
 ) -> None:
     """Three `--shard i/3` workers and `--assemble 3` write the bytes of a one-machine merge, with shards small
     enough that a weight and its fresh scales (or 4-bit state) would fall apart: the shard plan keeps each
-    re-quantized weight and its side tensors in one shard (a worker writes them together)."""
-    base, size = quantized_bases[kind], "10KB"
+    re-quantized weight and its side tensors in one shard (a worker writes them together). Workers and the
+    assembler honour --requantize (they used to plan with the default and write FP8 regardless)."""
+    base, opts = quantized_bases[kind], ["--max-shard-size", "10KB", "--requantize", requantize]
     whole = tmp_path / "whole"
-    res = _cli("merge", str(base), str(adapter), "-o", str(whole), "--max-shard-size", size)
+    res = _cli("merge", str(base), str(adapter), "-o", str(whole), *opts)
     assert res.returncode == 0, res.stderr
     assert len(list(whole.glob("*.safetensors"))) > 5
     out = tmp_path / "split"
     for i in range(3):
-        res = _cli(
-            "merge", str(base), str(adapter), "-o", str(out), "--max-shard-size", size, "--shard", f"{i}/3"
-        )
+        res = _cli("merge", str(base), str(adapter), "-o", str(out), *opts, "--shard", f"{i}/3")
         assert res.returncode == 0, res.stderr
-    res = _cli("merge", str(base), str(adapter), "-o", str(out), "--max-shard-size", size, "--assemble", "3")
+    res = _cli("merge", str(base), str(adapter), "-o", str(out), *opts, "--assemble", "3")
     assert res.returncode == 0, res.stderr
+    config = json.loads((out / "config.json").read_text())
+    assert ("quantization_config" in config) == (requantize == "keep")
     names = sorted(p.name for p in whole.iterdir())
     assert names == sorted(p.name for p in out.iterdir())
     for name in names:

@@ -182,7 +182,12 @@ def merge_cmd(
     shard_size = _parse_size(max_shard_size)
     paths = [resolve_adapter(a) for a in adapters]
     common: dict[str, Any] = dict(
-        weights=list(weights) or None, dtype=dtype, max_shard_size=shard_size, overwrite=overwrite
+        weights=list(weights) or None,
+        dtype=dtype,
+        max_shard_size=shard_size,
+        overwrite=overwrite,
+        dequantize_as=dequantize_as,
+        requantize=requantize,
     )
     if assemble_workers is not None:
         from loraformat.merging.split import assemble

@@ -111,6 +111,8 @@ def _planned(
     max_shard_size: int | str | None,
     verify: bool,
     overwrite: bool,
+    dequantize_as: str = "auto",
+    requantize: str = "keep",
 ) -> Iterator[Plan]:
     """The one-machine merge's own input checks and plan (a diffusers pipeline is split per component by
     merging each component directory on its own)."""
@@ -125,10 +127,9 @@ def _planned(
             path=base,
         )
     ws = adapter_weights(weights, len(adapters))
-    with planned(base, adapters, out, ws, resolve_dtype(dtype), max_shard_size, verify, overwrite) as (
-        plan,
-        _,
-    ):
+    out_dtype = resolve_dtype(dtype)
+    args = (base, adapters, out, ws, out_dtype, max_shard_size, verify, overwrite, dequantize_as, requantize)
+    with planned(*args) as (plan, _):
         yield plan
 
 
@@ -208,6 +209,8 @@ def merge_share(
     overwrite: bool = False,
     progress: Progress | None = None,
     backend: str = "auto",
+    dequantize_as: str = "auto",
+    requantize: str = "keep",
 ) -> ShareResult:
     """Write worker I's share of OUT's shards (``share`` is (I, N) or ``"I/N"``, I from 0) and its done-file.
 
@@ -225,7 +228,13 @@ def merge_share(
         raise UsageError(f"share {worker}/{workers}: I must be in 0..{workers - 1}")
     out = Path(out)
     opts: dict[str, Any] = dict(
-        weights=weights, dtype=dtype, max_shard_size=max_shard_size, verify=verify, overwrite=overwrite
+        weights=weights,
+        dtype=dtype,
+        max_shard_size=max_shard_size,
+        verify=verify,
+        overwrite=overwrite,
+        dequantize_as=dequantize_as,
+        requantize=requantize,
     )
     with _planned(base, adapters, out, **opts) as plan:
         fingerprint = plan_fingerprint(plan, workers)
@@ -316,6 +325,8 @@ def assemble(
     dtype: str = "keep",
     max_shard_size: int | str | None = None,
     overwrite: bool = False,
+    dequantize_as: str = "auto",
+    requantize: str = "keep",
 ) -> AssembleResult:
     """Check that all ``workers`` done-files are present and match the plan, write the index and the base's
     non-weight files, and rename the staging directory to OUT atomically. Refuses (IncompleteSplitError,
@@ -326,7 +337,13 @@ def assemble(
     check_workers(workers)
     out = Path(out)
     opts: dict[str, Any] = dict(
-        weights=weights, dtype=dtype, max_shard_size=max_shard_size, verify=False, overwrite=overwrite
+        weights=weights,
+        dtype=dtype,
+        max_shard_size=max_shard_size,
+        verify=False,
+        overwrite=overwrite,
+        dequantize_as=dequantize_as,
+        requantize=requantize,
     )
     with _planned(base, adapters, out, **opts) as plan:
         fingerprint = plan_fingerprint(plan, workers)
