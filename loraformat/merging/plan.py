@@ -6,21 +6,21 @@ where its bytes go in the output. No tensor data is read and torch is not import
 from __future__ import annotations
 
 import copy
-import json
 import math
 import os
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from loraformat import __version__, spec
+from loraformat import spec
 from loraformat.adapter import Adapter
 from loraformat.base import base_problems, infer_fan_in_fan_out
-from loraformat.constants import FORMAT_KEY, FORMAT_VALUE, MERGE_RECORD_KEY, LayerKind
+from loraformat.constants import LayerKind
 from loraformat.errors import BaseMismatchError, UnsupportedDtypeError, UsageError
-from loraformat.io.checkpoint import INDEX_NAME, Checkpoint
-from loraformat.io.header import DTYPE_BITS, FLOAT_DTYPES, TensorInfo, encode_header
+from loraformat.io.checkpoint import Checkpoint
+from loraformat.io.header import DTYPE_BITS, FLOAT_DTYPES
 from loraformat.io.tensors import SafetensorsSource
+from loraformat.merging.layout import CopyRun, OutShard, base_order, copy_runs, layout
 from loraformat.merging.quantplan import QuantOptions, QuantTask, mark_targeted, quantized_task
 from loraformat.metadata import AdapterMetadata
 from loraformat.ops.term import Term, needs_whole_tensor
@@ -117,26 +117,6 @@ class TensorTask:
 
 
 @dataclass
-class OutShard:
-    name: str
-    header: bytes
-    size: int  # total file size
-    tensors: list[str]
-    metadata: dict[str, str]
-
-
-@dataclass
-class CopyRun:
-    """A byte range copied verbatim (coalesced over neighbouring untouched tensors)."""
-
-    src: str
-    src_offset: int
-    shard: int
-    dst_offset: int
-    nbytes: int
-
-
-@dataclass
 class Plan:
     ck: Checkpoint
     adapters: list[Adapter]
@@ -172,7 +152,7 @@ class Plan:
             self,
             tasks=tasks,
             shards=[self.shards[i] for i in keep],
-            copy_runs=_copy_runs(tasks),
+            copy_runs=copy_runs(tasks),
             index=None,
             aux_files=[],
         )
@@ -202,14 +182,6 @@ def check_paths(ck: Checkpoint, adapters: list[Adapter], out: Path) -> None:
         *(a.path for a in adapters),
     ]
     check_not_an_input(out, inputs)
-
-
-def _base_order(ck: Checkpoint) -> list[tuple[str, TensorInfo, str]]:
-    order = []
-    for shard in ck.shards:
-        for info in sorted(shard.tensors.values(), key=lambda i: i.start):
-            order.append((info.name, info, shard.path))
-    return order
 
 
 def _terms_for(
@@ -301,7 +273,7 @@ def build_plan(
     if quant is not None:
         mark_targeted(quant, terms)
     tasks: list[TensorTask] = []
-    for name, info, path in _base_order(ck):
+    for name, info, path in base_order(ck):
         rep = replacements.get(name)
         src_dtype, rep_bytes = info.dtype, None
         if rep is not None:
@@ -353,7 +325,7 @@ def build_plan(
             )
         )
 
-    shards, index = _layout(ck, tasks, max_shard_size, out_dtype, adapters, weights)
+    shards, index = layout(ck, tasks, max_shard_size, out_dtype, adapters, weights)
     return Plan(
         ck=ck,
         adapters=adapters,
@@ -362,7 +334,7 @@ def build_plan(
         labels=labels,
         tasks=tasks,
         shards=shards,
-        copy_runs=_copy_runs(tasks),
+        copy_runs=copy_runs(tasks),
         index=index,
         aux_files=list(ck.aux_files),
         out_dtype=out_dtype,
@@ -371,132 +343,3 @@ def build_plan(
         quant=quant,
         config_drop=quant.config_drop() if quant else {},
     )
-
-
-def _merge_metadata(adapters: list[Adapter], weights: list[float]) -> str:
-    return json.dumps(
-        {
-            "tool": f"loraformat {__version__}",
-            "adapters": [
-                {"name": a.meta.name, "content_hash": a.meta.content_hash, "weight": w}
-                for a, w in zip(adapters, weights, strict=True)
-            ],
-        },
-        sort_keys=True,
-        separators=(",", ":"),
-    )
-
-
-def _layout(
-    ck: Checkpoint,
-    tasks: list[TensorTask],
-    max_shard_size: int | str | None,
-    out_dtype: str | None,
-    adapters: list[Adapter],
-    weights: list[float],
-) -> tuple[list[OutShard], dict[str, Any] | None]:
-    """Shard names and tensor placement: the base's own, or huggingface_hub's plan for --max-shard-size."""
-    by_name = {t.name: t for t in tasks}
-    if max_shard_size is None:
-        groups = [
-            (
-                Path(s.path).name,
-                [n for n, _, p in _base_order(ck) if p == s.path and n in by_name],
-                dict(s.metadata),
-            )
-            for s in ck.shards
-        ]
-        sharded = ck.index is not None
-    else:
-        from huggingface_hub.serialization import split_state_dict_into_shards_factory
-
-        owner = _side_owners(tasks)
-        try:
-            split = split_state_dict_into_shards_factory(
-                _owners_first(tasks, owner),
-                get_storage_size=lambda t: t.out_nbytes,
-                get_storage_id=lambda t: owner.get(t.name),  # a re-quantized weight and its scales: one shard
-                filename_pattern="model{suffix}.safetensors",
-                max_shard_size=max_shard_size,
-            )
-        except ValueError as exc:
-            raise UsageError(f"--max-shard-size: {exc}") from None
-        meta0 = dict(ck.shards[0].metadata) if ck.shards else {}
-        groups = [(fname, names, dict(meta0)) for fname, names in split.filename_to_tensors.items()]
-        sharded = split.is_sharded
-    merged_from = _merge_metadata(adapters, weights)
-    shards: list[OutShard] = []
-    for shard_index, (fname, names, metadata) in enumerate(groups):
-        if (
-            out_dtype is not None
-        ):  # keep tensors aligned after a dtype change: wider dtypes first, as safetensors
-            position = {n: k for k, n in enumerate(names)}
-            names = sorted(names, key=lambda n: (-DTYPE_BITS[by_name[n].out_dtype], position[n]))
-        metadata[FORMAT_KEY] = FORMAT_VALUE
-        metadata[MERGE_RECORD_KEY] = merged_from
-        header, offsets = encode_header(
-            [(n, by_name[n].out_dtype, by_name[n].shape) for n in names], metadata
-        )
-        for n, (begin, _end) in zip(names, offsets, strict=True):
-            by_name[n].shard, by_name[n].offset = shard_index, len(header) + begin
-        size = len(header) + (offsets[-1][1] if offsets else 0)
-        shards.append(OutShard(fname, header, size, names, metadata))
-    index = None
-    if sharded:
-        extra = dict((ck.index or {}).get("metadata") or {})
-        extra["total_size"] = sum(t.out_nbytes for t in tasks)
-        index = {"metadata": extra, "weight_map": {n: shards[by_name[n].shard].name for n in sorted(by_name)}}
-    names_seen = [s.name for s in shards]
-    if len(set(names_seen)) != len(names_seen) or INDEX_NAME in names_seen:
-        raise UsageError("the output shard names collide")  # pragma: no cover - defensive
-    return shards, index
-
-
-def _side_owners(tasks: list[TensorTask]) -> dict[str, str]:
-    """Re-quantized weight or side tensor (fresh scales, quantization state) -> the weight's name: the merge
-    writes the side tensors when it finishes the weight, so a split merge's worker needs them in its shard."""
-    owner: dict[str, str] = {}
-    for t in tasks:
-        if t.quant is not None and t.quant.side:
-            owner[t.name] = t.name
-            owner.update(dict.fromkeys(t.quant.side.values(), t.name))
-    return owner
-
-
-def _owners_first(tasks: list[TensorTask], owner: dict[str, str]) -> dict[str, TensorTask]:
-    """Tasks by name, each side tensor right after its weight: huggingface_hub's planner sizes a group of
-    tensors sharing a storage id by its first member, so the weight must come first."""
-    sides: dict[str, list[TensorTask]] = {}
-    for t in tasks:
-        if owner.get(t.name, t.name) != t.name:
-            sides.setdefault(owner[t.name], []).append(t)
-    ordered: dict[str, TensorTask] = {}
-    for t in tasks:
-        if owner.get(t.name, t.name) == t.name:
-            ordered[t.name] = t
-            ordered.update((side.name, side) for side in sides.get(t.name, []))
-    return ordered
-
-
-def _copy_runs(tasks: list[TensorTask]) -> list[CopyRun]:
-    runs: list[CopyRun] = []
-    for t in tasks:
-        action = t.action
-        if action in ("compute", "side"):
-            continue
-        src = t.base if action == "copy" else t.replacement_bytes
-        assert src is not None
-        if src.nbytes == 0:
-            continue
-        last = runs[-1] if runs else None
-        if (
-            last is not None
-            and last.src == src.path
-            and last.shard == t.shard
-            and last.src_offset + last.nbytes == src.start
-            and last.dst_offset + last.nbytes == t.offset
-        ):
-            last.nbytes += src.nbytes
-        else:
-            runs.append(CopyRun(src.path, src.start, t.shard, t.offset, src.nbytes))
-    return runs
