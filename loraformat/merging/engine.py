@@ -29,8 +29,8 @@ from typing import Any
 from loraformat.constants import StoredLayout
 from loraformat.errors import AdapterError, HashMismatchError, InvalidInputError, UnsupportedQuantizationError
 from loraformat.hashing import start_tensor_digest
-from loraformat.io.header import DTYPE_BITS
 from loraformat.io.tensors import SafetensorsSource
+from loraformat.merging.blocks import Block, row_blocks, row_offset, sub_rows
 from loraformat.merging.devices import Device, Event
 from loraformat.merging.files import Buffer, Outputs, Pool, Sources, Stop, get, pread_into, put, read_array
 from loraformat.merging.plan import Plan, TensorTask
@@ -59,18 +59,6 @@ class Stats:
     peak_gpu_bytes: int = 0
     threads: int = 0
     requant: ErrorStats = field(default_factory=ErrorStats)  # re-quantization error of quantized outputs
-
-
-@dataclass
-class Block:
-    """Rows [start, stop) of a tensor viewed (rows, cols), as stored bytes in a host buffer."""
-
-    task: TensorTask
-    start: int
-    stop: int
-    host: Any  # a staging Buffer, a mapped range or an in-memory array
-    nbytes: int
-    staging: Buffer | None = None  # released once the device has copied it in
 
 
 @dataclass
@@ -329,40 +317,6 @@ class Pipeline:
         self.progress(job.nbytes, job.tensors_done)
 
     # -- the merge loop -------------------------------------------------------------------------------------
-    def _block_rows(self, task: TensorTask, rows: int, cols: int) -> int:
-        if task.whole:
-            return max(rows, 1)
-        if task.quant is not None:  # the fp32 work is the largest buffer; whole groups of rows sharing scales
-            group = task.quant.row_group
-            return max(group, self.block // max(1, cols * 4) // group * group)
-        per_row = max(1, cols * max(_itemsize(task.src_dtype), _itemsize(task.out_dtype)))
-        return max(1, self.block // per_row)
-
-    def _sub_rows(self, task: TensorTask, cols: int) -> int:
-        """Rows the host merges at a time within a block (0: the whole block at once): about
-        CPU_SUBBLOCK_ELEMS elements, whole groups of rows sharing quantization scales."""
-        if self.device.staged or task.whole:
-            return 0
-        rows = max(1, CPU_SUBBLOCK_ELEMS // max(cols, 1))
-        if task.quant is not None:
-            group = task.quant.row_group
-            return max(group, rows // group * group)
-        return rows
-
-    def _blocks(self, task: TensorTask) -> Iterator[tuple[int, int, int]]:
-        """(start, stop, stored bytes) of each block of rows of ``task``."""
-        rows, cols = rows_cols(task.logical_shape)
-        if rows == 0 or cols == 0:
-            yield 0, rows, 0  # an empty tensor: one empty block, so that it is counted done
-            return
-        if task.quant is not None and task.whole:
-            yield 0, rows, task.base.nbytes  # packed or whole-tensor layouts: all the stored bytes at once
-            return
-        step, row_bytes = self._block_rows(task, rows, cols), cols * _itemsize(task.src_dtype)
-        for r0 in range(0, rows, step):
-            r1 = min(rows, r0 + step)
-            yield r0, r1, (r1 - r0) * row_bytes
-
     def _memory_rows(self, task: TensorTask, start: int, stop: int) -> Any:
         """Stored bytes of rows of a replacement that lives only in memory (an Adapter object, a pickle)."""
         assert task.replacement is not None
@@ -375,12 +329,12 @@ class Pipeline:
         assert self.sources is not None
         for task in self.compute:
             loc = _source(task)
-            for r0, r1, nbytes in self._blocks(task):
+            for r0, r1, nbytes in row_blocks(task, self.block):
                 self._check_abort()
                 if loc is None:
                     yield Block(task, r0, r1, self._memory_rows(task, r0, r1), nbytes)
                     continue
-                offset = loc[1] + self._row_offset(task, r0)
+                offset = loc[1] + row_offset(task, r0)
                 host = self.sources.view(loc[0], offset, nbytes)  # checked against the file's size
                 yield Block(task, r0, r1, host, nbytes)
                 host.release()
@@ -395,15 +349,12 @@ class Pipeline:
                 return
             yield blk
 
-    def _row_offset(self, task: TensorTask, row: int) -> int:
-        return row * rows_cols(task.logical_shape)[1] * _itemsize(task.src_dtype)
-
     def _reader(self) -> None:
         """Stage each block into a (pinned) buffer with pread, so host->device copies run at full speed."""
         assert self.sources is not None and self.in_pool is not None
         for task in self.compute:
             loc = _source(task)
-            for r0, r1, nbytes in self._blocks(task):
+            for r0, r1, nbytes in row_blocks(task, self.block):
                 self._check_abort()
                 if loc is None:
                     put(
@@ -413,9 +364,7 @@ class Pipeline:
                     )
                     continue
                 buf = self.in_pool.get(nbytes)
-                pread_into(
-                    self.sources.fds[loc[0]], buf.mem[:nbytes], loc[1] + self._row_offset(task, r0), loc[0]
-                )
+                pread_into(self.sources.fds[loc[0]], buf.mem[:nbytes], loc[1] + row_offset(task, r0), loc[0])
                 self._count(bytes_read=nbytes)
                 self.merged_bytes += nbytes
                 put(self.to_merge, Block(task, r0, r1, buf, nbytes, staging=buf), self.abort)
@@ -444,7 +393,7 @@ class Pipeline:
                     with device.stream():
                         src = device.copy_in(blk.host, blk.nbytes)
                         out = device.output(obuf, out_nbytes)
-                        sub = self._sub_rows(task, cols)
+                        sub = 0 if device.staged else sub_rows(task, cols, CPU_SUBBLOCK_ELEMS)
                         try:
                             flagged = flagged | kernel.merge_block(
                                 src, dec, out, enc, factors, blk.start, blk.stop, cols, sub_rows=sub
@@ -520,10 +469,6 @@ class Pipeline:
             factors.append(kernel.prepare(planned.term.map(load)))
         self.device.adopt(factors)
         return dec, enc, factors
-
-
-def _itemsize(dtype: str) -> int:
-    return DTYPE_BITS[dtype] // 8
 
 
 def _st_dtype(t: Any) -> str:
