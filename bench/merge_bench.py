@@ -33,6 +33,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
@@ -116,12 +117,28 @@ def shapes(size: str) -> list[tuple[str, tuple[int, ...]]]:
     return out + [("model.norm.weight", (hidden,)), ("lm_head.weight", (vocab, hidden))]
 
 
+def llama_config(size: str) -> Any:
+    """transformers' LlamaConfig of a bench size (bf16, untied embeddings)."""
+    from transformers import LlamaConfig
+
+    hidden, inter, layers, vocab, heads, kv, _ = SIZES[size]
+    return LlamaConfig(
+        hidden_size=hidden,
+        intermediate_size=inter,
+        num_hidden_layers=layers,
+        vocab_size=vocab,
+        num_attention_heads=heads,
+        num_key_value_heads=kv,
+        tie_word_embeddings=False,
+        dtype="bfloat16",
+    )
+
+
 def build_base(size: str, path: Path) -> Path:
     """Random bf16 tensors in shards with an index, as save_pretrained lays them out; built once."""
     import torch
     from huggingface_hub.serialization import split_state_dict_into_shards_factory
     from safetensors.torch import save_file
-    from transformers import LlamaConfig
 
     if (path / "config.json").exists():
         return path
@@ -147,16 +164,7 @@ def build_base(size: str, path: Path) -> Path:
             "weight_map": split.tensor_to_filename,
         }
         (tmp / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
-    LlamaConfig(
-        hidden_size=hidden,
-        intermediate_size=inter,
-        num_hidden_layers=layers,
-        vocab_size=vocab,
-        num_attention_heads=heads,
-        num_key_value_heads=kv,
-        tie_word_embeddings=False,
-        dtype="bfloat16",
-    ).save_pretrained(tmp)
+    llama_config(size).save_pretrained(tmp)
     os.replace(tmp, path)
     return path
 

@@ -26,7 +26,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
-from merge_bench import SIZES, build_base, drop_or_warm, run_one, shapes  # noqa: E402
+from merge_bench import build_base, drop_or_warm, llama_config, run_one, shapes  # noqa: E402
 
 RANK, ALPHA = 16, 32
 TARGETS = ["q_proj", "v_proj"]
@@ -81,7 +81,6 @@ def build_fp8_base(path: Path) -> Path:
     """Random F8_E4M3 projections with positive block scales, bf16 elsewhere; one model.safetensors."""
     import torch
     from safetensors.torch import save_file
-    from transformers import LlamaConfig
 
     if (path / "config.json").exists():
         return path
@@ -100,17 +99,7 @@ def build_fp8_base(path: Path) -> Path:
         else:
             state[name] = (torch.randn(shape, generator=g) * 0.02).to(torch.bfloat16)
     save_file(state, tmp / "model.safetensors", metadata={"format": "pt"})
-    hidden, inter, layers, vocab, heads, kv, _ = SIZES["tinyllama"]
-    config = LlamaConfig(
-        hidden_size=hidden,
-        intermediate_size=inter,
-        num_hidden_layers=layers,
-        vocab_size=vocab,
-        num_attention_heads=heads,
-        num_key_value_heads=kv,
-        tie_word_embeddings=False,
-        dtype="bfloat16",
-    ).to_dict()
+    config = llama_config("tinyllama").to_dict()
     config["quantization_config"] = {
         "quant_method": "fp8",
         "fmt": "e4m3",

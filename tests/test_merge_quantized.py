@@ -75,7 +75,7 @@ def _raw(path: Path) -> dict[str, tuple[str, list[int], bytes]]:
 
 
 def _delta(adapter: Path, name: str) -> torch.Tensor:
-    """s * B @ A from the PEFT adapter itself, in fp64 (as the merge kernels form it before adding)."""
+    """s * B @ A from the PEFT adapter itself, in fp64: the exact delta the merge's fp32 one is compared with."""
     config = json.loads((adapter / "adapter_config.json").read_text())
     t = load_file(str(adapter / "adapter_model.safetensors"))
     module = name[: -len(".weight")]

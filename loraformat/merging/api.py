@@ -211,7 +211,7 @@ def merge(
     for every refusal (exit codes in loraformat.errors); nothing is ever left under ``out`` on failure.
     ``backend`` is for testing and benchmarking: "auto" merges on CPU with numpy (torch is then never imported)
     unless a term is DoRA or a dtype is exotic, and with torch otherwise and on CUDA; "torch" or "numpy" force
-    one (numpy refuses what it cannot merge); both kernels write the same bits (ops/kernel.py says why).
+    one (numpy refuses what it cannot merge); the kernels agree within the bound ops/kernel.py states.
     ``device``: auto, cpu, cuda, cuda:N, or cpu-staged (the CUDA orchestration run on CPU, for testing).
 
     Quantized bases (spec/interop/fp8.md, spec/interop/nf4.md) merge on the host CPU: FP8 and bitsandbytes 4-bit

@@ -96,6 +96,17 @@ def _bits_times_2_pow_minus_120(q: np.ndarray, out: np.ndarray) -> None:
     np.bitwise_and(out.view(np.uint32), _SIGN_AND_VALUE_BITS, out=out.view(np.uint32))
 
 
+def _times_scales(values: np.ndarray, scales: np.ndarray) -> None:
+    """``values`` (E4M3 values times 2^-120) *= their ``scales``, restoring the 2^120 in the same multiply when
+    scales * 2^120 is exact (every scale below 2^7), else in a multiply of its own; the result is fl(value *
+    scale) either way. Only the scales of these rows are looked at."""
+    if scales.size and float(scales.max()) < 2.0**7:
+        values *= scales * _TWO_120
+    else:
+        values *= _TWO_120
+        values *= scales
+
+
 def decode_rows(
     q: np.ndarray, scale: np.ndarray, layout: Fp8Layout, row0: int = 0, out: np.ndarray | None = None
 ) -> np.ndarray:
@@ -111,20 +122,14 @@ def decode_rows(
     if layout.kind == "block" and row0 % layout.block[0]:
         raise ValueError(f"row {row0} does not start a block of {layout.block[0]} rows")
     _bits_times_2_pow_minus_120(q, out)
-    if (
-        s.size and float(s.max()) < 2.0**7
-    ):  # s * 2^120 is exact: one multiply restores the values and scales them
-        s = s * _TWO_120
-    else:
-        out *= _TWO_120
     if layout.kind == "tensor":
-        out *= s.reshape(-1)[0]
+        _times_scales(out, s.reshape(-1)[:1])
     elif layout.kind == "channel":
-        out *= s.reshape(-1)[row0 : row0 + rows, None]
+        _times_scales(out, s.reshape(-1)[row0 : row0 + rows, None])
     else:  # one block-row at a time, by a row of per-column scales (long inner loops, unlike a 4-D broadcast)
         bo = layout.block[0]
         for r in range(0, rows, bo):
-            out[r : r + bo] *= _expand_cols(s[(row0 + r) // bo], layout, cols)
+            _times_scales(out[r : r + bo], _expand_cols(s[(row0 + r) // bo], layout, cols))
     nan = np.bitwise_and(q, 0x7F) == 0x7F  # E4M3's NaNs: 0x7F and 0xFF
     if nan.any():
         out[nan] = np.nan

@@ -2,8 +2,8 @@
 
 ``import torch`` costs seconds of one core, about as long as copying a small model; on CPU the merge itself is
 a few elementwise passes and one thin matrix product per block, which numpy does as well. It runs the block
-algorithm of :class:`loraformat.ops.kernel.Kernel` with the same operation order as the torch kernel, so both
-write the same bits. Not here: DoRA (its norms are reductions whose summation order differs between the
+algorithm of :class:`loraformat.ops.kernel.Kernel` with the same operation order as the torch kernel; the two
+differ only by their BLAS libraries' summation order, within the bound ops/kernel.py states. Not here: DoRA (its norms are reductions whose summation order differs between the
 libraries) and dtypes other than BF16/F16/F32/F64; the merge picks the torch kernel for those.
 
 numpy has no bfloat16 of its own: bf16 tensors are held as uint16 bit patterns and converted in integer
