@@ -3,7 +3,9 @@
 FP8: a block-scaled base (F8_E4M3 projections with 128x128 ``weight_scale_inv``, bf16 embeddings, norms and
 lm_head: 1.0 GB of FP8 + 0.26 GB of bf16), an r16 adapter on q_proj and v_proj (PEFT's default targets for Llama);
 compared, each in its own process with a warm page cache:
-  copy        the copy floor: copying the base's files
+  copy        copying the base's files, left dirty in the page cache
+  copy+fsync  the copy floor: the same, then fsynced, as loraformat's output is before it is renamed (and
+              bench/merge_bench.py's floor and the script below)
   loraformat  loraformat merge (decode, add, re-quantize with fresh scales, streaming)
   script      what users do today: dequantize everything to bf16, PEFT merge_and_unload, re-quantize, save
 NF4: the same model as a bf16 base (2.2 GB) and an adapter recording a bitsandbytes NF4 (double-quant) training
@@ -31,9 +33,17 @@ from merge_bench import build_base, drop_or_warm, llama_config, run_one, shapes 
 RANK, ALPHA = 16, 32
 TARGETS = ["q_proj", "v_proj"]
 LF = "from loraformat.cli.main import main; main()"
+DURABLE_COPY = """
+import os, shutil, sys
+shutil.copytree(sys.argv[1], sys.argv[2])
+for f in os.listdir(sys.argv[2]):
+    fd = os.open(os.path.join(sys.argv[2], f), os.O_RDONLY)
+    os.fsync(fd)
+    os.close(fd)
+"""
 
 SCRIPT = r"""
-import json, sys, torch
+import json, os, sys, torch
 from pathlib import Path
 from safetensors.torch import load_file, save_file
 from transformers import LlamaConfig, LlamaForCausalLM
@@ -74,6 +84,10 @@ out.mkdir()
 save_file(result, str(out / "model.safetensors"), metadata={"format": "pt"})
 for f in ("config.json",):
     (out / f).write_bytes((base / f).read_bytes())
+for f in out.iterdir():  # durable, as loraformat's output and merge_bench's floor are
+    fd = os.open(f, os.O_RDONLY)
+    os.fsync(fd)
+    os.close(fd)
 """
 
 
@@ -190,15 +204,21 @@ def main() -> None:
     out = root / "merged"
     copy = [py, "-c", "import shutil, sys; shutil.copytree(sys.argv[1], sys.argv[2])", str(fp8), str(out)]
     figures["fp8_copy"] = timed("copy floor", copy, env, out, args.repeat)
+    durable = [py, "-c", DURABLE_COPY, str(fp8), str(out)]
+    figures["fp8_copy_fsync"] = timed("copy + fsync floor", durable, env, out, args.repeat)
     lf = [py, "-c", LF, "--quiet", "merge", str(fp8), str(adapter), "-o", str(out)]
     figures["fp8_loraformat"] = timed("loraformat merge (re-quantize)", lf, env, out, args.repeat)
     if not args.skip_script:
         script = [py, "-c", SCRIPT, str(fp8), str(peft_dir), str(out)]
         figures["fp8_script"] = timed("dequantize / PEFT merge / requantize", script, env, out, 1)
-    floor = figures["fp8_copy"]["seconds"]
+    floor, durable_floor = figures["fp8_copy"]["seconds"], figures["fp8_copy_fsync"]["seconds"]
     for k in ("fp8_loraformat", "fp8_script"):
         if k in figures:
-            print(f"  {k[4:]:<34} {figures[k]['seconds'] / floor:8.2f} x the copy floor", flush=True)
+            s = figures[k]["seconds"]
+            print(
+                f"  {k[4:]:<34} {s / floor:8.2f} x the copy floor, {s / durable_floor:.2f} x copy + fsync",
+                flush=True,
+            )
 
     if not args.skip_nf4:
         bf16, qlora = root / "bf16-base", root / "adapter-qlora.safetensors"

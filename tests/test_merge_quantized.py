@@ -459,3 +459,25 @@ def test_split_merge_of_a_quantized_base_is_byte_identical(
     assert names == sorted(p.name for p in out.iterdir())
     for name in names:
         assert (whole / name).read_bytes() == (out / name).read_bytes(), name
+
+
+@pytest.mark.parametrize("kind", FP8_KINDS)
+def test_fp8_merge_in_c_writes_the_bytes_of_the_numpy_passes(
+    quantized_bases, adapter, merged, kind: str
+) -> None:
+    """The C passes (loraformat/ops/_fp8kernel.c) and the numpy reference write the same checkpoint, byte for
+    byte, and report the same re-quantization error."""
+    from loraformat.ops import fp8
+
+    if fp8.native_isa() is None:
+        pytest.skip("built without the C passes")
+    out_c, res_c = merged(kind)
+    fp8.set_native(False)
+    try:
+        res_np = merge(quantized_bases[kind], [adapter], out_c.with_name(out_c.name + "-numpy"))
+    finally:
+        fp8.set_native(True)
+    for f in sorted(p.name for p in out_c.iterdir()):
+        assert (out_c / f).read_bytes() == (out_c.with_name(out_c.name + "-numpy") / f).read_bytes(), f
+    for key in ("max_rel", "rms_rel", "max_abs", "rms_abs"):
+        assert res_c.requant_error[key] == pytest.approx(res_np.requant_error[key], rel=1e-5), key
