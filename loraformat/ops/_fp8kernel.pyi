@@ -1,6 +1,6 @@
 """The C passes of loraformat/ops/_fp8kernel.c (optional: built when a C compiler is present)."""
 
-from collections.abc import Buffer
+from typing_extensions import Buffer
 
 def decode(
     q: Buffer, scale: Buffer, row_step: int, col_step: int, rows: int, cols: int, out: Buffer
