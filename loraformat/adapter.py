@@ -17,7 +17,10 @@ from loraformat import spec
 from loraformat.constants import (
     DIFFUSERS_WEIGHTS_NAME,
     METADATA_KEY,
+    PEFT_CONFIG,
+    PEFT_PICKLE,
     PEFT_PREFIX,
+    PEFT_WEIGHTS,
     FindingCode,
     Format,
     LayerKind,
@@ -34,9 +37,6 @@ from loraformat.schema import validate_document
 if TYPE_CHECKING:
     import torch
 
-PEFT_WEIGHTS = "adapter_model.safetensors"
-PEFT_CONFIG = "adapter_config.json"
-PEFT_PICKLE = "adapter_model.bin"
 DIFFUSERS_WEIGHTS = DIFFUSERS_WEIGHTS_NAME  # what diffusers' save_lora_weights writes
 
 

@@ -57,6 +57,10 @@ MERGE_RECORD_KEY = "loraformat.merge"
 
 #: tensor key prefix PEFT uses; keeping it makes the file load unchanged in PEFT and vLLM
 PEFT_PREFIX = "base_model.model."
+#: the files of a PEFT adapter directory: its config, its weights, and the pickled weights of older versions
+PEFT_CONFIG = "adapter_config.json"
+PEFT_WEIGHTS = "adapter_model.safetensors"
+PEFT_PICKLE = "adapter_model.bin"
 
 #: identifies the base-model hashing scheme of spec/v1.md §9
 HASH_ALGORITHM = "loraformat-tensor-sha256/1"

@@ -14,10 +14,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from loraformat.adapter import PEFT_CONFIG, PEFT_WEIGHTS, Adapter, open_adapter
+from loraformat.adapter import Adapter, open_adapter
 from loraformat.base import base_problems, infer_fan_in_fan_out, saved_shape_problems, stamp
 from loraformat.components import check_pipeline_base, fits_as_is, qualify, requalified_tensors
-from loraformat.constants import CONVERT_TARGETS, Format
+from loraformat.constants import CONVERT_TARGETS, PEFT_CONFIG, PEFT_WEIGHTS, Format
 from loraformat.errors import BaseMismatchError, UsageError
 from loraformat.hashing import hash_base
 from loraformat.io.atomic import atomic_dir

@@ -11,7 +11,6 @@ raises, because that is a usage error rather than a property of the adapter.
 from __future__ import annotations
 
 import copy
-import mmap
 import os
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -19,7 +18,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from loraformat import spec
-from loraformat.adapter import PEFT_CONFIG, PEFT_PICKLE, PEFT_WEIGHTS, Adapter, open_adapter
+from loraformat.adapter import Adapter, open_adapter
 from loraformat.constants import (
     DEFAULT_LEVEL,
     FORMAT_KEY,
@@ -27,6 +26,7 @@ from loraformat.constants import (
     HASH_ALGORITHM,
     LEVELS,
     METADATA_KEY,
+    PEFT_CONFIG,
     FindingCode,
     Format,
     Level,
@@ -44,8 +44,9 @@ from loraformat.errors import (
     UnsupportedVersionError,
     UsageError,
 )
+from loraformat.io.discovery import expand_paths
 from loraformat.io.header import read_header
-from loraformat.io.tensors import SafetensorsSource
+from loraformat.io.tensors import RawTensorBytes
 from loraformat.io.untrusted_json import load_json
 from loraformat.metadata import BaseQuantization
 from loraformat.schema import violations as schema_violations
@@ -54,7 +55,6 @@ if TYPE_CHECKING:
     from loraformat.io.checkpoint import Checkpoint
 
 ERROR, WARNING = Severity.ERROR, Severity.WARNING
-_SKIP_DIRS = {".git", ".hg", ".svn", "__pycache__", ".cache", ".venv", "node_modules"}
 
 #: typed open errors -> finding code (most specific class first)
 _ERROR_CODES: tuple[tuple[type[LoraformatError], FindingCode], ...] = (
@@ -169,81 +169,6 @@ def validate_many(
     targets = expand_paths(paths)
     ck = _open_base(base) if level == Level.BASE else None
     return [_validate_one(t, level=level, ck=ck, config=config, allow_pickle=allow_pickle) for t in targets]
-
-
-def expand_paths(paths: Iterable[str | os.PathLike[str]]) -> list[str]:
-    """Turn arguments into adapters to check, without duplicates, in a stable order.
-
-    A file is checked as given, except that ``adapter_config.json`` (and a PEFT ``adapter_model.*`` beside its
-    config) stand for their PEFT directory, so a pre-commit hook that passes changed files checks the adapter.
-    A PEFT adapter directory is itself. Any other directory is searched recursively for PEFT adapter directories
-    and native adapters: .safetensors files whose header is broken or carries loraformat metadata (a base
-    model's weights in the same tree are skipped).
-    """
-    out: list[str] = []
-    seen: set[str] = set()
-
-    def add(p: str) -> None:
-        key = os.path.realpath(p)
-        if key not in seen:
-            seen.add(key)
-            out.append(p)
-
-    for arg in paths:
-        p = os.fspath(arg)
-        if not os.path.exists(p):
-            raise InputNotFoundError("no such file or directory", path=p)
-        if os.path.isfile(p):
-            parent = os.path.dirname(p) or "."
-            name = os.path.basename(p)
-            if name == PEFT_CONFIG or (
-                name in (PEFT_WEIGHTS, PEFT_PICKLE) and os.path.exists(os.path.join(parent, PEFT_CONFIG))
-            ):
-                add(parent)
-            else:
-                add(p)
-        elif _is_peft_dir(p):
-            add(p)
-        else:
-            found = _search(p)
-            if not found:
-                raise UsageError(
-                    "holds no PEFT adapter directory and no loraformat .safetensors file", path=p
-                )
-            for f in found:
-                add(f)
-    return out
-
-
-# --- expansion -------------------------------------------------------------------------------------------------
-
-
-def _is_peft_dir(p: str) -> bool:
-    return any(os.path.isfile(os.path.join(p, n)) for n in (PEFT_CONFIG, PEFT_WEIGHTS, PEFT_PICKLE))
-
-
-def _is_native_candidate(path: str) -> bool:
-    try:
-        return METADATA_KEY in read_header(path).metadata
-    except HeaderError:
-        return True  # a broken file is reported, not skipped
-    except LoraformatError:
-        return False
-
-
-def _search(root: str) -> list[str]:
-    found: list[str] = []
-    for dirpath, dirnames, filenames in os.walk(root):
-        dirnames[:] = sorted(d for d in dirnames if d not in _SKIP_DIRS and not d.startswith((".tmp", ".")))
-        if dirpath != root and _is_peft_dir(dirpath):
-            found.append(dirpath)
-            dirnames[:] = []
-            continue
-        for fn in sorted(filenames):
-            full = os.path.join(dirpath, fn)
-            if fn.endswith(".safetensors") and _is_native_candidate(full):
-                found.append(full)
-    return sorted(found)
 
 
 # --- checks ----------------------------------------------------------------------------------------------------
@@ -401,7 +326,7 @@ def _check_data(report: ValidationReport, adapter: Adapter) -> None:
     from loraformat.io.native import data_section_hash
     from loraformat.ops.finite import checkable, non_finite
 
-    with _RawTensors(adapter) as raw:
+    with RawTensorBytes(adapter.source) as raw:
         for key, info in sorted(adapter.source.infos.items()):
             if not checkable(info.dtype):
                 continue
@@ -431,40 +356,7 @@ def _check_data(report: ValidationReport, adapter: Adapter) -> None:
             )
 
 
-class _RawTensors:
-    """Each tensor's stored bytes as a numpy uint8 array: a read-only mapping of a safetensors file, or the
-    bytes of a tensor already in memory (a pickle)."""
-
-    def __init__(self, adapter: Adapter) -> None:
-        self.adapter = adapter
-        self.map: Any = None
-
-    def __enter__(self) -> _RawTensors:
-        import numpy as np
-
-        source = self.adapter.source
-        if isinstance(source, SafetensorsSource) and os.path.getsize(source.path):
-            # a plain array over the mapping: np.memmap's slices run Python code each (100,000 tensors: 0.45 s)
-            with open(source.path, "rb") as f:
-                self.map = np.frombuffer(mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ), dtype=np.uint8)
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.map = None
-
-    def get(self, key: str) -> Any:
-        info = self.adapter.source.infos[key]
-        if isinstance(self.adapter.source, SafetensorsSource):
-            if self.map is None or info.end > len(self.map):
-                return None
-            return self.map[info.start : info.end]
-        import torch
-
-        t = self.adapter.tensor(key).detach().to("cpu").contiguous()
-        return t.reshape(-1).view(torch.uint8).numpy()
-
-
-def _check_zero_delta(report: ValidationReport, adapter: Adapter, raw: _RawTensors) -> None:
+def _check_zero_delta(report: ValidationReport, adapter: Adapter, raw: RawTensorBytes) -> None:
     from loraformat.ops.finite import all_zero, checkable
 
     for module in adapter.modules:

@@ -11,8 +11,8 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from loraformat.adapter import PEFT_CONFIG, PEFT_WEIGHTS, expected_shapes, open_adapter
-from loraformat.constants import METADATA_KEY, PEFT_PREFIX, SPEC_VERSION
+from loraformat.adapter import expected_shapes, open_adapter
+from loraformat.constants import METADATA_KEY, PEFT_CONFIG, PEFT_PREFIX, PEFT_WEIGHTS, SPEC_VERSION
 from loraformat.conversion import adapter_tensors, convert
 from loraformat.errors import AdapterError, InputNotFoundError, SchemaError, UnsupportedVersionError
 from loraformat.io.native import write_native

@@ -13,10 +13,10 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-from loraformat.adapter import PEFT_CONFIG, PEFT_WEIGHTS, open_adapter
+from loraformat.adapter import open_adapter
 from loraformat.base import target_tensors
 from loraformat.cli.main import cli
-from loraformat.constants import METADATA_KEY
+from loraformat.constants import METADATA_KEY, PEFT_CONFIG, PEFT_WEIGHTS
 from loraformat.conversion import convert
 from loraformat.errors import BaseMismatchError, OutputExistsError, UsageError
 from loraformat.hashing import hash_base

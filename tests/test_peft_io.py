@@ -16,8 +16,9 @@ from peft import LoraConfig, PeftModel
 from peft.tuners.lora import LoraLayer
 from peft.utils import load_peft_weights, set_peft_model_state_dict
 
-from loraformat.adapter import PEFT_CONFIG, PEFT_WEIGHTS, open_adapter
+from loraformat.adapter import open_adapter
 from loraformat.cli.main import cli
+from loraformat.constants import PEFT_CONFIG, PEFT_WEIGHTS
 from loraformat.conversion import convert
 from loraformat.errors import AdapterError, PickleRefusedError
 from loraformat.io.peft import metadata_from_peft, peft_config_from_metadata, resolve_pattern

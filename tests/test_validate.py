@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 
 from loraformat import spec
-from loraformat.adapter import PEFT_CONFIG, PEFT_PICKLE, PEFT_WEIGHTS
 from loraformat.cli.main import main
+from loraformat.constants import PEFT_CONFIG, PEFT_PICKLE, PEFT_WEIGHTS
 from loraformat.conversion import convert
 from loraformat.errors import InputNotFoundError, UsageError
 from loraformat.validation import ValidationReport, expand_paths, validate, validate_many

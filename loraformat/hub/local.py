@@ -28,13 +28,20 @@ import os
 import shutil
 import uuid
 from collections.abc import Iterator, Mapping
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 from loraformat import __version__
 from loraformat.errors import HubNotFoundError, UsageError, VerificationError
 from loraformat.hub.backend import Progress, Published
+from loraformat.hub.local_records import (
+    REVISION_FORMAT,
+    FileEntry,
+    RepoListing,
+    Revision,
+    canonical_json,
+    checked_refs,
+    parse_revision,
+)
 from loraformat.hub.refs import (
     DEFAULT_BRANCH,
     LOCAL_COMMIT,
@@ -42,49 +49,13 @@ from loraformat.hub.refs import (
     check_repo_id,
     safe_relpath,
 )
-from loraformat.hub.untrusted import SHA256_HEX, check_commit, check_hex, check_size, shown
+from loraformat.hub.untrusted import SHA256_HEX, check_commit, check_hex
 from loraformat.io.atomic import atomic_file, fsync_dir, write_error
 from loraformat.metadata import now_iso
 
 MARKER = "loraformat-hub.json"
 HUB_FORMAT, HUB_VERSION = "loraformat-hub", 1
-REVISION_FORMAT = "loraformat-hub-revision"
 CHUNK = 1 << 22
-
-
-@dataclass(frozen=True)
-class FileEntry:
-    sha256: str
-    size: int
-
-
-@dataclass
-class Revision:
-    """A parsed, integrity-checked revision manifest."""
-
-    commit: str
-    repo: str
-    files: dict[str, FileEntry]
-    parents: list[str]
-    message: str
-    created: str
-    raw: dict[str, Any] = field(repr=False, default_factory=dict)
-
-
-@dataclass
-class RepoListing:
-    repo_id: str
-    branches: dict[str, str]
-    tags: dict[str, str]
-    revisions: int
-    private: bool = False
-
-    def to_json(self) -> dict[str, Any]:
-        return dict(self.__dict__)
-
-
-def canonical_json(obj: Any) -> bytes:
-    return json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
 
 
 def copy_hashing(
@@ -193,7 +164,7 @@ class LocalHub:
             raise VerificationError(
                 f"unreadable refs ({exc.__class__.__name__})", path=d / "refs.json"
             ) from None
-        return _checked_refs(doc, d / "refs.json")
+        return checked_refs(doc, d / "refs.json")
 
     def resolve(self, repo_id: str, revision: str | None = None) -> str:
         """Commit id of a branch, a tag, a full commit id or a unique commit prefix (7+ hex digits)."""
@@ -228,30 +199,7 @@ class LocalHub:
             raise VerificationError(
                 "revision manifest does not hash to its commit id (corrupted hub)", path=path
             )
-        try:
-            doc = json.loads(data)
-            files = {
-                safe_relpath(name, repo=repo_id): FileEntry(
-                    check_hex(e["sha256"], SHA256_HEX, what=f"object id of {name}", where=repo_id),
-                    check_size(e["size"], name, where=repo_id),
-                )
-                for name, e in doc["files"].items()
-            }
-        except (ValueError, KeyError, TypeError, AttributeError, RecursionError) as exc:
-            raise VerificationError(
-                f"malformed revision manifest ({exc.__class__.__name__})", path=path
-            ) from None
-        if doc.get("format") != REVISION_FORMAT:
-            raise VerificationError("not a loraformat hub revision manifest", path=path)
-        return Revision(
-            commit,
-            doc.get("repo", repo_id),
-            files,
-            list(doc.get("parents") or []),
-            str(doc.get("message", "")),
-            str(doc.get("created", "")),
-            doc,
-        )
+        return parse_revision(data, path, commit, repo_id)
 
     def files(self, repo_id: str, commit: str) -> dict[str, FileEntry]:
         return self.revision(repo_id, commit).files
@@ -417,32 +365,6 @@ class LocalHub:
         with atomic_file(d / "refs.json", overwrite=True) as f:
             f.write(json.dumps(refs, indent=1, sort_keys=True).encode() + b"\n")
         return commit, created
-
-
-def _checked_refs(doc: Any, path: Path) -> dict[str, dict[str, str]]:
-    """refs.json as {"branches": {name: commit}, "tags": {...}}, every name a valid ref name and every commit
-    64 hex digits: a tampered refs file must not steer paths (VerificationError otherwise)."""
-    if not isinstance(doc, dict):
-        raise VerificationError("refs file is not a JSON object (corrupted or tampered hub)", path=path)
-    out: dict[str, dict[str, str]] = {}
-    for kind in ("branches", "tags"):
-        refs = doc.get(kind) or {}
-        if not isinstance(refs, dict):
-            raise VerificationError(
-                f"refs file: {kind} is not an object (corrupted or tampered hub)", path=path
-            )
-        for name, commit in refs.items():
-            try:
-                check_ref_name(name)
-            except UsageError:
-                what = "branch" if kind == "branches" else "tag"
-                raise VerificationError(
-                    f"refs file names {what} {shown(name)}, not a valid ref name (corrupted or tampered hub)",
-                    path=path,
-                ) from None
-            check_commit(commit, "local", where=f"{path}: {shown(name)}")
-        out[kind] = dict(refs)
-    return out
 
 
 def check_consistency(root: str | os.PathLike[str]) -> list[str]:

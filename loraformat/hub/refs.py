@@ -28,7 +28,7 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from loraformat.constants import HubKind
+from loraformat.constants import PEFT_CONFIG, PEFT_WEIGHTS, HubKind
 from loraformat.errors import UsageError, VerificationError
 
 ENV_HUB = "LORAFORMAT_HUB"
@@ -38,8 +38,8 @@ HF_SCHEME, LOCAL_SCHEME, FILE_SCHEME = "hf://", "lfhub://", "file://"
 HF_NAMES = {HubKind.HF, "huggingface", "hf://", "huggingface.co"}
 
 #: The files an adapter repository holds: PEFT and vLLM load the first two straight from the repo.
-WEIGHTS_FILE = "adapter_model.safetensors"
-CONFIG_FILE = "adapter_config.json"
+WEIGHTS_FILE = PEFT_WEIGHTS
+CONFIG_FILE = PEFT_CONFIG
 CARD_FILE = "README.md"
 ADAPTER_FILES = (WEIGHTS_FILE, CONFIG_FILE, CARD_FILE)
 

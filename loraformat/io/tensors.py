@@ -5,6 +5,7 @@ torch is imported only when a tensor is actually read, so header-only work never
 
 from __future__ import annotations
 
+import mmap
 import os
 from typing import TYPE_CHECKING, Any
 
@@ -116,3 +117,36 @@ class RenamedSource(SafetensorsSource):
 
     def get(self, name: str) -> torch.Tensor:
         return super().get(self.names[name])
+
+
+class RawTensorBytes:
+    """Each tensor's stored bytes as a numpy uint8 array: a read-only mapping of a safetensors file, or the
+    bytes of a tensor already in memory (a pickle). A context manager: the mapping lives while it is open."""
+
+    def __init__(self, source: TensorSource) -> None:
+        self.source = source
+        self.map: Any = None
+
+    def __enter__(self) -> RawTensorBytes:
+        import numpy as np
+
+        if isinstance(self.source, SafetensorsSource) and os.path.getsize(self.source.path):
+            # a plain array over the mapping: np.memmap's slices run Python code each (100,000 tensors: 0.45 s)
+            with open(self.source.path, "rb") as f:
+                self.map = np.frombuffer(mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ), dtype=np.uint8)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.map = None
+
+    def get(self, key: str) -> Any:
+        """The stored bytes of ``key`` (None when the file is shorter than its header says)."""
+        if isinstance(self.source, SafetensorsSource):
+            info = self.source.infos[key]
+            if self.map is None or info.end > len(self.map):
+                return None
+            return self.map[info.start : info.end]
+        import torch
+
+        t = self.source.get(key).detach().to("cpu").contiguous()
+        return t.reshape(-1).view(torch.uint8).numpy()

@@ -27,13 +27,13 @@ from pathlib import Path
 from typing import Any
 
 from loraformat.constants import StoredLayout
-from loraformat.errors import AdapterError, HashMismatchError, InvalidInputError, UnsupportedQuantizationError
-from loraformat.hashing import start_tensor_digest
+from loraformat.errors import AdapterError, InvalidInputError
 from loraformat.io.tensors import SafetensorsSource
 from loraformat.merging.blocks import Block, row_blocks, row_offset, sub_rows
 from loraformat.merging.devices import Device, Event
 from loraformat.merging.files import Buffer, Outputs, Pool, Sources, Stop, get, pread_into, put, read_array
 from loraformat.merging.plan import Plan, TensorTask
+from loraformat.merging.verify import HASH_CHUNK, verify_digests
 from loraformat.ops.codec_quant import ErrorStats
 from loraformat.ops.kernel import Codec, Factors
 from loraformat.ops.term import rows_cols
@@ -43,7 +43,6 @@ BLOCK_BYTES = 32 * MiB  # the unit of merge and write
 OUT_BUFFERS = 3
 STAGING_BUFFERS = 6
 CPU_SUBBLOCK_ELEMS = 1 << 16  # rows merged at a time on the host: the fp32 work and product stay in L2
-HASH_CHUNK = 64 * MiB
 COPY_PIECE = 64 * MiB  # between two pieces the writer writes the merged blocks that are ready
 PREFETCH_AHEAD = 1 << 30  # the prefetcher asks the kernel to read at most this far ahead of the merge
 
@@ -217,28 +216,8 @@ class Pipeline:
         for task in self.tasks:
             if not task.digests:
                 continue
+            verify_digests(task, self.sources, self._check_abort)
             base = task.base
-            digest = start_tensor_digest(task.name, base.dtype, task.src_shape)
-            for pos in range(0, base.nbytes, HASH_CHUNK):
-                self._check_abort()
-                n = min(HASH_CHUNK, base.nbytes - pos)
-                view = self.sources.view(base.path, base.start + pos, n)
-                try:
-                    digest.update(view)
-                finally:
-                    view.release()
-                self.sources.drop(
-                    base.path, base.start + pos, n
-                )  # the merge faults them in again when it reads
-            actual = digest.hexdigest()
-            for expected, label in task.digests:
-                if expected != actual:
-                    raise HashMismatchError(
-                        f"base tensor {task.name!r} differs from the digest recorded by adapter {label}: the base "
-                        "changed after the adapter was stamped, or it is another base (--no-verify skips this "
-                        "check)",
-                        path=base.path,
-                    )
             read_elsewhere = task.action == "compute" and task.replacement is None or task.action == "copy"
             self._count(
                 tensors_verified=1, bytes_hashed=base.nbytes, bytes_read=0 if read_elsewhere else base.nbytes
@@ -420,22 +399,12 @@ class Pipeline:
 
     def _finish_quantized(self, task: TensorTask, enc: Codec[Any]) -> None:
         """A re-quantized weight is done: write its fresh scales / quant state, add up its error."""
-        from loraformat.merging.quantplan import side_bytes
+        from loraformat.merging.quantplan import side_tensors
 
         error = getattr(enc, "error", None)
         if error is not None:
             self.stats.requant.merge(error)
-        assert task.quant is not None
-        if not task.quant.side:
-            return
-        missing = [n for n in task.quant.side.values() if n not in self.by_name]
-        if missing:  # a split merge's worker got the weight but not its scales
-            raise UnsupportedQuantizationError(
-                f"{missing[0]!r} lies in another shard than its weight {task.name!r}: a split merge writes a "
-                "re-quantized weight and its scales together; pass --max-shard-size, whose shards keep them so"
-            )
-        sizes = {n: self.by_name[n].out_nbytes for n in task.quant.side.values()}
-        for name, data in side_bytes(task, enc, sizes).items():
+        for name, data in side_tensors(task, enc, self.by_name).items():
             side = self.by_name[name]
             obuf = self.out_pool.get(len(data))
             obuf.mem[: len(data)] = data

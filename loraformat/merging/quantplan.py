@@ -251,6 +251,21 @@ def make_codecs(task: Any, ck: Any, kernel: Any) -> tuple[Any, Any]:
     return codec, codec if q.requantize else kernel.codec(StoredLayout.DENSE, task.out_dtype)
 
 
+def side_tensors(task: Any, codec: Any, by_name: dict[str, Any]) -> dict[str, bytes]:
+    """Output tensor name -> bytes of the side tensors (fresh scales, quant state) of a re-quantized weight that
+    is done; ``by_name``: the output tasks of this merge by name (a split merge's worker has only its shards')."""
+    assert task.quant is not None
+    if not task.quant.side:
+        return {}
+    missing = [n for n in task.quant.side.values() if n not in by_name]
+    if missing:  # a split merge's worker got the weight but not its scales
+        raise UnsupportedQuantizationError(
+            f"{missing[0]!r} lies in another shard than its weight {task.name!r}: a split merge writes a "
+            "re-quantized weight and its scales together; pass --max-shard-size, whose shards keep them so"
+        )
+    return side_bytes(task, codec, {n: by_name[n].out_nbytes for n in task.quant.side.values()})
+
+
 def side_bytes(task: Any, codec: Any, sizes: dict[str, int]) -> dict[str, bytes]:
     """Output tensor name -> bytes for the side tensors of a re-quantized weight (``sizes``: their stored sizes)."""
     from loraformat.io.nf4 import state_json_bytes
