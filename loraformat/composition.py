@@ -257,23 +257,9 @@ def compose(
     from loraformat.ops import combine
 
     start = time.perf_counter()
-    if method not in COMPOSE_METHODS:
-        raise UsageError(f"unknown method {method!r}; choose one of {', '.join(COMPOSE_METHODS)}")
-    if not adapters:
-        raise UsageError("give at least one adapter to compose")
     w = adapter_weights(weights, len(adapters))
     spec = parse_rank_spec(rank)
-    if spec is not None and method not in LOWRANK_METHODS:
-        raise UsageError(
-            f"--rank does not apply to {method} (it is exact); use --method svd to reduce the rank"
-        )
-    if method in DENSITY_METHODS:
-        if density is None:
-            raise UsageError(f"--method {method} needs --density (fraction of entries kept, e.g. 0.5)")
-        if not (0.0 < density <= 1.0):
-            raise UsageError(f"--density must be in (0, 1], not {density}")
-    elif density is not None:
-        raise UsageError(f"--density applies to {', '.join(DENSITY_METHODS)}, not {method}")
+    _check_options(method, len(adapters), spec, density)
     dev = torch_device(device)
 
     with contextlib.ExitStack() as stack:
@@ -299,29 +285,18 @@ def compose(
         tensors: dict[str, torch.Tensor] = {}
         report: dict[str, dict[str, Any]] = {}
         for module, idx in plan.items():
-            ref = parents[idx[0]].meta.modules[module]
             terms = [_term(parents[i], module, w[i], dev, fdtype) for i in idx]
             gen = combine.module_generator(seed, module, dev) if method in SEEDED_METHODS else None
             A, B, kept = combine.compose_module(
                 method, terms, rank=spec, density=density or 1.0, generator=gen
             )
-            k = int(A.shape[0])
-            entry = ModuleEntry(
-                kind=ref.kind,
-                rank=k,
-                alpha=float(k),
-                in_features=ref.in_features,
-                out_features=ref.out_features,
-                base_tensor=ref.base_tensor,
-                fan_in_fan_out=ref.fan_in_fan_out,
-                kernel_size=list(ref.kernel_size) if ref.kernel_size else None,
-            )
+            entry = _entry(parents[idx[0]].meta.modules[module], int(A.shape[0]))
             keys = module_keys(module, entry, lora_bias=lora_bias)
             tensors[keys.A], tensors[keys.B] = shape_factors(entry, A, B, out_dtype)
             if keys.bias:
-                tensors[keys.bias] = _bias_sum(parents, idx, module, w, ref.out_features, fdtype, out_dtype)
+                tensors[keys.bias] = _bias_sum(parents, idx, module, w, entry.out_features, fdtype, out_dtype)
             modules[module] = entry
-            report[module] = {"rank": k, "energy_kept": kept, "parents": len(idx)}
+            report[module] = {"rank": entry.rank, "energy_kept": kept, "parents": len(idx)}
             if progress:
                 progress(1)
         tensors.update(saved_tensors)
@@ -330,15 +305,7 @@ def compose(
             for a, wi in zip(parents, w, strict=True)
         ]
 
-    details: dict[str, Any] = {"device": dev.type}
-    if method in DENSITY_METHODS:
-        details["density"] = density
-    if method in SEEDED_METHODS:
-        details["seed"] = seed
-    if method in LOWRANK_METHODS:
-        details["energy_kept"] = {m: r["energy_kept"] for m, r in report.items()}
-    if not agreed:
-        details["forced_different_bases"] = True
+    details = _details(method, dev.type, density, seed, report, agreed)
     meta = AdapterMetadata(
         modules=modules,
         scaling=ScalingRule.STANDARD,
@@ -370,6 +337,54 @@ def compose(
         forced=not agreed,
         seconds=time.perf_counter() - start,
     )
+
+
+def _check_options(method: str, n_adapters: int, spec: RankSpec | None, density: float | None) -> None:
+    if method not in COMPOSE_METHODS:
+        raise UsageError(f"unknown method {method!r}; choose one of {', '.join(COMPOSE_METHODS)}")
+    if not n_adapters:
+        raise UsageError("give at least one adapter to compose")
+    if spec is not None and method not in LOWRANK_METHODS:
+        raise UsageError(
+            f"--rank does not apply to {method} (it is exact); use --method svd to reduce the rank"
+        )
+    if method in DENSITY_METHODS:
+        if density is None:
+            raise UsageError(f"--method {method} needs --density (fraction of entries kept, e.g. 0.5)")
+        if not (0.0 < density <= 1.0):
+            raise UsageError(f"--density must be in (0, 1], not {density}")
+    elif density is not None:
+        raise UsageError(f"--density applies to {', '.join(DENSITY_METHODS)}, not {method}")
+
+
+def _entry(ref: ModuleEntry, rank: int) -> ModuleEntry:
+    """The composed module's entry: the parents' shape and target, the new rank, alpha = rank (scale 1)."""
+    return ModuleEntry(
+        kind=ref.kind,
+        rank=rank,
+        alpha=float(rank),
+        in_features=ref.in_features,
+        out_features=ref.out_features,
+        base_tensor=ref.base_tensor,
+        fan_in_fan_out=ref.fan_in_fan_out,
+        kernel_size=list(ref.kernel_size) if ref.kernel_size else None,
+    )
+
+
+def _details(
+    method: str, device: str, density: float | None, seed: int, report: dict[str, Any], agreed: bool
+) -> dict[str, Any]:
+    """provenance.details: what another run needs to reproduce the composition, and what it kept."""
+    details: dict[str, Any] = {"device": device}
+    if method in DENSITY_METHODS:
+        details["density"] = density
+    if method in SEEDED_METHODS:
+        details["seed"] = seed
+    if method in LOWRANK_METHODS:
+        details["energy_kept"] = {m: r["energy_kept"] for m, r in report.items()}
+    if not agreed:
+        details["forced_different_bases"] = True
+    return details
 
 
 def _output_dtype(adapters: Sequence[Adapter]) -> torch.dtype:

@@ -30,11 +30,11 @@ from loraformat.composition import (
 from loraformat.constants import ScalingRule
 from loraformat.errors import ComposeError, UsageError
 from loraformat.io.native import write_native
-from loraformat.metadata import Parent, Provenance
+from loraformat.metadata import AdapterMetadata, ModuleEntry, Parent, Provenance
 from loraformat.ops.lowrank import RankSpec, parse_rank_spec
 
 if TYPE_CHECKING:
-    pass
+    import torch
 
 
 @dataclass
@@ -78,18 +78,11 @@ def rescale(
     """
     import copy
 
-    from loraformat.ops import lowrank
-
     start = time.perf_counter()
     if scale is not None and alpha is not None:
         raise UsageError("--scale and --alpha are exclusive: --alpha A is --scale A/alpha for each module")
     spec = parse_rank_spec(rank)
-    if scale is None and alpha is None and spec is None:
-        raise UsageError("nothing to do: give --scale, --alpha or --rank")
-    if scale is not None and (not math.isfinite(scale) or scale == 0):
-        raise UsageError(f"--scale must be a finite non-zero number, not {scale}")
-    if alpha is not None and (not math.isfinite(alpha) or alpha <= 0):
-        raise UsageError(f"--alpha must be a positive number, not {alpha}")
+    _check_options(scale, alpha, spec)
     dev = torch_device(device)
 
     with open_adapter(adapter) as src:
@@ -107,42 +100,13 @@ def rescale(
                 "lowers ranks (padding with zeros adds nothing)"
             )
         meta = copy.deepcopy(src.meta)
-        rule = meta.scaling
         tensors = {k: src.tensor(k) for k in src.source.infos}
         params_before = lora_params(tensors, meta.saved_tensors)
         report: dict[str, dict[str, Any]] = {}
         for module, entry in sorted(meta.modules.items()):
-            keys = src.keys(module)
-            if scale is not None:
-                new_alpha, total = entry.alpha * abs(scale), meta.scale(module) * scale
-            elif alpha is not None:
-                new_alpha, total = float(alpha), fmt.scale_for(rule, entry.rank, alpha)
-            else:
-                new_alpha, total = entry.alpha, meta.scale(module)
-            A0, B0 = tensors[keys.A], tensors[keys.B]
-            fdtype = factor_dtype(A0.dtype, B0.dtype)
-            rank_before, kept = entry.rank, 1.0
-            if spec is None:  # exact: the factors stay, the change goes into alpha (which must stay > 0)
-                entry.alpha = new_alpha
-                factor = -1.0 if total < 0 else 1.0
-            else:  # optimal truncation, written like compose output: alpha = rank, the factors carry the scale
-                svd = lowrank.qr_core_svd(
-                    lowrank.flatten_A(A0).to(dev, fdtype), lowrank.flatten_B(B0).to(dev, fdtype)
-                )
-                k = lowrank.choose_rank(svd.S, spec, cap=entry.rank)
-                entry.rank, entry.alpha, factor = k, float(k), total
-                if k < rank_before:
-                    kept = lowrank.energy_kept(svd.S, k)
-                    A, B = svd.factors(k, total)
-                    tensors[keys.A], tensors[keys.B] = shape_factors(entry, A, B, A0.dtype, B0.dtype)
-                else:
-                    tensors[keys.B] = (B0.to(fdtype) * total).to(B0.dtype)
-            if spec is None and factor < 0:
-                tensors[keys.B] = -B0
-            if keys.bias and factor != 1.0:  # LoRA biases scale with the delta
-                bias = tensors[keys.bias]
-                tensors[keys.bias] = (bias.double() * factor).to(bias.dtype)
-            report[module] = {"rank_before": rank_before, "rank_after": entry.rank, "energy_kept": kept}
+            report[module] = _rescale_module(
+                meta, module, entry, src.keys(module), tensors, scale, alpha, spec, dev
+            )
             if progress:
                 progress(1)
         if spec is not None:
@@ -175,6 +139,61 @@ def rescale(
         file_size_after=os.path.getsize(out_path),
         seconds=time.perf_counter() - start,
     )
+
+
+def _check_options(scale: float | None, alpha: float | None, spec: RankSpec | None) -> None:
+    if scale is None and alpha is None and spec is None:
+        raise UsageError("nothing to do: give --scale, --alpha or --rank")
+    if scale is not None and (not math.isfinite(scale) or scale == 0):
+        raise UsageError(f"--scale must be a finite non-zero number, not {scale}")
+    if alpha is not None and (not math.isfinite(alpha) or alpha <= 0):
+        raise UsageError(f"--alpha must be a positive number, not {alpha}")
+
+
+def _rescale_module(
+    meta: AdapterMetadata,
+    module: str,
+    entry: ModuleEntry,
+    keys: Any,
+    tensors: dict[str, torch.Tensor],
+    scale: float | None,
+    alpha: float | None,
+    spec: RankSpec | None,
+    dev: torch.device,
+) -> dict[str, Any]:
+    """One module: its new alpha (exact) or its truncated factors (``spec``), in ``entry`` and ``tensors``."""
+    from loraformat.ops import lowrank
+
+    if scale is not None:
+        new_alpha, total = entry.alpha * abs(scale), meta.scale(module) * scale
+    elif alpha is not None:
+        new_alpha, total = float(alpha), fmt.scale_for(meta.scaling, entry.rank, alpha)
+    else:
+        new_alpha, total = entry.alpha, meta.scale(module)
+    A0, B0 = tensors[keys.A], tensors[keys.B]
+    fdtype = factor_dtype(A0.dtype, B0.dtype)
+    rank_before, kept = entry.rank, 1.0
+    if spec is None:  # exact: the factors stay, the change goes into alpha (which must stay > 0)
+        entry.alpha = new_alpha
+        factor = -1.0 if total < 0 else 1.0
+    else:  # optimal truncation, written like compose output: alpha = rank, the factors carry the scale
+        svd = lowrank.qr_core_svd(
+            lowrank.flatten_A(A0).to(dev, fdtype), lowrank.flatten_B(B0).to(dev, fdtype)
+        )
+        k = lowrank.choose_rank(svd.S, spec, cap=entry.rank)
+        entry.rank, entry.alpha, factor = k, float(k), total
+        if k < rank_before:
+            kept = lowrank.energy_kept(svd.S, k)
+            A, B = svd.factors(k, total)
+            tensors[keys.A], tensors[keys.B] = shape_factors(entry, A, B, A0.dtype, B0.dtype)
+        else:
+            tensors[keys.B] = (B0.to(fdtype) * total).to(B0.dtype)
+    if spec is None and factor < 0:
+        tensors[keys.B] = -B0
+    if keys.bias and factor != 1.0:  # LoRA biases scale with the delta
+        bias = tensors[keys.bias]
+        tensors[keys.bias] = (bias.double() * factor).to(bias.dtype)
+    return {"rank_before": rank_before, "rank_after": entry.rank, "energy_kept": kept}
 
 
 # --- spectrum --------------------------------------------------------------------------------------------------

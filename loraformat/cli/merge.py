@@ -170,15 +170,7 @@ def merge_cmd(
     from loraformat.merging.api import merge
 
     keep_freed_memory()
-    if weights and len(weights) != len(adapters):
-        raise UsageError(f"got {len(weights)} --weight for {len(adapters)} adapter(s); give one per adapter")
-    modes = [
-        m for m, on in (("--shard", share), ("--assemble", assemble_workers), ("--ray", ray_address)) if on
-    ]
-    if len(modes) > 1:
-        raise UsageError(f"{' and '.join(modes)} cannot be combined; give one")
-    if ray_address is None and (workers is not None or ray_gpus is not None):
-        raise UsageError("--workers and --ray-gpus go with --ray")
+    _check_options(len(adapters), weights, share, assemble_workers, ray_address, workers, ray_gpus)
     shard_size = _parse_size(max_shard_size)
     paths = [resolve_adapter(a) for a in adapters]
     common: dict[str, Any] = dict(
@@ -190,16 +182,7 @@ def merge_cmd(
         requantize=requantize,
     )
     if assemble_workers is not None:
-        from loraformat.merging.split import assemble
-
-        done = assemble(base, paths, out, assemble_workers, **common)
-        if as_json:
-            emit_json(done.to_json())
-        else:
-            info(
-                f"assembled {done.output} from {done.workers} worker(s): {len(done.shards)} shards, "
-                f"{human_bytes(done.bytes_total)} in all; {done.seconds:.2f} s"
-            )
+        _run_assemble(base, paths, out, assemble_workers, common, as_json)
         return
     if no_verify:
         warn("--no-verify: base tensors will not be checked against the adapters' recorded digests")
@@ -247,6 +230,47 @@ def merge_cmd(
             dequantize_as=dequantize_as,
             requantize=requantize,
         )
+    _report(result, as_json)
+
+
+def _check_options(
+    n_adapters: int,
+    weights: tuple[float, ...],
+    share: str | None,
+    assemble_workers: int | None,
+    ray_address: str | None,
+    workers: int | None,
+    ray_gpus: float | None,
+) -> None:
+    """Options that contradict each other: one line, exit 2, before anything is opened."""
+    if weights and len(weights) != n_adapters:
+        raise UsageError(f"got {len(weights)} --weight for {n_adapters} adapter(s); give one per adapter")
+    modes = [
+        m for m, on in (("--shard", share), ("--assemble", assemble_workers), ("--ray", ray_address)) if on
+    ]
+    if len(modes) > 1:
+        raise UsageError(f"{' and '.join(modes)} cannot be combined; give one")
+    if ray_address is None and (workers is not None or ray_gpus is not None):
+        raise UsageError("--workers and --ray-gpus go with --ray")
+
+
+def _run_assemble(
+    base: str, paths: list[Any], out: str, workers: int, common: dict[str, Any], as_json: bool
+) -> None:
+    from loraformat.merging.split import assemble
+
+    done = assemble(base, paths, out, workers, **common)
+    if as_json:
+        emit_json(done.to_json())
+    else:
+        info(
+            f"assembled {done.output} from {done.workers} worker(s): {len(done.shards)} shards, "
+            f"{human_bytes(done.bytes_total)} in all; {done.seconds:.2f} s"
+        )
+
+
+def _report(result: Any, as_json: bool) -> None:
+    """The merge's result: JSON, or warnings and a summary line (and the re-quantization line)."""
     for note in result.warnings:
         if not note.startswith("--no-verify") and not as_json:
             warn(note)

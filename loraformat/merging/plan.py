@@ -216,6 +216,136 @@ def _label(adapter: Adapter, i: int) -> str:
     return f"#{i + 1} {adapter.path}"
 
 
+@dataclass
+class _Gathered:
+    """What the adapters of a merge contribute, by base tensor name, before any task exists."""
+
+    labels: list[str]
+    metas: list[AdapterMetadata] = field(default_factory=list)
+    terms: dict[str, list[PlannedTerm]] = field(default_factory=dict)
+    replacements: dict[str, tuple[int, str]] = field(
+        default_factory=dict
+    )  # base name -> (adapter, saved key)
+    digests: dict[str, list[tuple[str, str]]] = field(default_factory=dict)  # base name -> (digest, label)
+    unverified: list[str] = field(default_factory=list)
+
+
+def _gather(ck: Checkpoint, adapters: list[Adapter], weights: list[float], verify: bool) -> _Gathered:
+    """Check every adapter against the base and collect its terms, replaced tensors and recorded digests."""
+    g = _Gathered([_label(a, i) for i, a in enumerate(adapters)])
+    for i, (adapter, w) in enumerate(zip(adapters, weights, strict=True)):
+        meta = copy.deepcopy(adapter.meta)
+        infer_fan_in_fan_out(meta, ck)
+        problems = base_problems(meta, ck)
+        if problems:
+            raise BaseMismatchError(first_problem(problems), path=adapter.path)
+        if meta.dora and w != 1.0:
+            raise UsageError(
+                f"adapter {g.labels[i]} uses DoRA, whose magnitude vector cannot be weighted "
+                f"(weight {w:g}); merge it with weight 1"
+            )
+        g.metas.append(meta)
+        for name, specs in _terms_for(i, adapter, meta, w, ck).items():
+            g.terms.setdefault(name, []).extend(specs)
+        _gather_replacements(g, i, adapter, meta, ck)
+        recorded = meta.base_model.target_digests
+        if verify:
+            if not recorded:
+                g.unverified.append(g.labels[i])
+            for name, hexdigest in sorted(recorded.items()):
+                if ck.info(name) is not None:
+                    g.digests.setdefault(name, []).append((hexdigest, g.labels[i]))
+    return g
+
+
+def _gather_replacements(
+    g: _Gathered, i: int, adapter: Adapter, meta: AdapterMetadata, ck: Checkpoint
+) -> None:
+    """The base tensors adapter ``i`` saves whole (modules_to_save): one adapter per tensor, same shape."""
+    for key, base_name in sorted(meta.saved_tensors.items()):
+        if base_name in g.replacements:
+            other = g.replacements[base_name][0]
+            raise UsageError(
+                f"adapters {g.labels[other]} and {g.labels[i]} both replace base tensor "
+                f"{base_name!r}; merge them one at a time"
+            )
+        info, saved = ck.info(base_name), adapter.source.infos[key]
+        assert info is not None  # base_problems checked it
+        if saved.shape != info.shape:
+            raise BaseMismatchError(
+                f"{key}: saved tensor is {list(saved.shape)} but base tensor {base_name!r} "
+                f"is {list(info.shape)}",
+                path=adapter.path,
+            )
+        g.replacements[base_name] = (i, key)
+
+
+def _task(
+    name: str, info: Any, path: str, g: _Gathered, adapters: list[Adapter], out_dtype: str | None
+) -> TensorTask:
+    """The task of one plain (not quantized) base tensor: copied, replaced, or merged from its terms."""
+    rep = g.replacements.get(name)
+    src_dtype, rep_bytes = info.dtype, None
+    if rep is not None:
+        adapter = adapters[rep[0]]
+        rinfo = adapter.source.infos[rep[1]]
+        src_dtype = rinfo.dtype
+        if isinstance(adapter.source, SafetensorsSource):
+            rep_bytes = Bytes(adapter.source.path, rinfo.start, rinfo.nbytes, rinfo.dtype)
+    task_terms = g.terms.get(name, [])
+    out = info.dtype if out_dtype is None or info.dtype not in FLOAT_DTYPES else out_dtype
+    if task_terms or src_dtype != out:
+        for dt, what in ((info.dtype, "base tensor"), (src_dtype, "replacement for")):
+            if dt not in FLOAT_DTYPES:
+                raise UnsupportedDtypeError(
+                    f"{what} {name!r} is {dt}: cannot merge into {dt} weights (quantized or integer "
+                    "checkpoints need dequantizing first, or a quantization_config in config.json saying how they are "
+                    "scaled); supported: BF16, F16, F32, F64",
+                    path=path,
+                )
+    return TensorTask(
+        name=name,
+        shape=info.shape,
+        src_dtype=src_dtype,
+        out_dtype=out,
+        base=Bytes(path, info.start, info.nbytes, info.dtype),
+        replacement=rep,
+        replacement_bytes=rep_bytes,
+        terms=task_terms,
+        digests=g.digests.get(name, []),
+    )
+
+
+def _tasks(
+    ck: Checkpoint, g: _Gathered, adapters: list[Adapter], out_dtype: str | None, quant: QuantOptions | None
+) -> list[TensorTask]:
+    """One task per base tensor, in the base's order (a quantized weight's side tensors may drop out)."""
+    if quant is not None:
+        mark_targeted(quant, g.terms)
+    tasks: list[TensorTask] = []
+    for name, info, path in base_order(ck):
+        task_terms = g.terms.get(name, [])
+        replaced = name in g.replacements
+        special = quantized_task(quant, name, info, task_terms, out_dtype, replaced) if quant else None
+        if special is None:
+            tasks.append(_task(name, info, path, g, adapters, out_dtype))
+        elif not special.drop:
+            tasks.append(
+                TensorTask(
+                    name=name,
+                    shape=special.shape,
+                    src_dtype=info.dtype,
+                    out_dtype=special.out_dtype,
+                    base=Bytes(path, info.start, info.nbytes, info.dtype),
+                    terms=task_terms,
+                    digests=g.digests.get(name, []),
+                    quant=special.quant,
+                    side_of=special.side_of,
+                )
+            )
+    return tasks
+
+
 def build_plan(
     ck: Checkpoint,
     adapters: list[Adapter],
@@ -226,112 +356,16 @@ def build_plan(
     verify: bool,
     quant: QuantOptions | None = None,
 ) -> Plan:
-    labels = [_label(a, i) for i, a in enumerate(adapters)]
-    metas: list[AdapterMetadata] = []
-    terms: dict[str, list[PlannedTerm]] = {}
-    replacements: dict[str, tuple[int, str]] = {}
-    digests: dict[str, list[tuple[str, str]]] = {}
-    unverified: list[str] = []
-    for i, (adapter, w) in enumerate(zip(adapters, weights, strict=True)):
-        meta = copy.deepcopy(adapter.meta)
-        infer_fan_in_fan_out(meta, ck)
-        problems = base_problems(meta, ck)
-        if problems:
-            raise BaseMismatchError(first_problem(problems), path=adapter.path)
-        if meta.dora and w != 1.0:
-            raise UsageError(
-                f"adapter {labels[i]} uses DoRA, whose magnitude vector cannot be weighted "
-                f"(weight {w:g}); merge it with weight 1"
-            )
-        metas.append(meta)
-        for name, specs in _terms_for(i, adapter, meta, w, ck).items():
-            terms.setdefault(name, []).extend(specs)
-        for key, base_name in sorted(meta.saved_tensors.items()):
-            if base_name in replacements:
-                other = replacements[base_name][0]
-                raise UsageError(
-                    f"adapters {labels[other]} and {labels[i]} both replace base tensor "
-                    f"{base_name!r}; merge them one at a time"
-                )
-            info, saved = ck.info(base_name), adapter.source.infos[key]
-            assert info is not None  # base_problems checked it
-            if saved.shape != info.shape:
-                raise BaseMismatchError(
-                    f"{key}: saved tensor is {list(saved.shape)} but base tensor {base_name!r} "
-                    f"is {list(info.shape)}",
-                    path=adapter.path,
-                )
-            replacements[base_name] = (i, key)
-        recorded = meta.base_model.target_digests
-        if verify:
-            if not recorded:
-                unverified.append(labels[i])
-            for name, hexdigest in sorted(recorded.items()):
-                if ck.info(name) is not None:
-                    digests.setdefault(name, []).append((hexdigest, labels[i]))
-
-    if quant is not None:
-        mark_targeted(quant, terms)
-    tasks: list[TensorTask] = []
-    for name, info, path in base_order(ck):
-        rep = replacements.get(name)
-        src_dtype, rep_bytes = info.dtype, None
-        if rep is not None:
-            adapter = adapters[rep[0]]
-            rinfo = adapter.source.infos[rep[1]]
-            src_dtype = rinfo.dtype
-            if isinstance(adapter.source, SafetensorsSource):
-                rep_bytes = Bytes(adapter.source.path, rinfo.start, rinfo.nbytes, rinfo.dtype)
-        task_terms = terms.get(name, [])
-        out = info.dtype if out_dtype is None or info.dtype not in FLOAT_DTYPES else out_dtype
-        special = quantized_task(quant, name, info, task_terms, out_dtype, rep is not None) if quant else None
-        if special is not None:
-            if special.drop:
-                continue
-            tasks.append(
-                TensorTask(
-                    name=name,
-                    shape=special.shape,
-                    src_dtype=info.dtype,
-                    out_dtype=special.out_dtype,
-                    base=Bytes(path, info.start, info.nbytes, info.dtype),
-                    terms=task_terms,
-                    digests=digests.get(name, []),
-                    quant=special.quant,
-                    side_of=special.side_of,
-                )
-            )
-            continue
-        if task_terms or src_dtype != out:
-            for dt, what in ((info.dtype, "base tensor"), (src_dtype, "replacement for")):
-                if dt not in FLOAT_DTYPES:
-                    raise UnsupportedDtypeError(
-                        f"{what} {name!r} is {dt}: cannot merge into {dt} weights (quantized or integer "
-                        "checkpoints need dequantizing first, or a quantization_config in config.json saying how they are "
-                        "scaled); supported: BF16, F16, F32, F64",
-                        path=path,
-                    )
-        tasks.append(
-            TensorTask(
-                name=name,
-                shape=info.shape,
-                src_dtype=src_dtype,
-                out_dtype=out,
-                base=Bytes(path, info.start, info.nbytes, info.dtype),
-                replacement=rep,
-                replacement_bytes=rep_bytes,
-                terms=task_terms,
-                digests=digests.get(name, []),
-            )
-        )
-
+    """Everything a merge will do, from headers alone, checked before any data is read."""
+    g = _gather(ck, adapters, weights, verify)
+    tasks = _tasks(ck, g, adapters, out_dtype, quant)
     shards, index = layout(ck, tasks, max_shard_size, out_dtype, adapters, weights)
     return Plan(
         ck=ck,
         adapters=adapters,
-        metas=metas,
+        metas=g.metas,
         weights=weights,
-        labels=labels,
+        labels=g.labels,
         tasks=tasks,
         shards=shards,
         copy_runs=copy_runs(tasks),
@@ -339,7 +373,7 @@ def build_plan(
         aux_files=list(ck.aux_files),
         out_dtype=out_dtype,
         verify=verify,
-        unverified_adapters=unverified,
+        unverified_adapters=g.unverified,
         quant=quant,
         config_drop=quant.config_drop() if quant else {},
     )
