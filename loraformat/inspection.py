@@ -10,6 +10,7 @@ from __future__ import annotations
 import math
 import os
 from collections import Counter
+from dataclasses import dataclass, field
 from typing import Any
 
 from loraformat.adapter import Adapter, open_adapter
@@ -29,20 +30,28 @@ def inspect(
         return describe(adapter)
 
 
-def describe(adapter: Adapter) -> dict[str, Any]:
-    meta = adapter.meta
-    infos = adapter.source.infos
-    lora = extra = full = 0
-    modules: dict[str, dict[str, Any]] = {}
-    targets: dict[str, Counter[str]] = {}
+@dataclass
+class _Counts:
+    """Per-module rows and parameter counts of an adapter (its LoRA factors, DoRA magnitudes and LoRA biases,
+    and the full fine-tuning it replaces)."""
+
+    modules: dict[str, dict[str, Any]] = field(default_factory=dict)
+    targets: dict[str, Counter[str]] = field(default_factory=dict)
+    lora: int = 0
+    extra: int = 0
+    full: int = 0
+
+
+def _count(adapter: Adapter) -> _Counts:
+    meta, infos, c = adapter.meta, adapter.source.infos, _Counts()
     for name, entry in sorted(meta.modules.items()):
         keys = adapter.keys(name)
         n = sum(infos[k].numel for k in (keys.A, keys.B))
-        lora += n
-        extra += sum(infos[k].numel for k in (keys.magnitude, keys.bias) if k is not None and k in infos)
-        full += math.prod(entry.base_shape)
-        targets.setdefault(entry.kind, Counter())[name.rsplit(".", 1)[-1]] += 1
-        modules[name] = {
+        c.lora += n
+        c.extra += sum(infos[k].numel for k in (keys.magnitude, keys.bias) if k is not None and k in infos)
+        c.full += math.prod(entry.base_shape)
+        c.targets.setdefault(entry.kind, Counter())[name.rsplit(".", 1)[-1]] += 1
+        c.modules[name] = {
             "kind": entry.kind,
             "rank": entry.rank,
             "alpha": entry.alpha,
@@ -53,6 +62,14 @@ def describe(adapter: Adapter) -> dict[str, Any]:
             "fan_in_fan_out": entry.fan_in_fan_out,
             "parameters": n,
         }
+    return c
+
+
+def describe(adapter: Adapter) -> dict[str, Any]:
+    meta = adapter.meta
+    infos = adapter.source.infos
+    c = _count(adapter)
+    lora, extra, full, targets, modules = c.lora, c.extra, c.full, c.targets, c.modules
     saved = sum(infos[k].numel for k in meta.saved_tensors if k in infos)
     trainable = lora + extra
     reduction = 1 - trainable / full if full else 0.0
@@ -239,34 +256,42 @@ def format_text(d: dict[str, Any]) -> str:
         lines.append(f"content      {d['content_hash']}")
     if d["description"]:
         lines.append(f"description  {d['description']}")
-    prov = d["provenance"]
-    if prov:
-        parents = ", ".join(
-            f"{p.get('name') or _short(p.get('content_hash'))} x{p.get('weight')}"
-            for p in prov.get("parents", [])
-        )
-        lines.append(
-            f"provenance   {prov.get('method')}"
-            + (f" from {prov['source_format']}" if prov.get("source_format") else "")
-            + (f" of {parents}" if parents else "")
-        )
+    lines += _provenance_lines(d["provenance"])
     if d.get("components"):
         lines.append("components   " + ", ".join(f"{c} ({n} modules)" for c, n in d["components"].items()))
-    training = d.get("kohya_training")
-    if training:
-        lines.append("training     kohya sd-scripts metadata:")
-        lines += [f"  {k:<28} {v}" for k, v in training["fields"].items()]
-        if training["other_keys"]:
-            lines.append(f"  {'other ss_* keys':<28} {len(training['other_keys'])}")
-        state = training["sshs_model_hash_state"]
-        if training["sshs_model_hash"]:
-            what = {"matches": "matches the tensor data", "stale": "STALE: does not match the tensor data"}
-            lines.append(
-                f"  {'sshs_model_hash':<28} {training['sshs_model_hash'][:16]}… {what.get(state, '')}"
-            )
+    lines += _kohya_lines(d.get("kohya_training"))
     if d["created"]:
         by = d["created_by"]
         lines.append(
             f"created      {d['created']}" + (f" by {by.get('tool')} {by.get('version')}" if by else "")
         )
     return "\n".join(lines)
+
+
+def _provenance_lines(prov: dict[str, Any] | None) -> list[str]:
+    if not prov:
+        return []
+    parents = ", ".join(
+        f"{p.get('name') or _short(p.get('content_hash'))} x{p.get('weight')}"
+        for p in prov.get("parents", [])
+    )
+    return [
+        f"provenance   {prov.get('method')}"
+        + (f" from {prov['source_format']}" if prov.get("source_format") else "")
+        + (f" of {parents}" if parents else "")
+    ]
+
+
+def _kohya_lines(training: dict[str, Any] | None) -> list[str]:
+    """kohya sd-scripts' training metadata, and whether its stored model hash still matches the tensors."""
+    if not training:
+        return []
+    lines = ["training     kohya sd-scripts metadata:"]
+    lines += [f"  {k:<28} {v}" for k, v in training["fields"].items()]
+    if training["other_keys"]:
+        lines.append(f"  {'other ss_* keys':<28} {len(training['other_keys'])}")
+    state = training["sshs_model_hash_state"]
+    if training["sshs_model_hash"]:
+        what = {"matches": "matches the tensor data", "stale": "STALE: does not match the tensor data"}
+        lines.append(f"  {'sshs_model_hash':<28} {training['sshs_model_hash'][:16]}… {what.get(state, '')}")
+    return lines

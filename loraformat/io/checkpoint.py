@@ -89,8 +89,38 @@ def open_checkpoint(path: str | os.PathLike[str]) -> Checkpoint:
     p = Path(path)
     if not p.exists():
         raise InputNotFoundError("no such file or directory", path=p)
-    index = None
     index_name = _index_name(p)
+    root, files, index = _weight_files(p, index_name)
+    shards = [read_header(f) for f in files]
+    locations: dict[str, tuple[SafetensorsHeader, TensorInfo]] = {}
+    for shard in shards:
+        for name, info in shard.tensors.items():
+            if name in locations:
+                raise HeaderError(f"tensor {name!r} appears in two shards", path=shard.path)
+            locations[name] = (shard, info)
+    if index is not None:
+        for name, shard_name in index["weight_map"].items():
+            loc = locations.get(name)
+            if loc is None or Path(loc[0].path).name != shard_name:
+                raise HeaderError(
+                    f"weight_map says {name!r} is in {shard_name} but it is not", path=p / (index_name or "")
+                )
+    aux = _aux_files(root, files, index_name) if p.is_dir() else []
+    return Checkpoint(
+        path=p,
+        root=root,
+        shards=shards,
+        index=index,
+        locations=locations,
+        aux_files=aux,
+        index_name=index_name or INDEX_NAME,
+    )
+
+
+def _weight_files(p: Path, index_name: str | None) -> tuple[Path, list[Path], Any]:
+    """(root, weight files, parsed index or None) of a .safetensors file, a sharded directory with its index,
+    or a directory with one weights file; pickles are refused, shard names must stay inside the directory."""
+    index = None
     if p.is_file():
         if p.suffix != ".safetensors":
             if p.suffix in (".bin", ".pt", ".pth", ".ckpt"):
@@ -125,41 +155,23 @@ def open_checkpoint(path: str | os.PathLike[str]) -> Checkpoint:
         else:
             raise InputNotFoundError(f"holds no {SINGLE_NAME} or {INDEX_NAME}", path=p)
 
-    shards = [read_header(f) for f in files]
-    locations: dict[str, tuple[SafetensorsHeader, TensorInfo]] = {}
-    for shard in shards:
-        for name, info in shard.tensors.items():
-            if name in locations:
-                raise HeaderError(f"tensor {name!r} appears in two shards", path=shard.path)
-            locations[name] = (shard, info)
-    if index is not None:
-        for name, shard_name in index["weight_map"].items():
-            loc = locations.get(name)
-            if loc is None or Path(loc[0].path).name != shard_name:
-                raise HeaderError(
-                    f"weight_map says {name!r} is in {shard_name} but it is not", path=p / (index_name or "")
-                )
+    return root, files, index
+
+
+def _aux_files(root: Path, files: list[Path], index_name: str | None) -> list[Path]:
+    """Every other file under the directory (config, tokenizer, ...), relative: copied beside a merge's output."""
     aux: list[Path] = []
-    if p.is_dir():
-        weight_files = {f.name for f in files} | {index_name or INDEX_NAME}
-        for dirpath, dirnames, filenames in os.walk(root):
-            dirnames[:] = sorted(d for d in dirnames if d not in _SKIP_DIRS and not d.startswith(".tmp"))
-            rel = Path(dirpath).relative_to(root)
-            for fn in sorted(filenames):
-                if rel == Path(".") and fn in weight_files:
-                    continue
-                if fn.endswith(".safetensors") or fn.startswith(".") or fn in PICKLE_NAMES:
-                    continue
-                aux.append(rel / fn)
-    return Checkpoint(
-        path=p,
-        root=root,
-        shards=shards,
-        index=index,
-        locations=locations,
-        aux_files=aux,
-        index_name=index_name or INDEX_NAME,
-    )
+    weight_files = {f.name for f in files} | {index_name or INDEX_NAME}
+    for dirpath, dirnames, filenames in os.walk(root):
+        dirnames[:] = sorted(d for d in dirnames if d not in _SKIP_DIRS and not d.startswith(".tmp"))
+        rel = Path(dirpath).relative_to(root)
+        for fn in sorted(filenames):
+            if rel == Path(".") and fn in weight_files:
+                continue
+            if fn.endswith(".safetensors") or fn.startswith(".") or fn in PICKLE_NAMES:
+                continue
+            aux.append(rel / fn)
+    return aux
 
 
 def _index_name(p: Path) -> str | None:

@@ -148,31 +148,9 @@ def metadata_from_peft(
     resolved = resolve_all(sorted(grouped), tables, [r, lora_alpha], path)
     modules: dict[str, ModuleEntry] = {}
     for module, roles in sorted(grouped.items()):
-        a_key = roles.get("A") or roles.get("embA")
-        b_key = roles.get("B") or roles.get("embB")
-        if a_key is None and b_key is None:
-            continue  # a stray magnitude/bias: reported as unexpected by Adapter.problems
-        a = infos[a_key].shape if a_key else ()
-        b = infos[b_key].shape if b_key else ()
-        if "embA" in roles or "embB" in roles:
-            kind, kernel = LayerKind.EMBEDDING, None
-        elif len(a) > 2:
-            kind, kernel = LayerKind.CONV, list(a[2:])
-        elif len(b) > 2:
-            kind, kernel = LayerKind.CONV, [1] * (len(b) - 2)
-        else:
-            kind, kernel = LayerKind.LINEAR, None
-        modules[module] = ModuleEntry(
-            kind=kind,
-            rank=resolved[module][0],
-            alpha=resolved[module][1],
-            in_features=a[1] if len(a) > 1 else 0,  # 0: unknown, A is missing or malformed (a problem)
-            out_features=b[0] if len(b) > 0 else 0,
-            base_tensor=f"{module}.weight",
-            # PEFT applies fan_in_fan_out to (Conv1D-)linear layers only; convert --base corrects it per layer
-            fan_in_fan_out=fan_in_fan_out and kind == LayerKind.LINEAR,
-            kernel_size=kernel,
-        )
+        entry = _module_entry(module, roles, infos, resolved[module], fan_in_fan_out)
+        if entry is not None:
+            modules[module] = entry
     if not modules:
         raise AdapterError("no LoRA tensors (lora_A/lora_B or lora_embedding_A/B) found", path=path)
     task = config.get("task_type")
@@ -194,6 +172,38 @@ def metadata_from_peft(
             revision=revision if isinstance(revision, str) and revision else None,
         ),
         provenance=Provenance(method="convert", source_format=Format.PEFT),
+    )
+
+
+def _module_entry(
+    module: str, roles: dict[str, str], infos: dict[str, TensorInfo], rank_alpha: Any, fan_in_fan_out: bool
+) -> ModuleEntry | None:
+    """One module's entry from its tensors' shapes (kind, features, kernel) and its resolved rank and alpha;
+    None for a stray magnitude or bias without factors (Adapter.problems reports it as unexpected)."""
+    a_key = roles.get("A") or roles.get("embA")
+    b_key = roles.get("B") or roles.get("embB")
+    if a_key is None and b_key is None:
+        return None
+    a = infos[a_key].shape if a_key else ()
+    b = infos[b_key].shape if b_key else ()
+    if "embA" in roles or "embB" in roles:
+        kind, kernel = LayerKind.EMBEDDING, None
+    elif len(a) > 2:
+        kind, kernel = LayerKind.CONV, list(a[2:])
+    elif len(b) > 2:
+        kind, kernel = LayerKind.CONV, [1] * (len(b) - 2)
+    else:
+        kind, kernel = LayerKind.LINEAR, None
+    return ModuleEntry(
+        kind=kind,
+        rank=rank_alpha[0],
+        alpha=rank_alpha[1],
+        in_features=a[1] if len(a) > 1 else 0,  # 0: unknown, A is missing or malformed (a problem)
+        out_features=b[0] if len(b) > 0 else 0,
+        base_tensor=f"{module}.weight",
+        # PEFT applies fan_in_fan_out to (Conv1D-)linear layers only; convert --base corrects it per layer
+        fan_in_fan_out=fan_in_fan_out and kind == LayerKind.LINEAR,
+        kernel_size=kernel,
     )
 
 

@@ -253,13 +253,35 @@ def merge(
             except OSError as exc:
                 raise write_error(exc, out) from None
         seconds = time.perf_counter() - t0
+    requant = _requant_report(stats, notes)
+    return _result(plan, stats, ws, out, dev, engine_backend, dtype, verify, notes, seconds, requant)
+
+
+def _requant_report(stats: Any, notes: list[str]) -> dict[str, Any] | None:
+    """The re-quantization error over the re-quantized weights, and a warning when most of the delta was lost."""
     requant = stats.requant.report() if stats.requant.elements else None
     if requant is not None and requant["rms_rel"] > LOST_DELTA_RMS:
         notes.append(
             f"re-quantization lost most of the adapter: its RMS error is {requant['rms_rel']:.0%} of the delta's "
             "(the delta is below the quantization step); consider --requantize none"
         )
-        warnings.warn(notes[-1], stacklevel=2)
+        warnings.warn(notes[-1], stacklevel=3)
+    return requant
+
+
+def _result(
+    plan: Any,
+    stats: Any,
+    ws: list[float],
+    out: Path,
+    dev: str,
+    engine_backend: str,
+    dtype: str,
+    verify: bool,
+    notes: list[str],
+    seconds: float,
+    requant: dict[str, Any] | None,
+) -> MergeResult:
     actions = [t.action for t in plan.tasks]
     return MergeResult(
         output=str(out),
