@@ -177,48 +177,19 @@ def hash_tensors(
             with open(shard.path, "rb") as f:
                 maps[shard.path] = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
 
-        def one(name: str) -> None:
-            try:
-                shard, info = ck.locations[name]
-                h = start_tensor_digest(name, info.dtype, info.shape)
-                if info.nbytes:
-                    with memoryview(maps[shard.path]) as view:
-                        for pos in range(info.start, info.end, _CHUNK):
-                            if stop.is_set():
-                                raise _Cancelled
-                            end = min(pos + _CHUNK, info.end)
-                            with view[pos:end] as chunk:
-                                h.update(chunk)
-                            _drop(maps[shard.path], pos, end)
-                            events.put(("bytes", end - pos, None))
-                events.put(("done", name, h.hexdigest()))
-            except BaseException as exc:  # handed to the calling thread, which re-raises it
-                events.put(("error", exc, None))
-
         order = sorted(wanted, key=lambda n: (-ck.locations[n][1].nbytes, n))
         n_workers = max(1, min(workers or default_workers(), len(order)))
         digests: dict[str, str] = {}
         pool = ThreadPoolExecutor(max_workers=n_workers, thread_name_prefix="loraformat-hash")
         try:
             for name in order:
-                pool.submit(one, name)
+                pool.submit(_digest_one, name, ck, maps, stop, events)
             while len(digests) < len(order):
                 try:
                     kind, a, b = events.get(timeout=0.25)
                 except queue.Empty:
                     continue
-                if kind == "bytes":
-                    if progress:
-                        progress(int(a))  # type: ignore[call-overload]
-                elif kind == "done":
-                    digests[str(a)] = str(b)
-                else:
-                    assert isinstance(a, BaseException)
-                    if isinstance(a, _Cancelled):
-                        continue
-                    if isinstance(a, OSError):
-                        raise InputNotFoundError(f"reading failed: {a.strerror or a}", path=ck.path) from None
-                    raise a
+                _handle(kind, a, b, digests, progress, ck)
         finally:
             stop.set()
             pool.shutdown(wait=True, cancel_futures=True)
@@ -226,6 +197,56 @@ def hash_tensors(
     finally:
         for m in maps.values():
             m.close()
+
+
+def _digest_one(
+    name: str,
+    ck: Checkpoint,
+    maps: dict[str, mmap.mmap],
+    stop: threading.Event,
+    events: queue.SimpleQueue[tuple[str, object, object]],
+) -> None:
+    """A worker: one tensor's digest, chunk by chunk (each dropped from memory once hashed), reported as events:
+    ("bytes", n, None), ("done", name, digest) or ("error", exception, None)."""
+    try:
+        shard, info = ck.locations[name]
+        h = start_tensor_digest(name, info.dtype, info.shape)
+        if info.nbytes:
+            with memoryview(maps[shard.path]) as view:
+                for pos in range(info.start, info.end, _CHUNK):
+                    if stop.is_set():
+                        raise _Cancelled
+                    end = min(pos + _CHUNK, info.end)
+                    with view[pos:end] as chunk:
+                        h.update(chunk)
+                    _drop(maps[shard.path], pos, end)
+                    events.put(("bytes", end - pos, None))
+        events.put(("done", name, h.hexdigest()))
+    except BaseException as exc:  # handed to the calling thread, which re-raises it
+        events.put(("error", exc, None))
+
+
+def _handle(
+    kind: str,
+    a: object,
+    b: object,
+    digests: dict[str, str],
+    progress: Callable[[int], None] | None,
+    ck: Checkpoint,
+) -> None:
+    """One worker event on the calling thread: progress, a finished digest, or a worker's error raised here."""
+    if kind == "bytes":
+        if progress:
+            progress(int(a))  # type: ignore[call-overload]
+    elif kind == "done":
+        digests[str(a)] = str(b)
+    else:
+        assert isinstance(a, BaseException)
+        if isinstance(a, _Cancelled):
+            return
+        if isinstance(a, OSError):
+            raise InputNotFoundError(f"reading failed: {a.strerror or a}", path=ck.path) from None
+        raise a
 
 
 def hash_base(

@@ -166,17 +166,8 @@ def fetch(
             raise HubNetworkError(
                 f"{repo_id}: the cached copy of {commit[:12]} was altered and the hub is unreachable"
             )
-    remote = backend.files(repo_id, commit)
-    if WEIGHTS_FILE not in remote:
-        raise HubNotFoundError(f"{where}: no {WEIGHTS_FILE} in this revision (is it an adapter repository?)")
-    names = [n for n in ADAPTER_FILES if n in remote]
-    for name in names:
-        check_size(remote[name].size, name, where=where)
-    expected = {
-        n: Expected(remote[n].size, remote[n].sha256, getattr(remote[n], "git_oid", None)) for n in names
-    }
-    if backend.kind == "local":  # already checked object by object while copying
-        expected = {n: Expected(e.size) for n, e in expected.items()}
+    expected = _expected_files(backend, repo_id, commit, where)
+    names = list(expected)
     stage = temp_name(entry)
     try:
         stage.mkdir(parents=True)
@@ -188,19 +179,7 @@ def fetch(
         for name in names:
             os.chmod(stage / name, 0o444)
         files = {n: e.size for n, e in expected.items()}
-        record = {
-            "repo": repo_id,
-            "commit": commit,
-            "revision": revision or DEFAULT_BRANCH,
-            "hub": backend.describe(),
-            "files": files,
-            "stat": {n: _stat(stage / n) for n in names},
-            "content_hash": verified.content_hash,
-            "verified": True,
-            "pulled": now_iso(),
-        }
-        with atomic_file(stage / RECORD) as f:
-            f.write((json.dumps(record, indent=1, sort_keys=True) + "\n").encode())
+        _write_record(stage, backend, repo_id, commit, revision, files, verified.content_hash)
         try:
             os.rename(stage, entry)
         except OSError:
@@ -216,6 +195,48 @@ def fetch(
         raise
     _remember_ref(repo_cache, revision, commit)
     return CachedRevision(entry, commit, files, verified.content_hash, False)
+
+
+def _expected_files(backend: LocalHub | HfHub, repo_id: str, commit: str, where: str) -> dict[str, Expected]:
+    """The adapter files of the revision and what each must be (size, and sha256 / git oid where the hub
+    gives them): checked before anything is downloaded, verified after."""
+    remote = backend.files(repo_id, commit)
+    if WEIGHTS_FILE not in remote:
+        raise HubNotFoundError(f"{where}: no {WEIGHTS_FILE} in this revision (is it an adapter repository?)")
+    names = [n for n in ADAPTER_FILES if n in remote]
+    for name in names:
+        check_size(remote[name].size, name, where=where)
+    expected = {
+        n: Expected(remote[n].size, remote[n].sha256, getattr(remote[n], "git_oid", None)) for n in names
+    }
+    if backend.kind == "local":  # already checked object by object while copying
+        expected = {n: Expected(e.size) for n, e in expected.items()}
+    return expected
+
+
+def _write_record(
+    stage: Path,
+    backend: LocalHub | HfHub,
+    repo_id: str,
+    commit: str,
+    revision: str | None,
+    files: dict[str, int],
+    content_hash: str | None,
+) -> None:
+    """The cache entry's record: where it came from, what was verified, and the files' stat to spot edits."""
+    record = {
+        "repo": repo_id,
+        "commit": commit,
+        "revision": revision or DEFAULT_BRANCH,
+        "hub": backend.describe(),
+        "files": files,
+        "stat": {n: _stat(stage / n) for n in files},
+        "content_hash": content_hash,
+        "verified": True,
+        "pulled": now_iso(),
+    }
+    with atomic_file(stage / RECORD) as f:
+        f.write((json.dumps(record, indent=1, sort_keys=True) + "\n").encode())
 
 
 def materialize(

@@ -148,27 +148,8 @@ def model_card(meta: AdapterMetadata, *, repo_id: str, ref: str, content_hash: s
     from huggingface_hub import ModelCard, ModelCardData
 
     data = ModelCardData(**card_metadata(meta))  # type: ignore[arg-type]
-    bm = meta.base_model
-    base = bm.id or "(not recorded)"
-    base_for_code = hub_model_id(bm.id) or "path/to/base-model"
-    ranks, alphas = meta.ranks, meta.alphas
-    scaling = meta.scaling
-    if len(ranks) == 1 and len(alphas) == 1:
-        scaling += f" (s = {spec.scale_for(meta.scaling, ranks[0], alphas[0]):g})"
-    targets = target_names(meta)
-    rows = [
-        ("base model", f"`{base}`" + (f" @ `{bm.revision}`" if bm.revision else "")),
-        ("rank", _range([float(r) for r in ranks])),
-        ("alpha", _range(alphas)),
-        ("scaling", scaling),
-        ("targets", f"{len(meta.modules)} modules: " + ", ".join(f"`{t}`" for t in targets)),
-        ("DoRA", "yes" if meta.dora else "no"),
-        ("LoRA parameters", f"{lora_parameters(meta):,}"),
-        ("base structure hash", f"`{bm.structure_hash}`" if bm.structure_hash else "not recorded"),
-        ("base content hash", f"`{bm.content_hash}`" if bm.content_hash else "not recorded"),
-        ("adapter content hash", f"`{content_hash}` (sha256 of the tensor data)"),
-        ("file size", f"{size:,} bytes"),
-    ]
+    base_for_code = hub_model_id(meta.base_model.id) or "path/to/base-model"
+    rows = _summary_rows(meta, content_hash, size)
     table = "\n".join(f"| {k} | {v} |" for k, v in rows)
     short = repo_id.split("/")[-1]
     peft_source = (
@@ -209,3 +190,27 @@ model = PeftModel.from_pretrained(base, "{peft_source}")
 ```
 """
     return str(ModelCard(f"---\n{data.to_yaml()}\n---\n{body}"))
+
+
+def _summary_rows(meta: AdapterMetadata, content_hash: str, size: int) -> list[tuple[str, str]]:
+    """The card's summary table: base identity, rank/alpha/scaling, targets, sizes and hashes."""
+    bm = meta.base_model
+    base = bm.id or "(not recorded)"
+    ranks, alphas = meta.ranks, meta.alphas
+    scaling = meta.scaling
+    if len(ranks) == 1 and len(alphas) == 1:
+        scaling += f" (s = {spec.scale_for(meta.scaling, ranks[0], alphas[0]):g})"
+    targets = target_names(meta)
+    return [
+        ("base model", f"`{base}`" + (f" @ `{bm.revision}`" if bm.revision else "")),
+        ("rank", _range([float(r) for r in ranks])),
+        ("alpha", _range(alphas)),
+        ("scaling", scaling),
+        ("targets", f"{len(meta.modules)} modules: " + ", ".join(f"`{t}`" for t in targets)),
+        ("DoRA", "yes" if meta.dora else "no"),
+        ("LoRA parameters", f"{lora_parameters(meta):,}"),
+        ("base structure hash", f"`{bm.structure_hash}`" if bm.structure_hash else "not recorded"),
+        ("base content hash", f"`{bm.content_hash}`" if bm.content_hash else "not recorded"),
+        ("adapter content hash", f"`{content_hash}` (sha256 of the tensor data)"),
+        ("file size", f"{size:,} bytes"),
+    ]
