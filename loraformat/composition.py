@@ -254,7 +254,6 @@ def compose(
     progress: Progress | None = None,
 ) -> ComposeResult:
     """Compose adapters into one native loraformat file at ``out``; see the module docstring for the methods."""
-    from loraformat.ops import combine
 
     start = time.perf_counter()
     w = adapter_weights(weights, len(adapters))
@@ -265,13 +264,7 @@ def compose(
     with contextlib.ExitStack() as stack:
         parents = [stack.enter_context(open_adapter(p)) for p in adapters]
         out_path = check_output_path(out, parents, overwrite)
-        for a in parents:
-            if a.meta.dora:
-                raise ComposeError(
-                    "is a DoRA adapter: its magnitude vector makes the delta nonlinear, so it "
-                    "cannot be composed exactly; merge it into the base instead",
-                    path=a.path,
-                )
+        _refuse_dora(parents)
         base, agreed = merge_base(parents, force=force)
         plan = _plan(parents)
         saved, saved_tensors, modules_to_save, bias = _saved(parents)
@@ -279,26 +272,10 @@ def compose(
         if spec is None and method in LOWRANK_METHODS:
             spec = RankSpec(rank=max(r for a in parents for r in a.meta.ranks))
         out_dtype = _output_dtype(parents)
-        fdtype = factor_dtype(out_dtype)
 
-        modules: dict[str, ModuleEntry] = {}
-        tensors: dict[str, torch.Tensor] = {}
-        report: dict[str, dict[str, Any]] = {}
-        for module, idx in plan.items():
-            terms = [_term(parents[i], module, w[i], dev, fdtype) for i in idx]
-            gen = combine.module_generator(seed, module, dev) if method in SEEDED_METHODS else None
-            A, B, kept = combine.compose_module(
-                method, terms, rank=spec, density=density or 1.0, generator=gen
-            )
-            entry = _entry(parents[idx[0]].meta.modules[module], int(A.shape[0]))
-            keys = module_keys(module, entry, lora_bias=lora_bias)
-            tensors[keys.A], tensors[keys.B] = shape_factors(entry, A, B, out_dtype)
-            if keys.bias:
-                tensors[keys.bias] = _bias_sum(parents, idx, module, w, entry.out_features, fdtype, out_dtype)
-            modules[module] = entry
-            report[module] = {"rank": entry.rank, "energy_kept": kept, "parents": len(idx)}
-            if progress:
-                progress(1)
+        modules, tensors, report = _compose_modules(
+            parents, plan, w, method, spec, density, seed, dev, out_dtype, lora_bias, progress
+        )
         tensors.update(saved_tensors)
         parent_info = [
             Parent(content_hash=parent_hash(a), weight=wi, name=a.meta.name)
@@ -337,6 +314,52 @@ def compose(
         forced=not agreed,
         seconds=time.perf_counter() - start,
     )
+
+
+def _refuse_dora(parents: Sequence[Adapter]) -> None:
+    for a in parents:
+        if a.meta.dora:
+            raise ComposeError(
+                "is a DoRA adapter: its magnitude vector makes the delta nonlinear, so it "
+                "cannot be composed exactly; merge it into the base instead",
+                path=a.path,
+            )
+
+
+def _compose_modules(
+    parents: Sequence[Adapter],
+    plan: dict[str, list[int]],
+    w: list[float],
+    method: str,
+    spec: RankSpec | None,
+    density: float | None,
+    seed: int,
+    dev: torch.device,
+    out_dtype: torch.dtype,
+    lora_bias: bool,
+    progress: Progress | None,
+) -> tuple[dict[str, ModuleEntry], dict[str, torch.Tensor], dict[str, dict[str, Any]]]:
+    """Every module of the composition: its entry, its factors (and LoRA bias) and what it kept."""
+    from loraformat.ops import combine
+
+    fdtype = factor_dtype(out_dtype)
+    modules: dict[str, ModuleEntry] = {}
+    tensors: dict[str, torch.Tensor] = {}
+    report: dict[str, dict[str, Any]] = {}
+    for module, idx in plan.items():
+        terms = [_term(parents[i], module, w[i], dev, fdtype) for i in idx]
+        gen = combine.module_generator(seed, module, dev) if method in SEEDED_METHODS else None
+        A, B, kept = combine.compose_module(method, terms, rank=spec, density=density or 1.0, generator=gen)
+        entry = _entry(parents[idx[0]].meta.modules[module], int(A.shape[0]))
+        keys = module_keys(module, entry, lora_bias=lora_bias)
+        tensors[keys.A], tensors[keys.B] = shape_factors(entry, A, B, out_dtype)
+        if keys.bias:
+            tensors[keys.bias] = _bias_sum(parents, idx, module, w, entry.out_features, fdtype, out_dtype)
+        modules[module] = entry
+        report[module] = {"rank": entry.rank, "energy_kept": kept, "parents": len(idx)}
+        if progress:
+            progress(1)
+    return modules, tensors, report
 
 
 def _check_options(method: str, n_adapters: int, spec: RankSpec | None, density: float | None) -> None:

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from loraformat import spec as fmt
-from loraformat.adapter import open_adapter
+from loraformat.adapter import Adapter, open_adapter
 from loraformat.composition import (
     PathLike,
     Progress,
@@ -87,18 +87,7 @@ def rescale(
 
     with open_adapter(adapter) as src:
         out_path = check_output_path(out, [src], overwrite)
-        if src.meta.dora:
-            raise ComposeError(
-                "is a DoRA adapter: its magnitude vector makes the delta nonlinear, so scaling "
-                "or truncating the LoRA factors does not scale the delta",
-                path=src.path,
-            )
-        top = max(src.meta.ranks)
-        if spec is not None and spec.rank is not None and spec.rank > top:
-            raise UsageError(
-                f"--rank {spec.rank} is above the adapter's largest rank {top}: rescale only "
-                "lowers ranks (padding with zeros adds nothing)"
-            )
+        _check_adapter(src, spec)
         meta = copy.deepcopy(src.meta)
         tensors = {k: src.tensor(k) for k in src.source.infos}
         params_before = lora_params(tensors, meta.saved_tensors)
@@ -139,6 +128,21 @@ def rescale(
         file_size_after=os.path.getsize(out_path),
         seconds=time.perf_counter() - start,
     )
+
+
+def _check_adapter(src: Adapter, spec: RankSpec | None) -> None:
+    if src.meta.dora:
+        raise ComposeError(
+            "is a DoRA adapter: its magnitude vector makes the delta nonlinear, so scaling "
+            "or truncating the LoRA factors does not scale the delta",
+            path=src.path,
+        )
+    top = max(src.meta.ranks)
+    if spec is not None and spec.rank is not None and spec.rank > top:
+        raise UsageError(
+            f"--rank {spec.rank} is above the adapter's largest rank {top}: rescale only "
+            "lowers ranks (padding with zeros adds nothing)"
+        )
 
 
 def _check_options(scale: float | None, alpha: float | None, spec: RankSpec | None) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import warnings
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import click
@@ -186,17 +187,8 @@ def merge_cmd(
         return
     if no_verify:
         warn("--no-verify: base tensors will not be checked against the adapters' recorded digests")
-    with contextlib.ExitStack() as stack, warnings.catch_warnings():
+    with _progress_bars() as update, warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the --no-verify warning was printed above, once
-        tensors_bar = stack.enter_context(progress(None, "tensors", unit="tensor"))
-        bytes_bar = stack.enter_context(progress(None, "merging"))
-
-        def update(nbytes: int, tensors: int) -> None:
-            if nbytes:
-                bytes_bar(nbytes)
-            if tensors:
-                tensors_bar(tensors)
-
         if share is not None:
             _run_share(base, paths, out, share, common, device, no_verify, update, as_json)
             return
@@ -216,21 +208,22 @@ def merge_cmd(
                 as_json,
             )
             return
-        result = merge(
-            base,
-            paths,
-            out,
-            weights=list(weights) or None,
-            device=device,
-            dtype=dtype,
-            max_shard_size=shard_size,
-            verify=not no_verify,
-            overwrite=overwrite,
-            progress=update,
-            dequantize_as=dequantize_as,
-            requantize=requantize,
-        )
+        result = merge(base, paths, out, device=device, verify=not no_verify, progress=update, **common)
     _report(result, as_json)
+
+
+@contextlib.contextmanager
+def _progress_bars() -> Iterator[Callable[[int, int], None]]:
+    """Bytes and tensors bars (quiet off a TTY and with --quiet), fed by one ``update(bytes, tensors)``."""
+    with progress(None, "tensors", unit="tensor") as tensors_bar, progress(None, "merging") as bytes_bar:
+
+        def update(nbytes: int, tensors: int) -> None:
+            if nbytes:
+                bytes_bar(nbytes)
+            if tensors:
+                tensors_bar(tensors)
+
+        yield update
 
 
 def _check_options(
