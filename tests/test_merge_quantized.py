@@ -6,8 +6,10 @@ an independent torch computation of the format's rule."""
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -304,6 +306,44 @@ def test_qlora_faithful_merge(quantized_bases, adapter, tmp_path: Path) -> None:
         assert max_ulp(p_t[name], _plus(base_t[name].float(), adapter, name).to(torch.bfloat16)) <= 1
         assert not torch.equal(f_t[name], p_t[name])
     assert torch.equal(f_t["model.norm.weight"], base_t["model.norm.weight"])
+
+
+#: the CLI, reporting on exit whether torch was imported
+_TRACKED_CLI = (
+    "import atexit, sys; "
+    "atexit.register(lambda: print('torch imported:', 'torch' in sys.modules, file=sys.stderr)); "
+    "from loraformat.cli.main import main; main()"
+)
+
+
+def test_qlora_faithful_merge_never_imports_torch(quantized_bases, adapter, tmp_path: Path) -> None:
+    """The numpy kernel's round trip is numpy's own (its import alone would cost more than the merge), and
+    writes the bytes of the torch round trip, which the merge falls back to where it cannot tell torch's CPU
+    capability (an ATEN_CPU_CAPABILITY value torch ignores)."""
+    qlora = _convert(adapter, tmp_path / "qlora.safetensors", "bnb-nf4,block_size=64,double_quant=true")
+    base = quantized_bases["bf16"]
+    outs = {}
+    for value in (None, "bogus"):
+        env = {k: v for k, v in os.environ.items() if k != "ATEN_CPU_CAPABILITY"}
+        if value is not None:
+            env["ATEN_CPU_CAPABILITY"] = value
+        outs[value] = tmp_path / f"out-{value}"
+        args = ["merge", str(base), str(qlora), "-o", str(outs[value]), "--dequantize-as", "nf4"]
+        res = subprocess.run(
+            [sys.executable, "-c", _TRACKED_CLI, *args], env=env, capture_output=True, text=True
+        )
+        assert res.returncode == 0, res.stderr
+        assert f"torch imported: {value is not None}" in res.stderr, res.stderr
+        assert "(numpy)" in res.stdout + res.stderr
+    names = sorted(p.name for p in outs[None].iterdir())
+    assert names == sorted(p.name for p in outs["bogus"].iterdir())
+    for name in names:
+        assert (outs[None] / name).read_bytes() == (outs["bogus"] / name).read_bytes(), name
+    plain = merge(base, [qlora], tmp_path / "plain", dequantize_as="none")
+    assert (
+        _tensors(tmp_path / "plain")[Q].view(torch.int16).ne(_tensors(outs[None])[Q].view(torch.int16)).any()
+    )
+    assert plain.quantization is None
 
 
 def _cli(*args: str) -> subprocess.CompletedProcess[str]:

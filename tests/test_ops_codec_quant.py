@@ -53,3 +53,54 @@ def test_roundtrip_codec_converts_other_stored_dtypes_first() -> None:
     assert np.array_equal(out, expected)
     with pytest.raises(ValueError, match="whole tensor"):
         codec.decode(_raw(w[:10], True), 0, 10, out[:10])
+
+
+SPEC_DTYPES = ["bfloat16", "float16", "float32"]
+
+
+def _torch_reference(w: torch.Tensor, spec: Bnb4Spec) -> np.ndarray:
+    """The torch round trip of the weight as the spec's dtype (narrowed from the stored one through fp32)."""
+    x = w.float().to(getattr(torch, spec.dtype))
+    rt = roundtrip_4bit(
+        x, quant_type=spec.quant_type, block_size=spec.block_size, double_quant=spec.double_quant
+    )
+    return rt.double().numpy()
+
+
+@pytest.mark.parametrize("st_dtype", [*sorted(STORED), "F64"])
+@pytest.mark.parametrize("spec_dtype", SPEC_DTYPES)
+@pytest.mark.parametrize("double_quant", [False, True])
+def test_numpy_roundtrip_codec_is_the_torch_one(st_dtype: str, spec_dtype: str, double_quant: bool) -> None:
+    """Whatever the stored dtype and the dtype QLoRA quantized in, into fp32 and fp64 work buffers (a partial
+    last block: 96 x 131 is not a multiple of 64)."""
+    shape = (96, 131)
+    g = torch.Generator().manual_seed(7)
+    w = (torch.randn(shape, generator=g, dtype=torch.float64) * 0.02).to(STORED.get(st_dtype, torch.float64))
+    spec = Bnb4Spec("fp4" if double_quant else "nf4", 64, double_quant, spec_dtype)
+    expected = _torch_reference(w, spec)
+    for work in (np.float32, np.float64):
+        out = np.full(shape, np.nan, work)
+        Bnb4RoundtripCodec(st_dtype, spec, shape).decode(_raw(w, False), 0, shape[0], out)
+        assert np.array_equal(out, expected.astype(work)), work
+
+
+def test_roundtrip_codec_falls_back_to_torch_where_the_capability_is_unknown(monkeypatch) -> None:
+    """An ATEN_CPU_CAPABILITY value torch ignores leaves the numpy port unsure of torch's mean and code: the codec
+    then runs torch's round trip, with the same result on this machine."""
+    from loraformat.ops import aten_cpu
+
+    g = torch.Generator().manual_seed(8)
+    w = (torch.randn(SHAPE, generator=g) * 0.02).to(torch.bfloat16)
+    spec = Bnb4Spec("nf4", 64, True, "bfloat16")
+    outs = []
+    for value in ("bogus", None):
+        if value is None:
+            monkeypatch.delenv("ATEN_CPU_CAPABILITY", raising=False)
+        else:
+            monkeypatch.setenv("ATEN_CPU_CAPABILITY", value)
+        aten_cpu.cpu_capability.cache_clear()
+        outs.append(np.empty(SHAPE, np.float32))
+        Bnb4RoundtripCodec("BF16", spec, SHAPE).decode(_raw(w, True), 0, SHAPE[0], outs[-1])
+        assert (aten_cpu.cpu_capability() is None) == (value is not None)
+    aten_cpu.cpu_capability.cache_clear()
+    assert np.array_equal(outs[0], outs[1]) and np.array_equal(outs[1], _torch_reference(w, spec))

@@ -11,26 +11,14 @@ torch = pytest.importorskip("torch")
 F = pytest.importorskip("bitsandbytes.functional")
 
 from loraformat.ops import nf4  # noqa: E402
-
-SHAPES = [(64, 64), (96, 40), (33, 7), (48, 130)]
-DTYPES = ["bfloat16", "float16", "float32"]
-
-
-def _weight(shape: tuple[int, ...], dtype: str, seed: int) -> torch.Tensor:
-    g = torch.Generator().manual_seed(seed)
-    return (torch.randn(shape, generator=g) * 0.02).to(getattr(torch, dtype))
-
-
-def _bnb_reference_dequant(packed: torch.Tensor, state: object) -> torch.Tensor:
-    """bitsandbytes' own pure-torch dequantize kernel (the one it uses on CPU for odd shapes), for the cases where
-    its AVX-512 kernel is wrong (a block longer than a row, e.g. 64x64 with block 128: spec/interop/nf4.md)."""
-    from bitsandbytes.backends.default.ops import _dequantize_4bit_compute
-
-    fn = getattr(_dequantize_4bit_compute, "__wrapped__", _dequantize_4bit_compute)
-    absmax = (
-        F.dequantize_blockwise(state.absmax, state.state2) + state.offset if state.nested else state.absmax
-    )
-    return fn(packed.reshape(-1), absmax, state.code, state.blocksize, state.shape, state.dtype)
+from tests.nf4_helpers import (  # noqa: E402
+    DTYPES,
+    SHAPES,
+    adversarial_weight,
+    bnb_reference_dequant,
+    same_bits,
+    weight,
+)
 
 
 @pytest.mark.parametrize("quant_type", ["nf4", "fp4"])
@@ -41,7 +29,7 @@ def test_quantize_and_dequantize_match_bitsandbytes(
     quant_type: str, block_size: int, double_quant: bool, dtype: str
 ) -> None:
     for seed, shape in enumerate(SHAPES):
-        w = _weight(shape, dtype, seed)
+        w = weight(shape, dtype, seed)
         ref_packed, ref = F.quantize_4bit(
             w, blocksize=block_size, compress_statistics=double_quant, quant_type=quant_type
         )
@@ -57,14 +45,14 @@ def test_quantize_and_dequantize_match_bitsandbytes(
             assert torch.equal(state.nested_code, ref.state2.code)
         ours = nf4.dequantize_4bit(packed, state)
         assert ours.dtype == w.dtype and ours.shape == w.shape
-        assert torch.equal(ours, _bnb_reference_dequant(ref_packed, ref).reshape(w.shape))
+        assert torch.equal(ours, bnb_reference_dequant(ref_packed, ref).reshape(w.shape))
         if block_size <= shape[1] or shape[1] % 2:
             assert torch.equal(ours, F.dequantize_4bit(ref_packed, ref).reshape(w.shape)), (shape, "dequant")
 
 
 def test_roundtrip_is_what_qlora_trains_against() -> None:
     """dequant(quant(W)) as bitsandbytes' Linear4bit computes it for a bf16 Llama-shaped weight."""
-    w = _weight((256, 512), "bfloat16", 7)
+    w = weight((256, 512), "bfloat16", 7)
     packed, ref = F.quantize_4bit(w, blocksize=64, compress_statistics=True, quant_type="nf4")
     expected = F.dequantize_4bit(packed, ref)
     got = nf4.roundtrip_4bit(w, quant_type="nf4", block_size=64, double_quant=True)
@@ -84,7 +72,7 @@ def test_blockwise8_matches_bitsandbytes_lookup_table() -> None:
 
 
 def test_state_summary_matches_the_packed_quant_state() -> None:
-    w = _weight((64, 64), "bfloat16", 1)
+    w = weight((64, 64), "bfloat16", 1)
     _, ref = F.quantize_4bit(w, blocksize=64, compress_statistics=True, quant_type="nf4")
     _, state = nf4.quantize_4bit(w, block_size=64, double_quant=True)
     expected = {k: v for k, v in ref.as_dict().items() if not isinstance(v, torch.Tensor)}
@@ -135,35 +123,6 @@ def test_cell_search_is_bucketize_for_every_float(quant_type: str) -> None:
     assert torch.equal(cells.value[slots], nf4.code4(quant_type)[q.long()])
 
 
-def _adversarial_weight(quant_type: str, dtype: str, numel: int, nonfinite: bool) -> torch.Tensor:
-    """Blocks of 64 whose scaled values sit exactly on each midpoint and one ulp either side (absmax 1 keeps
-    them exact), +-0, +-absmax, all-zero, NaN and inf blocks (``nonfinite``), subnormals, then random values."""
-    from bitsandbytes.backends.default.ops import _get_4bit_quantize_bounds
-
-    mids, _ = _get_4bit_quantize_bounds(quant_type, torch.device("cpu"))
-    near = torch.cat([mids, torch.nextafter(mids, mids + 1), torch.nextafter(mids, mids - 1)])
-    block = torch.zeros(64)
-    block[: near.numel()] = near
-    block[near.numel() :][:6] = torch.tensor([1.0, -1.0, 0.0, -0.0, 0.5, -0.25])
-    special = torch.zeros(4, 64)
-    if nonfinite:
-        special[1, 3], special[2, 5], special[2, 6] = math.nan, math.inf, 0.3
-    special[3] = torch.linspace(-1, 1, 64) * 1e-40
-    g = torch.Generator().manual_seed(11)
-    head = torch.cat([block, -block, block * 3.5, special.reshape(-1)])
-    rest = torch.randn(numel - head.numel(), generator=g) * 0.02
-    return torch.cat([head, rest]).to(getattr(torch, dtype))
-
-
-def _same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
-    """Equal values, NaN where NaN (its payload aside), and the sign of zero kept."""
-    nan = torch.isnan(a)
-    if not torch.equal(nan, torch.isnan(b)):
-        return False
-    a, b = a.masked_fill(nan, 0), b.masked_fill(nan, 0)
-    return torch.equal(a, b) and torch.equal(torch.signbit(a), torch.signbit(b))
-
-
 @pytest.mark.parametrize("quant_type", ["nf4", "fp4"])
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("numel", [1024, 3 * 65536 + 64 * 5 + 17])  # one chunk; several plus a partial block
@@ -171,7 +130,7 @@ def _same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
 def test_adversarial_values_quantize_and_roundtrip_as_bitsandbytes(
     quant_type: str, dtype: str, numel: int, double_quant: bool
 ) -> None:
-    w = _adversarial_weight(quant_type, dtype, numel, nonfinite=not double_quant)
+    w = adversarial_weight(quant_type, dtype, numel, nonfinite=not double_quant)
     ref_packed, ref = F.quantize_4bit(
         w, blocksize=64, compress_statistics=double_quant, quant_type=quant_type
     )
@@ -180,14 +139,14 @@ def test_adversarial_values_quantize_and_roundtrip_as_bitsandbytes(
     if double_quant:
         assert torch.equal(state.absmax, ref.absmax) and torch.equal(state.nested_absmax, ref.state2.absmax)
     else:
-        assert _same_bits(state.absmax, ref.absmax)
-    expected = _bnb_reference_dequant(ref_packed, ref)
-    assert _same_bits(nf4.dequantize_4bit(packed, state), expected)
+        assert same_bits(state.absmax, ref.absmax)
+    expected = bnb_reference_dequant(ref_packed, ref)
+    assert same_bits(nf4.dequantize_4bit(packed, state), expected)
     got = nf4.roundtrip_4bit(w, quant_type=quant_type, block_size=64, double_quant=double_quant)
-    assert got.dtype == w.dtype and _same_bits(got, expected)
+    assert got.dtype == w.dtype and same_bits(got, expected)
     widened = torch.empty(numel, dtype=torch.float32)
     assert nf4.roundtrip_4bit(w, quant_type=quant_type, double_quant=double_quant, out=widened) is widened
-    assert _same_bits(widened, expected.float())
+    assert same_bits(widened, expected.float())
 
 
 @pytest.mark.parametrize("block_size", [32, 4096])
@@ -196,7 +155,7 @@ def test_roundtrip_is_dequantize_of_quantize(block_size: int, shape: tuple[int, 
     """The fused round trip against the two separate steps, including float64 input (quantized from fp32, the
     products rounded to fp32 and widened, as bitsandbytes does) and a block longer than the weight."""
     for seed, dtype in enumerate(["bfloat16", "float16", "float32", "float64"]):
-        w = _weight(shape, dtype, seed)
+        w = weight(shape, dtype, seed)
         for double_quant in (False, True):
             packed, state = nf4.quantize_4bit(w, block_size=block_size, double_quant=double_quant)
             got = nf4.roundtrip_4bit(w, block_size=block_size, double_quant=double_quant)
@@ -206,7 +165,7 @@ def test_roundtrip_is_dequantize_of_quantize(block_size: int, shape: tuple[int, 
 def test_double_quant_offset_is_the_same_on_any_thread_count() -> None:
     """torch splits the mean of a long absmax vector between its threads, and bitsandbytes' offset then depends
     on the core count (this weight: by one ulp); ours is bitsandbytes' on one thread, whatever the setting."""
-    w = _weight((1024, 4096), "bfloat16", 2)
+    w = weight((1024, 4096), "bfloat16", 2)
     previous = torch.get_num_threads()
     try:
         offsets, ours, trips = [], [], []

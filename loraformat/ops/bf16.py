@@ -64,3 +64,21 @@ def f32_to_bf16(
 def round_to_bf16(x: np.ndarray) -> np.ndarray:
     """float32 values rounded to the nearest bfloat16, as float32 (a scale stored in BF16)."""
     return bf16_to_f32(f32_to_bf16(x)).reshape(np.shape(x))
+
+
+def round_bf16_in_place(x: np.ndarray, scratch: np.ndarray, *, finite: bool = False) -> np.ndarray:
+    """Round contiguous float32 ``x`` to the nearest bfloat16 (even on ties) and leave it widened, in place: the
+    bits of :func:`f32_to_bf16` without the uint16 copy and the widening back. ``scratch``: a uint32 buffer of
+    x.size elements. ``finite``: the caller knows there is no NaN (NaN stays a quiet NaN of its sign)."""
+    bits = x.view(np.uint32)
+    tmp = scratch[: x.size].reshape(x.shape)
+    np.right_shift(bits, 16, out=tmp)
+    np.bitwise_and(tmp, 1, out=tmp)
+    np.add(tmp, 0x7FFF, out=tmp)
+    np.add(tmp, bits, out=tmp)
+    nan = None if finite else np.isnan(x)
+    kept = bits[nan] if nan is not None and nan.any() else None
+    np.bitwise_and(tmp, np.uint32(0xFFFF0000), out=bits)
+    if kept is not None:
+        bits[nan] = ((kept >> 16) | 0x7FC0) << 16
+    return x

@@ -5,7 +5,8 @@ One codec object serves as both the decoder and the encoder of its tensor, so th
 re-quantization costs: the decoded base rows of each block are kept until the block is encoded, and
 ``error`` accumulates, over every merged element, e = requant(W + ΔW) - (W + ΔW) against ΔW = (W + ΔW) - W.
 Fresh scales (and bitsandbytes' state) produced by ``encode`` are handed to the writer through ``side``.
-numpy arrays in and out (bitsandbytes' math runs in torch inside the 4-bit codecs); no file or network I/O.
+numpy arrays in and out (bitsandbytes' math runs in torch inside the checkpoint codecs, in numpy in the round trip
+one where it can); no file or network I/O.
 """
 
 from __future__ import annotations
@@ -17,9 +18,10 @@ from typing import Any
 import numpy as np
 
 from loraformat.constants import StoredLayout
-from loraformat.ops import fp8
+from loraformat.ops import aten_cpu, fp8, nf4_numpy
+from loraformat.ops.bf16 import f32_to_bf16
 from loraformat.ops.kernel import Codec
-from loraformat.ops.kernel_numpy import DenseCodec
+from loraformat.ops.kernel_numpy import STORAGE, DenseCodec
 
 
 @dataclass
@@ -258,7 +260,11 @@ class Bnb4Codec(_Measured):
 
 class Bnb4RoundtripCodec(Codec[np.ndarray]):
     """A 16-bit weight decoded as QLoRA saw it: dequant(quant(W)) in the weight's dtype (bitsandbytes' round trip,
-    bit for bit), then widened exactly. Whole tensor (the block scales and the double-quant offset span it)."""
+    bit for bit), then widened exactly. Whole tensor (the block scales and the double-quant offset span it).
+
+    In numpy (loraformat/ops/nf4_numpy.py), so that a QLoRA-faithful merge on the numpy kernel never imports
+    torch; in torch (loraformat/ops/nf4.py) where the numpy port cannot be sure to match it: double
+    quantization on a machine whose torch CPU capability it cannot tell (aten_cpu.cpu_capability())."""
 
     layout = StoredLayout.DENSE
 
@@ -274,13 +280,48 @@ class Bnb4RoundtripCodec(Codec[np.ndarray]):
         return self.dense.nonfinite(raw, rows)
 
     def decode(self, raw: np.ndarray, start: int, stop: int, out: np.ndarray) -> None:
+        if (start, stop) != (0, self.shape[0]):
+            raise ValueError("a QLoRA round trip needs the whole tensor")
+        capability = aten_cpu.cpu_capability() if self.spec.double_quant else None
+        if self.spec.dtype in nf4_numpy.DTYPES and (capability is not None or not self.spec.double_quant):
+            self._decode_numpy(raw, start, stop, out, capability)
+        else:
+            self._decode_torch(raw, start, stop, out)
+
+    def _decode_numpy(
+        self, raw: np.ndarray, start: int, stop: int, out: np.ndarray, capability: str | None
+    ) -> None:
+        direct = out.flags.c_contiguous and out.dtype in (np.float32, np.float64)
+        rt = nf4_numpy.roundtrip_4bit(
+            self._weight_numpy(raw, start, stop, out),
+            self.spec.dtype,
+            out if direct else np.empty(out.shape, np.float32),
+            quant_type=self.spec.quant_type,
+            block_size=self.spec.block_size,
+            double_quant=self.spec.double_quant,
+            capability=capability,
+        )
+        if not direct:
+            np.copyto(out, rt, casting="same_kind")
+
+    def _weight_numpy(self, raw: np.ndarray, start: int, stop: int, out: np.ndarray) -> np.ndarray:
+        """The stored weight as elements of the spec's dtype (bfloat16 as uint16 bits): the stored bytes
+        themselves when that is their dtype, else decoded into ``out`` and narrowed as torch narrows."""
+        view = _STORED_VIEW.get(self.dtype)
+        if view is not None and view[1] == self.spec.dtype:
+            return raw.view(STORAGE[self.dtype])
+        self.dense.decode(raw, start, stop, out)
+        wide = np.ascontiguousarray(out, np.float32)
+        if self.spec.dtype == "bfloat16":
+            return f32_to_bf16(wide)
+        return wide.astype(np.float16) if self.spec.dtype == "float16" else wide.copy()
+
+    def _decode_torch(self, raw: np.ndarray, start: int, stop: int, out: np.ndarray) -> None:
         import torch
 
         from loraformat.ops.kernel_torch import cpu_threads
         from loraformat.ops.nf4 import roundtrip_4bit
 
-        if (start, stop) != (0, self.shape[0]):
-            raise ValueError("a QLoRA round trip needs the whole tensor")
         target = torch.from_numpy(out) if out.flags.c_contiguous else None
         with cpu_threads():
             rt = roundtrip_4bit(
