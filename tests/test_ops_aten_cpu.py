@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from loraformat.merging.devices import torch_cpu_capability
 from loraformat.ops import aten_cpu
 
 torch = pytest.importorskip("torch")
@@ -58,15 +59,15 @@ json.dump({"capability": torch.backends.cpu.get_cpu_capability(), "means": means
 
 def _machine_has(capability: str) -> bool:
     """Whether this CPU runs ``capability``'s kernels (torch would crash on instructions it lacks)."""
-    flags = aten_cpu._cpu_flags() or set()
-    return aten_cpu.CAPABILITIES.index(capability) <= aten_cpu.CAPABILITIES.index(
-        aten_cpu.capability_of(None, flags) or "default"
-    )
+    if torch_cpu_capability() is None:
+        return False
+    order = aten_cpu.CAPABILITIES
+    return order.index(capability) <= order.index(torch.backends.cpu.get_cpu_capability().lower())
 
 
 @pytest.mark.parametrize("capability", aten_cpu.CAPABILITIES)
 def test_mean_and_linspace_are_torchs_under_each_capability(capability: str, tmp_path: Path) -> None:
-    if aten_cpu.cpu_capability() is None or not _machine_has(capability):
+    if not _machine_has(capability):
         pytest.skip(f"this machine cannot run torch's {capability} kernels")
     env = {**os.environ, "ATEN_CPU_CAPABILITY": capability, "PYTHONPATH": str(ROOT)}
     out = tmp_path / "torch.json"
@@ -110,20 +111,3 @@ def test_capability_rules() -> None:
         aten_cpu.lanes("neon")
     with pytest.raises(ValueError, match="outside"):
         aten_cpu.linspace_f32(1e-30, 1.0, 100, "avx2")
-
-
-def test_cpu_capability_is_torchs_on_this_machine(monkeypatch: pytest.MonkeyPatch) -> None:
-    if aten_cpu.cpu_capability() is None:
-        pytest.skip("not Linux on x86-64")
-    monkeypatch.delenv("ATEN_CPU_CAPABILITY", raising=False)
-    aten_cpu.cpu_capability.cache_clear()
-    try:
-        assert aten_cpu.cpu_capability() == torch.backends.cpu.get_cpu_capability().lower()
-        monkeypatch.setenv("ATEN_CPU_CAPABILITY", "default")
-        aten_cpu.cpu_capability.cache_clear()
-        assert aten_cpu.cpu_capability() == "default"
-        monkeypatch.setenv("ATEN_CPU_CAPABILITY", "bogus")
-        aten_cpu.cpu_capability.cache_clear()
-        assert aten_cpu.cpu_capability() is None
-    finally:
-        aten_cpu.cpu_capability.cache_clear()

@@ -1,5 +1,6 @@
 """The QLoRA round-trip codec against bitsandbytes itself: it reads the stored 16-bit bytes in place (or decodes
-them first for other dtypes), runs on the merge's bounded torch threads, and writes dequant(quant(W)) widened."""
+them first for other dtypes) and writes dequant(quant(W)) widened, in numpy where it knows torch's CPU
+capability, else in torch on the merge's bounded torch threads."""
 
 from __future__ import annotations
 
@@ -11,11 +12,13 @@ import pytest
 torch = pytest.importorskip("torch")
 F = pytest.importorskip("bitsandbytes.functional")
 
+from loraformat.merging.devices import torch_cpu_capability  # noqa: E402
 from loraformat.ops.codec_quant import Bnb4RoundtripCodec, Bnb4Spec  # noqa: E402
 from loraformat.ops.nf4 import roundtrip_4bit  # noqa: E402
 
 SHAPE = (96, 130)
 STORED = {"BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32}
+CAPABILITY = torch_cpu_capability()
 
 
 def _raw(w: torch.Tensor, writeable: bool) -> np.ndarray:
@@ -26,13 +29,16 @@ def _raw(w: torch.Tensor, writeable: bool) -> np.ndarray:
 
 @pytest.mark.parametrize("st_dtype", sorted(STORED))
 @pytest.mark.parametrize("writeable", [True, False])
-def test_roundtrip_codec_decodes_what_bitsandbytes_dequantizes(st_dtype: str, writeable: bool) -> None:
+@pytest.mark.parametrize("capability", [None, CAPABILITY])  # the torch round trip, then the numpy one
+def test_roundtrip_codec_decodes_what_bitsandbytes_dequantizes(
+    st_dtype: str, writeable: bool, capability: str | None
+) -> None:
     g = torch.Generator().manual_seed(5)
     w = (torch.randn(SHAPE, generator=g) * 0.02).to(STORED[st_dtype])
     packed, state = F.quantize_4bit(w, blocksize=64, compress_statistics=True, quant_type="nf4")
     expected = F.dequantize_4bit(packed, state).float().numpy()
     spec = Bnb4Spec("nf4", 64, True, str(w.dtype).removeprefix("torch."))
-    codec = Bnb4RoundtripCodec(st_dtype, spec, SHAPE)
+    codec = Bnb4RoundtripCodec(st_dtype, spec, SHAPE, capability)
     out = np.full(SHAPE, np.nan, np.float32)
     threads = torch.get_num_threads()
     with warnings.catch_warnings():
@@ -80,27 +86,18 @@ def test_numpy_roundtrip_codec_is_the_torch_one(st_dtype: str, spec_dtype: str, 
     expected = _torch_reference(w, spec)
     for work in (np.float32, np.float64):
         out = np.full(shape, np.nan, work)
-        Bnb4RoundtripCodec(st_dtype, spec, shape).decode(_raw(w, False), 0, shape[0], out)
+        Bnb4RoundtripCodec(st_dtype, spec, shape, CAPABILITY).decode(_raw(w, False), 0, shape[0], out)
         assert np.array_equal(out, expected.astype(work)), work
 
 
-def test_roundtrip_codec_falls_back_to_torch_where_the_capability_is_unknown(monkeypatch) -> None:
-    """An ATEN_CPU_CAPABILITY value torch ignores leaves the numpy port unsure of torch's mean and code: the codec
+def test_roundtrip_codec_falls_back_to_torch_where_the_capability_is_unknown() -> None:
+    """Without torch's CPU capability the numpy port cannot be sure of torch's mean and 8-bit code: the codec
     then runs torch's round trip, with the same result on this machine."""
-    from loraformat.ops import aten_cpu
-
     g = torch.Generator().manual_seed(8)
     w = (torch.randn(SHAPE, generator=g) * 0.02).to(torch.bfloat16)
     spec = Bnb4Spec("nf4", 64, True, "bfloat16")
     outs = []
-    for value in ("bogus", None):
-        if value is None:
-            monkeypatch.delenv("ATEN_CPU_CAPABILITY", raising=False)
-        else:
-            monkeypatch.setenv("ATEN_CPU_CAPABILITY", value)
-        aten_cpu.cpu_capability.cache_clear()
+    for capability in (None, CAPABILITY):
         outs.append(np.empty(SHAPE, np.float32))
-        Bnb4RoundtripCodec("BF16", spec, SHAPE).decode(_raw(w, True), 0, SHAPE[0], outs[-1])
-        assert (aten_cpu.cpu_capability() is None) == (value is not None)
-    aten_cpu.cpu_capability.cache_clear()
+        Bnb4RoundtripCodec("BF16", spec, SHAPE, capability).decode(_raw(w, True), 0, SHAPE[0], outs[-1])
     assert np.array_equal(outs[0], outs[1]) and np.array_equal(outs[1], _torch_reference(w, spec))

@@ -17,7 +17,8 @@ torch = pytest.importorskip("torch")
 F = pytest.importorskip("bitsandbytes.functional")
 
 from loraformat.errors import InvalidInputError  # noqa: E402
-from loraformat.ops import aten_cpu, nf4, nf4_numpy  # noqa: E402
+from loraformat.merging.devices import torch_cpu_capability  # noqa: E402
+from loraformat.ops import nf4, nf4_numpy  # noqa: E402
 from tests.nf4_helpers import (  # noqa: E402
     DTYPES,
     SHAPES,
@@ -28,7 +29,7 @@ from tests.nf4_helpers import (  # noqa: E402
 )
 
 ROOT = Path(__file__).resolve().parent.parent
-CAPABILITY = aten_cpu.cpu_capability()
+CAPABILITY = torch_cpu_capability()
 pytestmark = pytest.mark.skipif(CAPABILITY is None, reason="torch's CPU capability is unknown here")
 
 

@@ -6,14 +6,19 @@ merge copies it in, computes, copies the result out into a host buffer and recor
 for that event before it writes the bytes and releases the buffers. :class:`CudaDevice` does this with pinned
 buffers, two streams and CUDA events. :class:`StagedCpuDevice` does the very same steps with torch on CPU, so
 CI runs the whole orchestration (threads, staging, ordering, buffer reuse) on every fixture without a GPU: only
-the CUDA calls themselves stay untested there. Selecting a device and a kernel for a plan is here too.
+the CUDA calls themselves stay untested there. Selecting a device and a kernel for a plan is here too, and
+telling torch's CPU capability without importing torch.
 """
 
 from __future__ import annotations
 
 import contextlib
+import os
+import platform
+import sys
 from abc import ABC, abstractmethod
 from collections.abc import Iterator
+from functools import cache
 from typing import Any, Protocol
 
 from loraformat.errors import UsageError
@@ -222,3 +227,28 @@ def open_device(device: str, kernel: str, plan: Plan) -> Device:
     if device == "cpu-staged":
         return StagedCpuDevice(TorchKernel("cpu"))
     return CudaDevice(TorchKernel(device), device)
+
+
+def _cpu_flags() -> set[str] | None:
+    try:
+        with open("/proc/cpuinfo", encoding="ascii", errors="replace") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    return set(line.partition(":")[2].split())
+    except OSError:
+        return None
+    return None
+
+
+@cache
+def torch_cpu_capability() -> str | None:
+    """The CPU kernels torch runs on this host ("default", "avx2" or "avx512"), told without importing torch:
+    ``ATEN_CPU_CAPABILITY``, else the CPU's flags (loraformat/ops/aten_cpu.py ``capability_of``). None off Linux
+    on x86-64 (other architectures have other vector widths), where the flags cannot be read, or for a variable
+    value torch ignores: the numpy QLoRA round trip cannot be sure to match torch there, and defers to it."""
+    from loraformat.ops.aten_cpu import capability_of
+
+    if sys.platform != "linux" or platform.machine() not in ("x86_64", "AMD64"):
+        return None
+    flags = _cpu_flags()
+    return None if flags is None else capability_of(os.environ.get("ATEN_CPU_CAPABILITY"), flags)

@@ -237,10 +237,11 @@ def make_codecs(task: Any, ck: Any, kernel: Any) -> tuple[Any, Any]:
 
     q: QuantTask = task.quant
     if q.layout == StoredLayout.DENSE:
+        from loraformat.merging.devices import torch_cpu_capability
+
         assert q.spec is not None
-        return Bnb4RoundtripCodec(task.src_dtype, q.spec, q.logical_shape), kernel.codec(
-            StoredLayout.DENSE, task.out_dtype
-        )
+        rt = Bnb4RoundtripCodec(task.src_dtype, q.spec, q.logical_shape, torch_cpu_capability())
+        return rt, kernel.codec(StoredLayout.DENSE, task.out_dtype)
     if q.layout == StoredLayout.FP8:
         codec: Any = Fp8Codec(q.info.layout, load_scale(ck, q.info), q.info.shape)
     else:

@@ -3,22 +3,16 @@
 the mean of the block scales, its 8-bit code is built with linspace), so a torch-free QLoRA round trip
 (loraformat/ops/nf4_numpy.py) must reproduce them bit for bit.
 
-Both depend on the kernels torch dispatches to (``torch.backends.cpu.get_cpu_capability()``): the sum is a
-cascade over vectors of 8 float lanes (:func:`lanes`), and the AVX2 build (which also serves AVX512: neither
-kernel has an AVX512 build) contracts linspace's ``start + step * i`` into one fused multiply-add where DEFAULT
-rounds twice. :func:`cpu_capability`
-decides the capability as torch does, and says None where it cannot be sure (callers then use torch itself).
-Read from aten/src/ATen/native/cpu/SumKernel.cpp, RangeFactoriesKernel.cpp and DispatchStub.cpp; checked
-against torch 2.13 under every capability by tests/test_ops_aten_cpu.py. Pure functions, no I/O but
-/proc/cpuinfo.
+Both depend on the kernels torch dispatches to, named by its CPU capability (``default``, ``avx2``, ``avx512``:
+``torch.backends.cpu.get_cpu_capability()``): the sum is a cascade over vectors of 8 float lanes (:func:`lanes`),
+and the AVX2 kernels (which also serve AVX512: neither has an AVX512 build) contract linspace's
+``start + step * i`` into one fused multiply-add where DEFAULT rounds twice. :func:`capability_of` is torch's
+choice of capability (loraformat/merging/devices.py reads its inputs on the host). Read from
+aten/src/ATen/native/cpu/SumKernel.cpp, RangeFactoriesKernel.cpp and DispatchStub.cpp; checked against torch
+2.13 under every capability by tests/test_ops_aten_cpu.py. Pure functions, no I/O.
 """
 
 from __future__ import annotations
-
-import os
-import platform
-import sys
-from functools import cache
 
 import numpy as np
 
@@ -37,29 +31,6 @@ def capability_of(env: str | None, flags: set[str]) -> str | None:
     if {"avx2", "fma"} <= flags:
         return "avx2"
     return "default"
-
-
-def _cpu_flags() -> set[str] | None:
-    try:
-        with open("/proc/cpuinfo", encoding="ascii", errors="replace") as f:
-            for line in f:
-                if line.startswith("flags"):
-                    return set(line.partition(":")[2].split())
-    except OSError:
-        return None
-    return None
-
-
-@cache
-def cpu_capability() -> str | None:
-    """ "default", "avx2" or "avx512" as torch picks it on this machine, or None off Linux on x86-64 (other
-    architectures have other vector widths) or where the flags cannot be read."""
-    if sys.platform != "linux" or platform.machine() not in ("x86_64", "AMD64"):
-        return None
-    flags = _cpu_flags()
-    if flags is None:
-        return None
-    return capability_of(os.environ.get("ATEN_CPU_CAPABILITY"), flags)
 
 
 def lanes(capability: str) -> int:

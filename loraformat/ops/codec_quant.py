@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 
 from loraformat.constants import StoredLayout
-from loraformat.ops import aten_cpu, fp8, nf4_numpy
+from loraformat.ops import fp8, nf4_numpy
 from loraformat.ops.bf16 import f32_to_bf16
 from loraformat.ops.kernel import Codec
 from loraformat.ops.kernel_numpy import STORAGE, DenseCodec
@@ -264,12 +264,14 @@ class Bnb4RoundtripCodec(Codec[np.ndarray]):
 
     In numpy (loraformat/ops/nf4_numpy.py), so that a QLoRA-faithful merge on the numpy kernel never imports
     torch; in torch (loraformat/ops/nf4.py) where the numpy port cannot be sure to match it: double
-    quantization on a machine whose torch CPU capability it cannot tell (aten_cpu.cpu_capability())."""
+    quantization without torch's CPU capability (``capability``: merging.devices.torch_cpu_capability())."""
 
     layout = StoredLayout.DENSE
 
-    def __init__(self, st_dtype: str, spec: Bnb4Spec, shape: tuple[int, ...]) -> None:
-        self.dtype, self.spec, self.shape = st_dtype, spec, shape
+    def __init__(
+        self, st_dtype: str, spec: Bnb4Spec, shape: tuple[int, ...], capability: str | None = None
+    ) -> None:
+        self.dtype, self.spec, self.shape, self.capability = st_dtype, spec, shape, capability
         self.dense = DenseCodec(st_dtype)
         self.max_finite = self.dense.max_finite
 
@@ -282,9 +284,10 @@ class Bnb4RoundtripCodec(Codec[np.ndarray]):
     def decode(self, raw: np.ndarray, start: int, stop: int, out: np.ndarray) -> None:
         if (start, stop) != (0, self.shape[0]):
             raise ValueError("a QLoRA round trip needs the whole tensor")
-        capability = aten_cpu.cpu_capability() if self.spec.double_quant else None
-        if self.spec.dtype in nf4_numpy.DTYPES and (capability is not None or not self.spec.double_quant):
-            self._decode_numpy(raw, start, stop, out, capability)
+        if self.spec.dtype in nf4_numpy.DTYPES and (
+            self.capability is not None or not self.spec.double_quant
+        ):
+            self._decode_numpy(raw, start, stop, out, self.capability)
         else:
             self._decode_torch(raw, start, stop, out)
 

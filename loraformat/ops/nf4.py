@@ -14,6 +14,7 @@ trained against, and a re-quantized NF4 checkpoint is what bitsandbytes itself w
 - dequantize: ``code[index] * absmax`` in fp32, rounded once to the weight dtype.
 
 No file or network I/O: callers hand in tensors (loraformat/io/nf4.py reads and writes the checkpoint layout).
+The reference for loraformat/ops/nf4_numpy.py, the same round trip in numpy for merges that never import torch.
 """
 
 from __future__ import annotations
