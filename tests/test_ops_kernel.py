@@ -15,6 +15,7 @@ from hypothesis import strategies as st
 
 from loraformat.constants import LayerKind, StoredLayout
 from loraformat.ops import kernel_numpy
+from loraformat.ops.bf16 import round_bf16_in_place
 from loraformat.ops.kernel_numpy import NumpyKernel
 from loraformat.ops.kernel_torch import TorchKernel, torch_dtype
 from loraformat.ops.term import Term, needs_whole_tensor, rows_cols
@@ -314,6 +315,19 @@ def test_f32_to_bf16_matches_torch_bit_for_bit():
     fast = kernel_numpy.f32_to_bf16(np.ascontiguousarray(x[finite]), finite=True)
     assert np.array_equal(fast, theirs[finite])
     assert (fast == 0x7F80).sum() >= 2 and (fast == 0xFF80).sum() >= 1  # 0x7F7F8000, 0x7F7FFFFF, 0xFF7FFFFF
+
+
+def test_round_bf16_in_place_is_f32_to_bf16_widened():
+    """The in-place rounding (the QLoRA round trip's last step) gives f32_to_bf16's bits, NaN kept a NaN."""
+    x = _interesting_f32()
+    expected = kernel_numpy.bf16_to_f32(kernel_numpy.f32_to_bf16(x))
+    for finite in (False, True):
+        keep = np.isfinite(x) if finite else np.ones(x.shape, bool)
+        y = np.ascontiguousarray(x[keep])
+        assert round_bf16_in_place(y, np.empty(y.size, np.uint32), finite=finite) is y
+        nan = np.isnan(expected[keep])
+        assert np.array_equal(np.isnan(y), nan) and nan.any() != finite
+        assert np.array_equal(y[~nan].view(np.uint32), expected[keep][~nan].view(np.uint32))
 
 
 def test_bf16_to_f32_is_exact_for_every_pattern():

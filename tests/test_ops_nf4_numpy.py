@@ -176,3 +176,37 @@ def test_double_quant_follows_torchs_cpu_capability(tmp_path: Path) -> None:
         nf4_numpy.roundtrip_4bit(w.reshape(-1), "float32", out, double_quant=True, capability=capability)
         assert np.array_equal(out.view(np.uint32), results[capability].view(np.uint32))
     assert not np.array_equal(results["default"], results["avx2"])  # the premise
+
+
+def test_f16_rounding_is_torchs() -> None:
+    """round_f16_in_place against torch's float16 cast and back: random bit patterns, every tie at float16's
+    subnormal and normal spacing, the overflow boundary (65504, 65520 ties to inf), +-0, inf and NaN."""
+    rng = np.random.default_rng(9)
+    k = np.arange(1 << 11, dtype=np.float32)
+    ties = np.concatenate(
+        [(k + np.float32(0.5)) * np.float32(2**-24), (1024 + k + np.float32(0.5)) * np.float32(2**-24)]
+    )
+    ties = np.concatenate(
+        [ties, ties * np.float32(2**20), np.full(2, (2047 + np.float32(0.5)) * np.float32(2**5))]
+    )
+    edges = np.array(
+        [65504, 65519.996, 65520, 65536, 2**-14, 2**-25, 0.0, -0.0, np.inf, -np.inf, np.nan, 3e38],
+        np.float32,
+    )
+    x = np.concatenate(
+        [
+            rng.integers(0, 1 << 32, 1 << 20, dtype=np.uint64).astype(np.uint32).view(np.float32),
+            ties,
+            -ties,
+            edges,
+        ]
+    )
+    expected = torch.from_numpy(x.copy()).to(torch.float16).float().numpy()
+    y = x.copy()
+    scratch = (np.empty(x.size, np.uint32), np.empty(x.size, np.uint32), np.empty(x.size, bool))
+    with np.errstate(invalid="ignore", over="ignore"):
+        assert nf4_numpy.round_f16_in_place(y, scratch) is y
+    nan = np.isnan(expected)
+    assert np.array_equal(np.isnan(y), nan)
+    assert np.array_equal(y[~nan].view(np.uint32), expected[~nan].view(np.uint32))
+    assert np.isinf(expected).sum() > 1000 and (expected[~nan] == 0).sum() > 100
