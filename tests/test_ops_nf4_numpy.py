@@ -19,14 +19,7 @@ F = pytest.importorskip("bitsandbytes.functional")
 from loraformat.errors import InvalidInputError  # noqa: E402
 from loraformat.merging.devices import torch_cpu_capability  # noqa: E402
 from loraformat.ops import nf4, nf4_numpy  # noqa: E402
-from tests.nf4_helpers import (  # noqa: E402
-    DTYPES,
-    SHAPES,
-    adversarial_weight,
-    bnb_reference_dequant,
-    same_bits,
-    weight,
-)
+from tests import nf4_helpers as nh  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 CAPABILITY = torch_cpu_capability()
@@ -65,14 +58,14 @@ def test_tables_are_the_torch_references(quant_type: str) -> None:
 @pytest.mark.parametrize("quant_type", ["nf4", "fp4"])
 @pytest.mark.parametrize("block_size", [32, 64, 128, 4096])
 @pytest.mark.parametrize("double_quant", [False, True])
-@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("dtype", nh.DTYPES)
 def test_roundtrip_is_bitsandbytes(quant_type: str, block_size: int, double_quant: bool, dtype: str) -> None:
-    for seed, shape in enumerate([*SHAPES, (7,), (1,), (2, 40001)]):
-        w = weight(shape, dtype, seed)
+    for seed, shape in enumerate([*nh.SHAPES, (7,), (1,), (2, 40001)]):
+        w = nh.weight(shape, dtype, seed)
         packed, state = F.quantize_4bit(
             w, blocksize=block_size, compress_statistics=double_quant, quant_type=quant_type
         )
-        expected = bnb_reference_dequant(packed, state).reshape(w.shape)
+        expected = nh.bnb_reference_dequant(packed, state).reshape(w.shape)
         kwargs = dict(quant_type=quant_type, block_size=block_size, double_quant=double_quant)
         got = ours(w, capability=CAPABILITY, **kwargs)
         assert torch.equal(got.view(torch.uint8), expected.view(torch.uint8)), shape
@@ -82,20 +75,20 @@ def test_roundtrip_is_bitsandbytes(quant_type: str, block_size: int, double_quan
 
 
 @pytest.mark.parametrize("quant_type", ["nf4", "fp4"])
-@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("dtype", nh.DTYPES)
 @pytest.mark.parametrize("numel", [1024, 3 * 65536 + 64 * 5 + 17])  # one chunk; several plus a partial block
 @pytest.mark.parametrize("double_quant", [False, True])  # NaN / inf blocks: single quantization only
 def test_adversarial_values(quant_type: str, dtype: str, numel: int, double_quant: bool) -> None:
     """Scaled values on each midpoint and an ulp either side, +-0, all-zero blocks, subnormals, NaN and inf."""
-    w = adversarial_weight(quant_type, dtype, numel, nonfinite=not double_quant)
+    w = nh.adversarial_weight(quant_type, dtype, numel, nonfinite=not double_quant)
     kwargs = dict(quant_type=quant_type, block_size=64, double_quant=double_quant)
     expected = nf4.roundtrip_4bit(w, **kwargs)  # type: ignore[arg-type]
     got = ours(w, capability=CAPABILITY, **kwargs)
-    assert same_bits(got, expected)
+    assert nh.same_bits(got, expected)
     assert torch.isnan(got).any() != double_quant
 
 
-@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("dtype", nh.DTYPES)
 @pytest.mark.parametrize("scale", [1e-6, 3e4, 1e30, 3e38])
 def test_huge_and_tiny_weights(dtype: str, scale: float) -> None:
     """Magnitudes near the dtype's range ends: values overflowing it become inf (3e38 in bf16, anything past
@@ -108,7 +101,7 @@ def test_huge_and_tiny_weights(dtype: str, scale: float) -> None:
             with pytest.raises(InvalidInputError, match="NaN or infinite"):
                 ours(w, capability=CAPABILITY, **kwargs)
             continue
-        assert same_bits(ours(w, capability=CAPABILITY, **kwargs), nf4.roundtrip_4bit(w, **kwargs))  # type: ignore[arg-type]
+        assert nh.same_bits(ours(w, capability=CAPABILITY, **kwargs), nf4.roundtrip_4bit(w, **kwargs))  # type: ignore[arg-type]
 
 
 def test_zeros_and_double_quant_of_non_finite_weights() -> None:
@@ -119,7 +112,7 @@ def test_zeros_and_double_quant_of_non_finite_weights() -> None:
                 ours(w, double_quant=dq, capability=CAPABILITY).view(torch.int16), w.view(torch.int16)
             )
     for bad in (float("nan"), float("inf"), float("-inf")):
-        w = weight((64, 70), "float16", 1)
+        w = nh.weight((64, 70), "float16", 1)
         w[5, 69] = bad  # in the partial last block
         with pytest.raises(InvalidInputError, match="NaN or infinite"):
             ours(w, double_quant=True, capability=CAPABILITY)
@@ -157,7 +150,7 @@ def test_double_quant_follows_torchs_cpu_capability(tmp_path: Path) -> None:
     """bitsandbytes builds its 8-bit code with torch.linspace, which the DEFAULT kernels round differently
     from the AVX2/AVX512 ones: the same weight round-trips to different bits (an fp32 one: a bf16 result hides
     most of these one-ulp differences of the block scales). Ours follows the capability."""
-    w = weight((512, 1024), "float32", 4).numpy()
+    w = nh.weight((512, 1024), "float32", 4).numpy()
     np.save(tmp_path / "w.npy", w)
     results = {}
     for capability in ("default", "avx2"):

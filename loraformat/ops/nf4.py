@@ -28,33 +28,9 @@ from typing import Any
 import torch
 
 from loraformat.errors import InvalidInputError
+from loraformat.ops.nf4_numpy import BLOCK_SIZES, FP4_VALUES, NESTED_BLOCK_SIZE, NF4_VALUES
 
-BLOCK_SIZES = (32, 64, 128, 256, 512, 1024, 2048, 4096)
-NESTED_BLOCK_SIZE = 256  # bitsandbytes quantizes the absmax vector in blocks of 256
 QUANT_TYPES = ("nf4", "fp4")
-
-#: bitsandbytes.functional.get_4bit_type("nf4"): quantiles of N(0, 1), sorted
-_NF4 = (
-    -1.0,
-    -0.6961928009986877,
-    -0.5250730514526367,
-    -0.39491748809814453,
-    -0.28444138169288635,
-    -0.18477343022823334,
-    -0.09105003625154495,
-    0.0,
-    0.07958029955625534,
-    0.16093020141124725,
-    0.24611230194568634,
-    0.33791524171829224,
-    0.44070982933044434,
-    0.5626170039176941,
-    0.7229568362236023,
-    1.0,
-)
-#: get_4bit_type("fp4") before normalisation: sign, 2 exponent bits, 1 mantissa bit, in bit-pattern order; index 8
-#: is +0.0, not -0.0: bitsandbytes writes it as the integer ``-0`` (dequantized zeros keep bitsandbytes' sign)
-_FP4 = (0, 0.0625, 8.0, 12.0, 4.0, 6.0, 2.0, 3.0, 0, -0.0625, -8.0, -12.0, -4.0, -6.0, -2.0, -3.0)
 
 
 @cache
@@ -62,7 +38,7 @@ def code4(quant_type: str) -> torch.Tensor:
     """The 16 code values of ``quant_type`` (fp32), indexed by the stored 4-bit value."""
     if quant_type not in QUANT_TYPES:
         raise ValueError(f"4-bit quant type must be nf4 or fp4, not {quant_type!r}")
-    data = torch.tensor(_NF4 if quant_type == "nf4" else _FP4, dtype=torch.float32)
+    data = torch.tensor(NF4_VALUES if quant_type == "nf4" else FP4_VALUES, dtype=torch.float32)
     return data.div_(data.abs().max())
 
 

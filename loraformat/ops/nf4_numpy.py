@@ -34,8 +34,8 @@ DTYPES = ("bfloat16", "float16", "float32")
 _CHUNK = 1 << 16
 _LUT_SIZE = 65536
 _F32 = np.float32
-#: the 4-bit codes before normalisation (bitsandbytes.functional.get_4bit_type; loraformat/ops/nf4.py)
-_NF4 = (
+#: bitsandbytes.functional.get_4bit_type("nf4"): quantiles of N(0, 1), sorted
+NF4_VALUES = (
     -1.0,
     -0.6961928009986877,
     -0.5250730514526367,
@@ -53,14 +53,16 @@ _NF4 = (
     0.7229568362236023,
     1.0,
 )
-_FP4 = (0, 0.0625, 8.0, 12.0, 4.0, 6.0, 2.0, 3.0, 0, -0.0625, -8.0, -12.0, -4.0, -6.0, -2.0, -3.0)
+#: get_4bit_type("fp4") before normalisation: sign, 2 exponent bits, 1 mantissa bit, in bit-pattern order; index 8
+#: is +0.0, not -0.0: bitsandbytes writes it as the integer ``-0`` (dequantized zeros keep bitsandbytes' sign)
+FP4_VALUES = (0, 0.0625, 8.0, 12.0, 4.0, 6.0, 2.0, 3.0, 0, -0.0625, -8.0, -12.0, -4.0, -6.0, -2.0, -3.0)
 
 
 def code4(quant_type: str) -> np.ndarray:
     """The 16 code values of ``quant_type`` (fp32, normalised to max |code| = 1), by stored 4-bit index."""
     if quant_type not in ("nf4", "fp4"):
         raise ValueError(f"4-bit quant type must be nf4 or fp4, not {quant_type!r}")
-    data = np.array(_NF4 if quant_type == "nf4" else _FP4, _F32)
+    data = np.array(NF4_VALUES if quant_type == "nf4" else FP4_VALUES, _F32)
     return data / np.abs(data).max()
 
 
