@@ -56,6 +56,24 @@ def test_tables_are_the_torch_references(quant_type: str) -> None:
 
 
 @pytest.mark.parametrize("quant_type", ["nf4", "fp4"])
+def test_fine_table_is_the_exact_search_on_every_cell(quant_type: str) -> None:
+    """Each 20-bit cell the one-look-up table answers holds no midpoint (the exact search gives its value at
+    both ends, and the bucket is monotone in between); the ones it leaves undecided are few: the cells of the
+    midpoints and the +-inf / NaN ones."""
+    cells = nf4_numpy.cells(quant_type)
+    high = np.arange(1 << 20, dtype=np.uint32) << np.uint32(12)
+    first, last = high.view(np.float32), (high | np.uint32(0xFFF)).view(np.float32)
+    decided = ~np.isnan(cells.fine)
+    for end in (first, last):
+        assert np.array_equal(cells.exact(end[decided]), cells.fine[decided])
+    special = np.isnan(last)
+    bound = cells.bound[np.arange(1 << 20) >> 4]  # the midpoint in each sub-cell's 16-bit cell, if any
+    holds_midpoint = (first <= bound) != (last <= bound)
+    assert np.array_equal(~decided, special | holds_midpoint)
+    assert (~decided & ~special).sum() <= 15
+
+
+@pytest.mark.parametrize("quant_type", ["nf4", "fp4"])
 @pytest.mark.parametrize("block_size", [32, 64, 128, 4096])
 @pytest.mark.parametrize("double_quant", [False, True])
 @pytest.mark.parametrize("dtype", nh.DTYPES)

@@ -4,9 +4,9 @@ import alone costs more than merging a small model).
 
 Bit for bit loraformat/ops/nf4.py's ``roundtrip_4bit`` (the torch reference, itself bit-identical to
 bitsandbytes: tests/test_ops_nf4_numpy.py checks all three), step for step: block absmax (the partial last
-block's clamped to 1e-38), ``x * (1 / absmax)`` (the partial block: ``x / absmax``), the bucket from a table over
-the high 16 bits of the fp32 value plus one exact comparison, code value times the block scale in fp32, one
-rounding to the weight's dtype. Every one of these is a single IEEE operation per element in both libraries.
+block's clamped to 1e-38), ``x * (1 / absmax)`` (the partial block: ``x / absmax``), the bucket's code value
+from a table over the high 20 bits of the fp32 value (nf4.py's 16-bit table and one exact comparison in the few
+cells holding a midpoint), code value times the block scale in fp32, one rounding to the weight's dtype. Every one of these is a single IEEE operation per element in both libraries.
 Double quantization is not: its offset is torch's float32 mean and its code is built with torch.linspace, both
 reproduced by loraformat/ops/aten_cpu.py for a given torch CPU capability (``capability``).
 
@@ -70,10 +70,20 @@ def code4(quant_type: str) -> np.ndarray:
 class Cells:
     """The bucket search of nf4.py's ``_Cells``, indexed by the unsigned high 16 bits ``u`` of the fp32 value:
     at most one midpoint lies in the 65536 floats sharing them, so ``x <= bound[u]`` (+inf where there is none,
-    false for NaN) finishes the search, and ``value[2 * u + (x <= bound[u])]`` is the bucket's code value."""
+    false for NaN) finishes the search, and ``value[2 * u + (x <= bound[u])]`` is the bucket's code value.
+
+    ``fine`` answers most elements with one look-up: the code value by the high 20 bits, the same for all 4096
+    floats of such a cell unless a midpoint lies inside it (15 of the 2**20 cells) or it is +-inf / NaN; those
+    hold NaN, and their few elements take the two-step search."""
 
     bound: np.ndarray  # fp32 [65536]
     value: np.ndarray  # fp32 [2 * 65536]
+    fine: np.ndarray  # fp32 [2**20]
+
+    def exact(self, x: np.ndarray) -> np.ndarray:
+        """The code values of a few fp32 elements, by the two-step search."""
+        u = (x.view(np.uint32) >> np.uint32(16)).astype(np.intp)
+        return self.value[2 * u + (x <= self.bound[u])]
 
 
 @cache
@@ -91,8 +101,24 @@ def cells(quant_type: str) -> Cells:
     bound = np.where(special, ends[0], np.where(hi > lo, beyond[lo], _F32(np.inf))).astype(_F32)
     if_le = np.where(special, bucket[0], lo)
     if_gt = np.where(special, bucket[1], hi)
-    value = ordered[np.stack([if_gt, if_le], axis=1).reshape(-1)]
-    return Cells(bound, np.ascontiguousarray(value, _F32))
+    value = np.ascontiguousarray(ordered[np.stack([if_gt, if_le], axis=1).reshape(-1)], _F32)
+    return Cells(bound, value, _fine(bound, value, special))
+
+
+def _fine(bound: np.ndarray, value: np.ndarray, special: np.ndarray) -> np.ndarray:
+    """Cells.fine: the 16 sub-cells of a 16-bit cell share its value, but around a midpoint (checked at both
+    ends of each sub-cell) and in the +-inf / NaN cells."""
+    fine = np.repeat(value[1::2], 16)
+    fine[np.repeat(special, 16)] = np.nan
+    for cell in np.flatnonzero(np.isfinite(bound)):
+        sub = (np.uint32(cell) << np.uint32(4)) + np.arange(16, dtype=np.uint32)
+        first, last = (
+            (sub << np.uint32(12)).view(_F32),
+            ((sub << np.uint32(12)) | np.uint32(0xFFF)).view(_F32),
+        )
+        split = (first <= bound[cell]) != (last <= bound[cell])
+        fine[sub] = np.where(split, _F32(np.nan), value[2 * cell + (first <= bound[cell])])
+    return fine
 
 
 @cache
@@ -237,22 +263,24 @@ class _Pass:
         self.cells = cells(quant_type)
         self.x = np.empty(size, _F32)
         self.idx = np.empty(size, np.uint32)
-        self.bound = np.empty(size, _F32)
-        self.le = np.empty(size, np.bool_)
+        self.vals = np.empty(size, _F32)
+        self.nan = np.empty(size, np.bool_)
         self.rounded = np.empty(size, _F32)
         self.scratch = np.empty(size, np.uint32)
 
     def code_values(self, x: np.ndarray) -> np.ndarray:
-        """Each scaled element's code value, written over ``x`` (uint32 indices: cheaper to make than intp
-        ones, and np.take's "wrap" mode, a no-op on these in-range indices, skips the buffered bounds check)."""
+        """Each scaled element's code value (valid until the next call): by its high 20 bits, then the exact
+        search for the few whose cell could not say. uint32 indices are cheaper to make than intp ones, and
+        np.take's "wrap" mode, a no-op on these in-range indices, skips the buffered bounds check."""
         n = x.size
-        idx, bound, le = self.idx[:n], self.bound[:n], self.le[:n]
-        np.right_shift(x.view(np.uint32), 16, out=idx)
-        np.take(self.cells.bound, idx, out=bound, mode="wrap")
-        np.less_equal(x, bound, out=le)
-        np.left_shift(idx, 1, out=idx)
-        np.add(idx, le, out=idx)
-        return np.take(self.cells.value, idx, out=x, mode="wrap")
+        idx, vals, nan = self.idx[:n], self.vals[:n], self.nan[:n]
+        np.right_shift(x.view(np.uint32), 12, out=idx)
+        np.take(self.cells.fine, idx, out=vals, mode="wrap")
+        np.isnan(vals, out=nan)
+        undecided = np.flatnonzero(nan)
+        if undecided.size:
+            vals[undecided] = self.cells.exact(x[undecided])
+        return vals
 
     def rescale(
         self, vals: np.ndarray, scales: np.ndarray, dtype: str, dst: np.ndarray, finite: bool
@@ -265,7 +293,7 @@ class _Pass:
         if dtype == "bfloat16":
             round_bf16_in_place(into, self.scratch, finite=finite)
         elif dtype == "float16":
-            round_f16_in_place(into, (self.scratch, self.idx, self.le))  # idx and le are spent
+            round_f16_in_place(into, (self.scratch, self.idx, self.nan))  # idx and nan are spent
         if into is not dst:
             np.copyto(dst, into, casting="unsafe")
 
