@@ -77,17 +77,17 @@ def _torch_reference(w: torch.Tensor, spec: Bnb4Spec) -> np.ndarray:
 @pytest.mark.parametrize("spec_dtype", SPEC_DTYPES)
 @pytest.mark.parametrize("double_quant", [False, True])
 def test_numpy_roundtrip_codec_is_the_torch_one(st_dtype: str, spec_dtype: str, double_quant: bool) -> None:
-    """Whatever the stored dtype and the dtype QLoRA quantized in, into fp32 and fp64 work buffers (a partial
-    last block: 96 x 131 is not a multiple of 64)."""
+    """Whatever the stored dtype and the dtype QLoRA quantized in, into fp32, fp64 and strided work buffers (a
+    partial last block: 96 x 131 is not a multiple of 64)."""
     shape = (96, 131)
     g = torch.Generator().manual_seed(7)
     w = (torch.randn(shape, generator=g, dtype=torch.float64) * 0.02).to(STORED.get(st_dtype, torch.float64))
     spec = Bnb4Spec("fp4" if double_quant else "nf4", 64, double_quant, spec_dtype)
     expected = _torch_reference(w, spec)
-    for work in (np.float32, np.float64):
-        out = np.full(shape, np.nan, work)
+    strided = np.full((shape[0], 2 * shape[1]), np.nan, np.float32)[:, ::2]  # through a contiguous buffer
+    for out in (np.full(shape, np.nan, np.float32), np.full(shape, np.nan, np.float64), strided):
         Bnb4RoundtripCodec(st_dtype, spec, shape, CAPABILITY).decode(_raw(w, False), 0, shape[0], out)
-        assert np.array_equal(out, expected.astype(work)), work
+        assert np.array_equal(out, expected.astype(out.dtype)), (out.dtype, out.flags.c_contiguous)
 
 
 def test_roundtrip_codec_falls_back_to_torch_where_the_capability_is_unknown() -> None:

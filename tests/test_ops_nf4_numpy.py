@@ -74,7 +74,7 @@ def test_fine_table_is_the_exact_search_on_every_cell(quant_type: str) -> None:
 
 
 @pytest.mark.parametrize("quant_type", ["nf4", "fp4"])
-@pytest.mark.parametrize("block_size", [32, 64, 128, 4096])
+@pytest.mark.parametrize("block_size", nf4_numpy.BLOCK_SIZES)
 @pytest.mark.parametrize("double_quant", [False, True])
 @pytest.mark.parametrize("dtype", nh.DTYPES)
 def test_roundtrip_is_bitsandbytes(quant_type: str, block_size: int, double_quant: bool, dtype: str) -> None:

@@ -229,7 +229,7 @@ def block_absmax(w: np.ndarray, dtype: str, block_size: int) -> np.ndarray:
     return absmax
 
 
-_F16_LARGEST_EXPONENT_SHIFT = np.uint32(13 << 23)  # float32 exponent + 13: an ulp of 2**-10 times the value
+_F16_ULP_SHIFT = np.uint32(13 << 23)  # exponent + 13: adding 2**13 m rounds m to 2**-10 m, float16's ulp
 _F16_SMALLEST_NORMAL_EXPONENT = np.uint32(113 << 23)  # 2**-14: below it, float16's ulp stays 2**-24
 
 
@@ -247,7 +247,7 @@ def round_f16_in_place(x: np.ndarray, scratch: tuple[np.ndarray, np.ndarray, np.
     np.greater_equal(x, _F32(65520), out=over)  # rounds past 65504, float16's largest: inf
     np.bitwise_and(bits, np.uint32(0x7F800000), out=c)
     np.maximum(c, _F16_SMALLEST_NORMAL_EXPONENT, out=c)
-    np.add(c, _F16_LARGEST_EXPONENT_SHIFT, out=c)
+    np.add(c, _F16_ULP_SHIFT, out=c)
     np.add(x, c.view(_F32), out=x)
     np.subtract(x, c.view(_F32), out=x)
     if over.any():
@@ -310,13 +310,15 @@ def roundtrip_4bit(
 ) -> np.ndarray:
     """dequant(quant(w)) of the flat weight ``w`` (``dtype``: bfloat16 as uint16 bits, float16 or float32),
     rounded to ``dtype`` and widened into ``out`` (contiguous fp32 or fp64, w.size elements), which it returns.
-    ``capability`` (aten_cpu.cpu_capability()) is torch's, which double quantization depends on."""
+    ``capability``: torch's CPU capability (merging.devices.torch_cpu_capability()), which double quantization
+    depends on."""
     if block_size not in BLOCK_SIZES:
         raise ValueError(f"4-bit block size must be one of {BLOCK_SIZES}, not {block_size}")
     if dtype not in DTYPES:
         raise ValueError(f"the numpy 4-bit round trip takes {DTYPES} weights, not {dtype}")
     if double_quant and capability is None:
         raise ValueError("double quantization needs torch's CPU capability")
+    capability = capability if double_quant else None
     if not out.flags.c_contiguous or out.size != w.size or out.dtype not in (np.float32, np.float64):
         raise ValueError("out must be a contiguous fp32 or fp64 array of as many elements as the weight")
     w, dst = w.reshape(-1), out.reshape(-1)
@@ -325,7 +327,7 @@ def roundtrip_4bit(
         return out
     absmax = block_absmax(w, dtype, block_size)
     finite = bool(np.isfinite(absmax).all())  # a NaN or inf element makes its block's absmax one
-    scales = double_quantized_scales(absmax, capability or "") if double_quant else absmax
+    scales = absmax if capability is None else double_quantized_scales(absmax, capability)
     full = n - n % block_size
     with np.errstate(divide="ignore", over="ignore", invalid="ignore"):
         inv = _F32(1) / np.maximum(absmax[: full // block_size], _F32(1e-38))
