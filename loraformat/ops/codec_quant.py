@@ -287,13 +287,11 @@ class Bnb4RoundtripCodec(Codec[np.ndarray]):
         if self.spec.dtype in nf4_numpy.DTYPES and (
             self.capability is not None or not self.spec.double_quant
         ):
-            self._decode_numpy(raw, start, stop, out, self.capability)
+            self._decode_numpy(raw, start, stop, out)
         else:
             self._decode_torch(raw, start, stop, out)
 
-    def _decode_numpy(
-        self, raw: np.ndarray, start: int, stop: int, out: np.ndarray, capability: str | None
-    ) -> None:
+    def _decode_numpy(self, raw: np.ndarray, start: int, stop: int, out: np.ndarray) -> None:
         direct = out.flags.c_contiguous and out.dtype in (np.float32, np.float64)
         rt = nf4_numpy.roundtrip_4bit(
             self._weight_numpy(raw, start, stop, out),
@@ -302,7 +300,7 @@ class Bnb4RoundtripCodec(Codec[np.ndarray]):
             quant_type=self.spec.quant_type,
             block_size=self.spec.block_size,
             double_quant=self.spec.double_quant,
-            capability=capability,
+            capability=self.capability,
         )
         if not direct:
             np.copyto(out, rt, casting="same_kind")
