@@ -308,6 +308,29 @@ def test_qlora_faithful_merge(quantized_bases, adapter, tmp_path: Path) -> None:
     assert torch.equal(f_t["model.norm.weight"], base_t["model.norm.weight"])
 
 
+def test_round_trip_weights_are_read_whole_and_merged_in_row_groups(
+    quantized_bases, adapter, tmp_path
+) -> None:
+    """A round-trip weight is read as one block (its statistics span it), then merged a cache-sized run of whole
+    4-bit blocks at a time, as a plain weight is, not in one pass over the whole tensor."""
+    from loraformat.merging.api import planned
+    from loraformat.merging.blocks import row_blocks, sub_rows
+    from loraformat.ops.term import rows_cols
+
+    qlora = _convert(adapter, tmp_path / "qlora.safetensors", "bnb-nf4,block_size=64,double_quant=true")
+    with planned(quantized_bases["bf16"], [qlora], tmp_path / "out", [1.0], None, None, True, False) as (
+        plan,
+        _,
+    ):
+        trips = [t for t in plan.tasks if t.quant is not None]
+        assert trips and all(t.quant.streamed and t.whole for t in trips)
+        for task in trips:
+            rows, cols = rows_cols(task.logical_shape)
+            assert [b[:2] for b in row_blocks(task, 1 << 10)] == [(0, rows)]
+            step = sub_rows(task, cols, 1 << 10)
+            assert 0 < step < rows and step * cols % 64 == 0, task.name
+
+
 #: the CLI, reporting on exit whether torch was imported
 _TRACKED_CLI = (
     "import atexit, sys; "

@@ -4,6 +4,7 @@ capability, else in torch on the merge's bounded torch threads."""
 
 from __future__ import annotations
 
+import math
 import warnings
 
 import numpy as np
@@ -14,6 +15,7 @@ F = pytest.importorskip("bitsandbytes.functional")
 
 from loraformat.merging.devices import torch_cpu_capability  # noqa: E402
 from loraformat.ops.codec_quant import Bnb4RoundtripCodec, Bnb4Spec  # noqa: E402
+from loraformat.ops.kernel_numpy import DenseCodec  # noqa: E402
 from loraformat.ops.nf4 import roundtrip_4bit  # noqa: E402
 
 SHAPE = (96, 130)
@@ -101,3 +103,41 @@ def test_roundtrip_codec_falls_back_to_torch_where_the_capability_is_unknown() -
         outs.append(np.empty(SHAPE, np.float32))
         Bnb4RoundtripCodec("BF16", spec, SHAPE, capability).decode(_raw(w, True), 0, SHAPE[0], outs[-1])
     assert np.array_equal(outs[0], outs[1]) and np.array_equal(outs[1], _torch_reference(w, spec))
+
+
+@pytest.mark.parametrize("capability", [None, CAPABILITY])  # the torch round trip, then the numpy one
+@pytest.mark.parametrize("cols", [128, 130])  # rows of whole 4-bit blocks; groups of 32 rows make them whole
+def test_roundtrip_codec_streams_through_the_kernels_sub_blocks(capability: str | None, cols: int) -> None:
+    """The numpy kernel merges a round-trip weight a few row groups at a time (in cache) once the codec has its
+    statistics from the whole tensor: the same bytes as one whole pass, with terms added."""
+    from loraformat.ops.kernel import Factors
+    from loraformat.ops.kernel_numpy import NumpyKernel
+
+    rows = 200
+    g = torch.Generator().manual_seed(9)
+    w = (torch.randn(rows, cols, generator=g) * 0.02).to(torch.bfloat16)
+    L, R = (torch.randn(n, generator=g).numpy() * 0.01 for n in ((rows, 4), (4, cols)))
+    spec = Bnb4Spec("nf4", 64, True, "bfloat16")
+    group = 64 // math.gcd(cols, 64)
+    kernel, outs = NumpyKernel(), []
+    for sub_rows in (0, 3 * group):
+        out = np.empty(rows * cols * 2, np.uint8)
+        dec, enc = Bnb4RoundtripCodec("BF16", spec, (rows, cols), capability), DenseCodec("BF16")
+        kernel.merge_block(_raw(w, False), dec, out, enc, [Factors(L, R)], 0, rows, cols, sub_rows=sub_rows)
+        outs.append(out)
+    assert np.array_equal(outs[0], outs[1])
+    expected = _torch_reference(w, spec).astype(np.float32).reshape(rows, cols) + L @ R
+    got = torch.from_numpy(outs[1].view(np.int16)).view(torch.bfloat16).float().numpy().reshape(rows, cols)
+    assert np.abs(got - expected).max() <= 2**-8 * np.abs(expected).max()  # within a bf16 rounding of W + LR
+
+
+def test_a_run_of_the_numpy_round_trip_must_start_on_a_block_boundary() -> None:
+    from loraformat.ops.nf4_numpy import RoundTrip
+
+    w = np.zeros(200, np.float32)
+    trip = RoundTrip(w, "float32", block_size=64)
+    with pytest.raises(ValueError, match="block boundary"):
+        trip.values(w[10:74], 10, np.empty(64, np.float32))
+    with pytest.raises(ValueError, match="block boundary"):
+        trip.values(w[:100], 0, np.empty(100, np.float32))
+    assert np.array_equal(trip.values(w[128:], 128, np.ones(72, np.float32)), np.zeros(72, np.float32))

@@ -45,7 +45,7 @@ def block_rows(task: TensorTask, rows: int, cols: int, block_bytes: int) -> int:
 def sub_rows(task: TensorTask, cols: int, elements: int) -> int:
     """Rows the host merges at a time within a block (0: the whole block at once): about ``elements``
     elements, whole groups of rows sharing quantization scales."""
-    if task.whole:
+    if task.whole and not (task.quant is not None and task.quant.streamed):
         return 0
     rows = max(1, elements // max(cols, 1))
     if task.quant is not None:

@@ -12,6 +12,7 @@ spec/interop/fp8.md and spec/interop/nf4.md give the rules; tests/test_merge_qua
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -39,6 +40,7 @@ class QuantTask:
     requantize: bool  # write the quantized layout back (else 16-bit)
     whole: bool  # decoded and encoded in one block
     row_group: int = 1  # rows sharing scales: blocks are whole multiples of it
+    streamed: bool = False  # whole, but merged in sub-blocks of row groups once the decoder is prepared
     side: dict[str, str] = field(default_factory=dict)  # codec side role -> output tensor name
     info: Any = None  # io.fp8.Fp8Weight / io.nf4.Nf4Weight
     spec: Bnb4Spec | None = None  # the 4-bit quantization (stored, or QLoRA's round trip)
@@ -156,7 +158,17 @@ def quantized_task(
             opts.roundtrip.double_quant,
             {v: k for k, v in _ST_OF_TORCH.items()}.get(info.dtype, "float32"),
         )
-        task = QuantTask(StoredLayout.DENSE, info.shape, info.shape, False, whole=True, spec=spec)
+        group = spec.block_size // math.gcd(info.shape[1], spec.block_size)  # rows of whole 4-bit blocks
+        task = QuantTask(
+            StoredLayout.DENSE,
+            info.shape,
+            info.shape,
+            False,
+            whole=True,
+            row_group=group,
+            streamed=True,
+            spec=spec,
+        )
         return Special(info.shape, out_dtype or info.dtype, task)
     return None
 

@@ -260,11 +260,14 @@ class Bnb4Codec(_Measured):
 
 class Bnb4RoundtripCodec(Codec[np.ndarray]):
     """A 16-bit weight decoded as QLoRA saw it: dequant(quant(W)) in the weight's dtype (bitsandbytes' round trip,
-    bit for bit), then widened exactly. Whole tensor (the block scales and the double-quant offset span it).
+    bit for bit), then widened exactly. The block scales and the double-quant offset span the whole tensor:
+    :meth:`prepare` takes them from all of it, then :meth:`decode` gives any rows (the merge's cache-sized
+    sub-blocks, whole groups of 4-bit blocks).
 
     In numpy (loraformat/ops/nf4_numpy.py), so that a QLoRA-faithful merge on the numpy kernel never imports
-    torch; in torch (loraformat/ops/nf4.py) where the numpy port cannot be sure to match it: double
-    quantization without torch's CPU capability (``capability``: merging.devices.torch_cpu_capability())."""
+    torch; in torch (loraformat/ops/nf4.py, the whole round trip at once) where the numpy port cannot be sure to
+    match it: double quantization without torch's CPU capability (``capability``:
+    merging.devices.torch_cpu_capability())."""
 
     layout = StoredLayout.DENSE
 
@@ -274,6 +277,9 @@ class Bnb4RoundtripCodec(Codec[np.ndarray]):
         self.dtype, self.spec, self.shape, self.capability = st_dtype, spec, shape, capability
         self.dense = DenseCodec(st_dtype)
         self.max_finite = self.dense.max_finite
+        self.cols = math.prod(shape[1:])
+        self._trip: nf4_numpy.RoundTrip | None = None  # prepared, in numpy
+        self._done: np.ndarray | None = None  # prepared, in torch: the whole round trip
 
     def row_nbytes(self, cols: int) -> int:
         return self.dense.row_nbytes(cols)
@@ -281,41 +287,51 @@ class Bnb4RoundtripCodec(Codec[np.ndarray]):
     def nonfinite(self, raw: np.ndarray, rows: int) -> np.ndarray:
         return self.dense.nonfinite(raw, rows)
 
-    def decode(self, raw: np.ndarray, start: int, stop: int, out: np.ndarray) -> None:
+    def prepare(self, raw: np.ndarray, start: int, stop: int) -> None:
         if (start, stop) != (0, self.shape[0]):
             raise ValueError("a QLoRA round trip needs the whole tensor")
         if self.spec.dtype in nf4_numpy.DTYPES and (
             self.capability is not None or not self.spec.double_quant
         ):
-            self._decode_numpy(raw, start, stop, out)
+            self._trip = nf4_numpy.RoundTrip(
+                self._weight_numpy(raw, start, stop, None),
+                self.spec.dtype,
+                quant_type=self.spec.quant_type,
+                block_size=self.spec.block_size,
+                double_quant=self.spec.double_quant,
+                capability=self.capability,
+            )
         else:
-            self._decode_torch(raw, start, stop, out)
+            self._done = np.empty((stop, self.cols), np.float32)
+            self._decode_torch(raw, start, stop, self._done)
 
-    def _decode_numpy(self, raw: np.ndarray, start: int, stop: int, out: np.ndarray) -> None:
-        direct = out.flags.c_contiguous and out.dtype in (np.float32, np.float64)
-        rt = nf4_numpy.roundtrip_4bit(
-            self._weight_numpy(raw, start, stop, out),
-            self.spec.dtype,
-            out if direct else np.empty(out.shape, np.float32),
-            quant_type=self.spec.quant_type,
-            block_size=self.spec.block_size,
-            double_quant=self.spec.double_quant,
-            capability=self.capability,
-        )
-        if not direct:
-            np.copyto(out, rt, casting="same_kind")
+    def decode(self, raw: np.ndarray, start: int, stop: int, out: np.ndarray) -> None:
+        if self._trip is None and self._done is None:
+            self.prepare(raw, start, stop)  # decoded whole, without the merge's prepare
+        if self._done is not None:
+            np.copyto(out, self._done[start:stop], casting="same_kind")
+        else:
+            assert self._trip is not None
+            direct = out.flags.c_contiguous and out.dtype in (np.float32, np.float64)
+            target = out if direct else np.empty(out.shape, np.float32)
+            self._trip.values(self._weight_numpy(raw, start, stop, out), start * self.cols, target)
+            if not direct:
+                np.copyto(out, target, casting="same_kind")
+        if stop >= self.shape[0]:
+            self._trip = self._done = None  # the last rows: the statistics are spent
 
-    def _weight_numpy(self, raw: np.ndarray, start: int, stop: int, out: np.ndarray) -> np.ndarray:
-        """The stored weight as elements of the spec's dtype (bfloat16 as uint16 bits): the stored bytes
-        themselves when that is their dtype, else decoded into ``out`` and narrowed as torch narrows."""
+    def _weight_numpy(self, raw: np.ndarray, start: int, stop: int, out: np.ndarray | None) -> np.ndarray:
+        """The stored rows as elements of the spec's dtype (bfloat16 as uint16 bits): the stored bytes
+        themselves when that is their dtype, else decoded (into ``out`` if given) and narrowed as torch does."""
         view = _STORED_VIEW.get(self.dtype)
         if view is not None and view[1] == self.spec.dtype:
             return raw.view(STORAGE[self.dtype])
-        self.dense.decode(raw, start, stop, out)
-        wide = np.ascontiguousarray(out, np.float32)
+        wide = np.empty((stop - start, self.cols), np.float32) if out is None else out
+        self.dense.decode(raw, start, stop, wide)
+        narrow = np.ascontiguousarray(wide, np.float32)
         if self.spec.dtype == "bfloat16":
-            return f32_to_bf16(wide)
-        return wide.astype(np.float16) if self.spec.dtype == "float16" else wide.copy()
+            return f32_to_bf16(narrow)
+        return narrow.astype(np.float16) if self.spec.dtype == "float16" else narrow.copy()
 
     def _decode_torch(self, raw: np.ndarray, start: int, stop: int, out: np.ndarray) -> None:
         import torch

@@ -83,6 +83,10 @@ class Codec(ABC, Generic[T]):
     def nonfinite(self, raw: T, rows: int) -> T:
         """A boolean mask of the stored rows' inf/NaN elements, shaped (rows, cols)."""
 
+    def prepare(self, raw: T, start: int, stop: int) -> None:
+        """Called with each block's stored rows before they are decoded, possibly a few rows at a time: a codec
+        whose statistics span the block (the QLoRA round trip's) takes them here. Nothing by default."""
+
     def view(self, raw: T, rows: int, cols: int, cd: Any) -> T | None:
         """``raw`` viewed as (rows, cols) elements of the compute dtype ``cd`` when that is how the rows are
         stored (the merge then works in place), else None."""
@@ -191,6 +195,7 @@ class Kernel(ABC, Generic[T]):
         work = None if direct is not None else self.empty(step * cols, cd)
         scratch = self.empty(step * cols, cd) if any(f.R is not None for f in factors) else None
         src_row, out_row = dec.row_nbytes(cols), enc.row_nbytes(cols)
+        dec.prepare(src, start, stop)
         for s0 in range(0, n, step):
             s1 = min(n, s0 + step)
             if direct is not None:

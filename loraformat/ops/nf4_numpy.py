@@ -298,6 +298,71 @@ class _Pass:
             np.copyto(dst, into, casting="unsafe")
 
 
+class RoundTrip:
+    """dequant(quant(w)) of one flat weight ``w`` (``dtype``: bfloat16 as uint16 bits, float16 or float32): its
+    block statistics (absmax, the scales double quantization leaves, 1 / absmax) computed once, then the round
+    trip of any run of its elements from a block boundary to a block boundary or the end, so that a merge can
+    stream it through cache-sized sub-blocks of rows. ``capability``: torch's CPU capability
+    (merging.devices.torch_cpu_capability()), which double quantization depends on."""
+
+    def __init__(
+        self,
+        w: np.ndarray,
+        dtype: str,
+        *,
+        quant_type: str = "nf4",
+        block_size: int = 64,
+        double_quant: bool = False,
+        capability: str | None = None,
+    ) -> None:
+        if block_size not in BLOCK_SIZES:
+            raise ValueError(f"4-bit block size must be one of {BLOCK_SIZES}, not {block_size}")
+        if dtype not in DTYPES:
+            raise ValueError(f"the numpy 4-bit round trip takes {DTYPES} weights, not {dtype}")
+        if double_quant and capability is None:
+            raise ValueError("double quantization needs torch's CPU capability")
+        self.dtype, self.quant_type, self.block_size, self.size = dtype, quant_type, block_size, w.size
+        cells(quant_type)  # validates the quant type before any work
+        self.full = w.size - w.size % block_size  # elements in whole blocks
+        self.absmax = block_absmax(w.reshape(-1), dtype, block_size) if w.size else np.zeros(0, _F32)
+        self.finite = bool(
+            np.isfinite(self.absmax).all()
+        )  # a NaN or inf element makes its block's absmax one
+        self.scales = self.absmax
+        if double_quant and w.size:
+            self.scales = double_quantized_scales(self.absmax, str(capability))
+        with np.errstate(divide="ignore", over="ignore"):
+            self.inv = _F32(1) / np.maximum(self.absmax[: self.full // block_size], _F32(1e-38))
+        self._pass: _Pass | None = None
+
+    def values(self, w: np.ndarray, offset: int, out: np.ndarray) -> np.ndarray:
+        """Elements [offset, offset + w.size) of the weight (``w`` holds them), rounded to the weight's dtype
+        and widened into ``out`` (contiguous fp32 or fp64, w.size elements), which it returns."""
+        bs, end = self.block_size, offset + w.size
+        if offset % bs or (end % bs and end != self.size) or end > self.size:
+            raise ValueError(
+                "a run of the round trip starts on a block boundary and ends on one or at the end"
+            )
+        if not out.flags.c_contiguous or out.size != w.size or out.dtype not in (np.float32, np.float64):
+            raise ValueError("out must be a contiguous fp32 or fp64 array of as many elements as the weight")
+        w, dst = w.reshape(-1), out.reshape(-1)
+        if self._pass is None or self._pass.x.size < min(_CHUNK, w.size):
+            self._pass = _Pass(self.quant_type, min(_CHUNK, w.size))
+        step, whole = self._pass, max(0, min(end, self.full) - offset)
+        with np.errstate(divide="ignore", over="ignore", invalid="ignore"):
+            for start in range(0, whole, _CHUNK):
+                stop = min(whole, start + _CHUNK)
+                rows = slice((offset + start) // bs, (offset + stop) // bs)
+                x = _widen(w[start:stop], self.dtype, step.x[: stop - start])
+                np.multiply(x.reshape(-1, bs), self.inv[rows, None], out=x.reshape(-1, bs))
+                step.rescale(step.code_values(x), self.scales[rows], self.dtype, dst[start:stop], self.finite)
+            if end > self.full:  # the partial last block
+                x = _widen(w[whole:], self.dtype, step.x[: w.size - whole])
+                np.divide(x, self.absmax[-1], out=x)
+                step.rescale(step.code_values(x), self.scales[-1:], self.dtype, dst[whole:], self.finite)
+        return out
+
+
 def roundtrip_4bit(
     w: np.ndarray,
     dtype: str,
@@ -308,38 +373,13 @@ def roundtrip_4bit(
     double_quant: bool = False,
     capability: str | None = None,
 ) -> np.ndarray:
-    """dequant(quant(w)) of the flat weight ``w`` (``dtype``: bfloat16 as uint16 bits, float16 or float32),
-    rounded to ``dtype`` and widened into ``out`` (contiguous fp32 or fp64, w.size elements), which it returns.
-    ``capability``: torch's CPU capability (merging.devices.torch_cpu_capability()), which double quantization
-    depends on."""
-    if block_size not in BLOCK_SIZES:
-        raise ValueError(f"4-bit block size must be one of {BLOCK_SIZES}, not {block_size}")
-    if dtype not in DTYPES:
-        raise ValueError(f"the numpy 4-bit round trip takes {DTYPES} weights, not {dtype}")
-    if double_quant and capability is None:
-        raise ValueError("double quantization needs torch's CPU capability")
-    capability = capability if double_quant else None
-    if not out.flags.c_contiguous or out.size != w.size or out.dtype not in (np.float32, np.float64):
-        raise ValueError("out must be a contiguous fp32 or fp64 array of as many elements as the weight")
-    w, dst = w.reshape(-1), out.reshape(-1)
-    n = w.size
-    if n == 0:
-        return out
-    absmax = block_absmax(w, dtype, block_size)
-    finite = bool(np.isfinite(absmax).all())  # a NaN or inf element makes its block's absmax one
-    scales = absmax if capability is None else double_quantized_scales(absmax, capability)
-    full = n - n % block_size
-    with np.errstate(divide="ignore", over="ignore", invalid="ignore"):
-        inv = _F32(1) / np.maximum(absmax[: full // block_size], _F32(1e-38))
-        step = _Pass(quant_type, min(_CHUNK, n))
-        for start in range(0, full, _CHUNK):
-            stop = min(full, start + _CHUNK)
-            rows = slice(start // block_size, stop // block_size)
-            x = _widen(w[start:stop], dtype, step.x[: stop - start])
-            np.multiply(x.reshape(-1, block_size), inv[rows, None], out=x.reshape(-1, block_size))
-            step.rescale(step.code_values(x), scales[rows], dtype, dst[start:stop], finite)
-        if full < n:
-            x = _widen(w[full:], dtype, step.x[: n - full])
-            np.divide(x, absmax[-1], out=x)
-            step.rescale(step.code_values(x), scales[-1:], dtype, dst[full:], finite)
-    return out
+    """dequant(quant(w)) of a whole weight into ``out`` (as :class:`RoundTrip`), which it returns."""
+    trip = RoundTrip(
+        w,
+        dtype,
+        quant_type=quant_type,
+        block_size=block_size,
+        double_quant=double_quant,
+        capability=capability,
+    )
+    return trip.values(w, 0, out)
