@@ -104,7 +104,7 @@ class Fp8Codec(_Measured):
     def __init__(self, layout: fp8.Fp8Layout, scale: np.ndarray, shape: tuple[int, int]) -> None:
         super().__init__()
         self.fp8_layout, self.scale, self.shape = layout, scale.astype(np.float32), shape
-        self._codes: tuple[int, np.ndarray] | None = None
+        self._codes: tuple[int, np.ndarray, np.ndarray | None] | None = None
         self.fresh = np.zeros(layout.scale_shape(*shape), np.float32)
 
     def row_nbytes(self, cols: int) -> int:
@@ -115,7 +115,7 @@ class Fp8Codec(_Measured):
         values = fp8.decode_rows(q, self.scale, self.fp8_layout, row0=start, out=out)
         if values is not out:
             np.copyto(out, values, casting="same_kind")
-        self._codes = (start, q)
+        self._codes = (start, q, None if fp8.native() else out.copy())
 
     def nonfinite(self, raw: np.ndarray, rows: int) -> np.ndarray:
         """E4M3 has no infinity; its NaNs are 0x7F and 0xFF."""
@@ -141,7 +141,7 @@ class Fp8Codec(_Measured):
         scale = self._fresh_rows(x, start, stop)
         kept, self._codes = self._codes, None
         if kept is not None and kept[0] == start and kept[1].shape == x.shape:
-            q, sums = fp8.encode_measured(x, scale, self.fp8_layout, start, kept[1], self.scale)
+            q, sums = fp8.encode_measured(x, scale, self.fp8_layout, start, kept[1], self.scale, kept[2])
             self.error.add_sums(sums, x.size)
         else:
             q = fp8.encode_rows(x, scale, self.fp8_layout, row0=start)

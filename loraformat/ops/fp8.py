@@ -62,6 +62,11 @@ def _load_native() -> ModuleType | None:
 _native = _load_native()
 
 
+def native() -> bool:
+    """Whether the C passes are selected."""
+    return _native is not None
+
+
 def native_isa() -> str | None:
     """The instruction set the C passes run with (None: numpy passes)."""
     return None if _native is None else str(_native.current())
@@ -310,12 +315,17 @@ def encode_measured(
     row0: int,
     base_q: np.ndarray,
     base_scale: np.ndarray,
+    base_values: np.ndarray | None = None,
 ) -> tuple[np.ndarray, EncodeSums]:
     """fp32 rows ``x`` -> (E4M3 codes with ``scale``, as :func:`encode_rows`; what re-quantization cost), the delta
-    measured against the stored base rows ``base_q`` with their scales ``base_scale`` (the weight's own)."""
+    measured against the stored base rows ``base_q`` with their scales ``base_scale`` (the weight's own).
+    ``base_values``: those rows already decoded, if the caller kept them (the numpy passes then skip a decode;
+    the C pass decodes them again on the fly, which is cheaper than keeping them)."""
     rows, cols = x.shape
     if _native is None:
-        return _encode_measured_numpy(x, scale, layout, row0, base_q, base_scale)
+        if base_values is None:
+            base_values = decode_rows(base_q, base_scale, layout, row0=row0)
+        return _encode_measured_numpy(x, scale, layout, row0, base_values)
     x = np.ascontiguousarray(x, np.float32)
     base_q = np.ascontiguousarray(base_q, np.uint8)
     codes = np.empty((rows, cols), np.uint8)
@@ -340,21 +350,20 @@ def _nanmax(a: float, b: float) -> float:
 
 
 def _encode_measured_numpy(
-    x: np.ndarray, scale: np.ndarray, layout: Fp8Layout, row0: int, base_q: np.ndarray, base_scale: np.ndarray
+    x: np.ndarray, scale: np.ndarray, layout: Fp8Layout, row0: int, base_values: np.ndarray
 ) -> tuple[np.ndarray, EncodeSums]:
     codes = encode_rows(x, scale, layout, row0=row0)
     err = decode_rows(codes, scale, layout, row0=row0)
     np.subtract(err, x, out=err)
-    delta = decode_rows(base_q, base_scale, layout, row0=row0)
-    np.subtract(x, delta, out=delta)
+    delta = np.subtract(x, base_values, out=base_values)  # the caller's copy: spent here
     e, d = err.reshape(-1), delta.reshape(-1)
     if e.size == 0:
         return codes, EncodeSums()
-    return codes, EncodeSums(
+    return codes, EncodeSums(  # BLAS dots: one pass, no temporary
         max(float(e.max()), -float(e.min())),
-        float(np.dot(e.astype(np.float64), e)),
+        float(np.dot(e, e)),
         max(float(d.max()), -float(d.min())),
-        float(np.dot(d.astype(np.float64), d)),
+        float(np.dot(d, d)),
     )
 
 
