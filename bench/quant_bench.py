@@ -6,12 +6,13 @@ compared, each in its own process with a warm page cache:
   copy        copying the base's files, left dirty in the page cache
   copy+fsync  the copy floor: the same, then fsynced, as loraformat's output is before it is renamed (and
               bench/merge_bench.py's floor and the script below)
-  loraformat  loraformat merge (decode, add, re-quantize with fresh scales, streaming)
+  loraformat  loraformat merge (decode, add, re-quantize with fresh scales, streaming): the C passes, and the
+              numpy passes a build without a C compiler runs (LORAFORMAT_NATIVE=0)
   script      what users do today: dequantize everything to bf16, PEFT merge_and_unload, re-quantize, save
 NF4: the same model as a bf16 base (2.2 GB) and an adapter recording a bitsandbytes NF4 (double-quant) training
 base: the QLoRA-faithful merge (--dequantize-as nf4) against the plain merge (--dequantize-as none).
 
-Prints seconds, ratios to the floor and peak RSS; ``--json`` also writes them. The machine's load average is
+Prints medians of ``--repeat`` runs (and the fastest), ratios to the floors and peak RSS; ``--json`` also writes them. The machine's load average is
 printed: on a shared machine the figures move with the other jobs.
 """
 
@@ -21,6 +22,7 @@ import argparse
 import json
 import os
 import shutil
+import statistics
 import sys
 from pathlib import Path
 
@@ -161,15 +163,100 @@ def build_adapter(root: Path, base: Path, quantization: str | None) -> tuple[Pat
     return peft_dir, native
 
 
+def alternating(
+    runs: dict[str, list[str]], env: dict[str, str], out: Path, repeat: int
+) -> list[dict[str, float]]:
+    """Like :func:`timed` for several commands, run in turn ``repeat`` times: the page cache's writeback of one
+    run's output then weighs on every command alike."""
+    times: dict[str, list[float]] = {label: [] for label in runs}
+    rss = dict.fromkeys(runs, 0)
+    for _ in range(repeat):
+        for label, cmd in runs.items():
+            shutil.rmtree(out, ignore_errors=True)
+            seconds, peak, _ = run_one(cmd, env)
+            times[label].append(seconds)
+            rss[label] = max(rss[label], peak)
+    shutil.rmtree(out, ignore_errors=True)
+    figures = []
+    for label, t in times.items():
+        med = statistics.median(t)
+        print(f"  {label:<34} {med:8.2f} s (fastest {min(t):.2f})   peak RSS {rss[label] / 2**30:6.2f} GiB")
+        figures.append({"seconds": med, "fastest": min(t), "peak_rss_bytes": rss[label]})
+    return figures
+
+
 def timed(label: str, cmd: list[str], env: dict[str, str], out: Path, repeat: int) -> dict[str, float]:
-    best, rss = float("inf"), 0
+    """The median of ``repeat`` runs (and the fastest), and the largest peak RSS."""
+    times, rss = [], 0
     for _ in range(repeat):
         shutil.rmtree(out, ignore_errors=True)
         seconds, peak, _ = run_one(cmd, env)
-        best, rss = min(best, seconds), max(rss, peak)
+        times.append(seconds)
+        rss = max(rss, peak)
     shutil.rmtree(out, ignore_errors=True)
-    print(f"  {label:<34} {best:8.2f} s   peak RSS {rss / 2**30:6.2f} GiB", flush=True)
-    return {"seconds": best, "peak_rss_bytes": rss}
+    med = statistics.median(times)
+    print(
+        f"  {label:<34} {med:8.2f} s (fastest {min(times):.2f})   peak RSS {rss / 2**30:6.2f} GiB", flush=True
+    )
+    return {"seconds": med, "fastest": min(times), "peak_rss_bytes": rss}
+
+
+def fp8_figures(
+    root: Path, env: dict[str, str], repeat: int, skip_script: bool
+) -> dict[str, dict[str, float]]:
+    py, figures = sys.executable, {}
+    fp8 = root / "fp8-base"
+    peft_dir, adapter = root / "adapter-peft", root / "adapter.safetensors"
+    size = sum(f.stat().st_size for f in fp8.iterdir())
+    print(f"FP8 block-scaled base: {size / 1e9:.2f} GB; adapter r{RANK} on {', '.join(TARGETS)}", flush=True)
+    drop_or_warm(fp8, False)
+    out = root / "merged"
+    copy = [py, "-c", "import shutil, sys; shutil.copytree(sys.argv[1], sys.argv[2])", str(fp8), str(out)]
+    figures["fp8_copy"] = timed("copy floor", copy, env, out, repeat)
+    durable = [py, "-c", DURABLE_COPY, str(fp8), str(out)]
+    figures["fp8_copy_fsync"] = timed("copy + fsync floor", durable, env, out, repeat)
+    lf = [py, "-c", LF, "--quiet", "merge", str(fp8), str(adapter), "-o", str(out)]
+    figures["fp8_loraformat"] = timed("loraformat merge (re-quantize)", lf, env, out, repeat)
+    numpy_env = {**env, "LORAFORMAT_NATIVE": "0"}  # as installed without a C compiler
+    figures["fp8_loraformat_numpy"] = timed("loraformat merge, numpy passes", lf, numpy_env, out, repeat)
+    if not skip_script:
+        script = [py, "-c", SCRIPT, str(fp8), str(peft_dir), str(out)]
+        figures["fp8_script"] = timed("dequantize / PEFT merge / requantize", script, env, out, 1)
+    floor, durable_floor = figures["fp8_copy"]["seconds"], figures["fp8_copy_fsync"]["seconds"]
+    for k in ("fp8_loraformat", "fp8_loraformat_numpy", "fp8_script"):
+        if k in figures:
+            s = figures[k]["seconds"]
+            print(
+                f"  {k[4:]:<34} {s / floor:8.2f} x the copy floor, {s / durable_floor:.2f} x copy + fsync",
+                flush=True,
+            )
+    return figures
+
+
+def nf4_figures(root: Path, env: dict[str, str], repeat: int) -> dict[str, dict[str, float]]:
+    py, figures, out = sys.executable, {}, root / "merged"
+    bf16, qlora = root / "bf16-base", root / "adapter-qlora.safetensors"
+    drop_or_warm(bf16, False)
+    print("bf16 base 2.2 GB; adapter recording an NF4 double-quant training base", flush=True)
+    plain = [
+        py,
+        "-c",
+        LF,
+        "--quiet",
+        "merge",
+        str(bf16),
+        str(qlora),
+        "-o",
+        str(out),
+        "--dequantize-as",
+        "none",
+    ]
+    faithful = plain[:-1] + ["nf4"]
+    runs = {"plain merge (W + delta)": plain, "QLoRA-faithful (dequant(quant(W)))": faithful}
+    figures["nf4_plain"], figures["nf4_faithful"] = alternating(runs, env, out, repeat)
+    ratio = figures["nf4_faithful"]["seconds"] / figures["nf4_plain"]["seconds"]
+    print(f"  {'faithful / plain':<34} {ratio:8.2f} x", flush=True)
+    return figures
 
 
 def main() -> None:
@@ -178,6 +265,7 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=ROOT / "bench" / "out")
     ap.add_argument("--skip-script", action="store_true", help="skip the dequantize/PEFT/re-quantize script")
     ap.add_argument("--skip-nf4", action="store_true")
+    ap.add_argument("--skip-fp8", action="store_true")
     ap.add_argument("--json", type=Path)
     ap.add_argument("--build-only", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -196,52 +284,10 @@ def main() -> None:
     build = [py, __file__, "--build-only", "--out", str(args.out)] + (["--skip-nf4"] if args.skip_nf4 else [])
     run_one(build, env)
     print(f"load average before: {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores", flush=True)
-    fp8 = root / "fp8-base"
-    peft_dir, adapter = root / "adapter-peft", root / "adapter.safetensors"
-    size = sum(f.stat().st_size for f in fp8.iterdir())
-    print(f"FP8 block-scaled base: {size / 1e9:.2f} GB; adapter r{RANK} on {', '.join(TARGETS)}", flush=True)
-    drop_or_warm(fp8, False)
-    out = root / "merged"
-    copy = [py, "-c", "import shutil, sys; shutil.copytree(sys.argv[1], sys.argv[2])", str(fp8), str(out)]
-    figures["fp8_copy"] = timed("copy floor", copy, env, out, args.repeat)
-    durable = [py, "-c", DURABLE_COPY, str(fp8), str(out)]
-    figures["fp8_copy_fsync"] = timed("copy + fsync floor", durable, env, out, args.repeat)
-    lf = [py, "-c", LF, "--quiet", "merge", str(fp8), str(adapter), "-o", str(out)]
-    figures["fp8_loraformat"] = timed("loraformat merge (re-quantize)", lf, env, out, args.repeat)
-    if not args.skip_script:
-        script = [py, "-c", SCRIPT, str(fp8), str(peft_dir), str(out)]
-        figures["fp8_script"] = timed("dequantize / PEFT merge / requantize", script, env, out, 1)
-    floor, durable_floor = figures["fp8_copy"]["seconds"], figures["fp8_copy_fsync"]["seconds"]
-    for k in ("fp8_loraformat", "fp8_script"):
-        if k in figures:
-            s = figures[k]["seconds"]
-            print(
-                f"  {k[4:]:<34} {s / floor:8.2f} x the copy floor, {s / durable_floor:.2f} x copy + fsync",
-                flush=True,
-            )
-
+    if not args.skip_fp8:
+        figures.update(fp8_figures(root, env, args.repeat, args.skip_script))
     if not args.skip_nf4:
-        bf16, qlora = root / "bf16-base", root / "adapter-qlora.safetensors"
-        drop_or_warm(bf16, False)
-        print("bf16 base 2.2 GB; adapter recording an NF4 double-quant training base", flush=True)
-        plain = [
-            py,
-            "-c",
-            LF,
-            "--quiet",
-            "merge",
-            str(bf16),
-            str(qlora),
-            "-o",
-            str(out),
-            "--dequantize-as",
-            "none",
-        ]
-        figures["nf4_plain"] = timed("plain merge (W + delta)", plain, env, out, args.repeat)
-        faithful = plain[:-1] + ["nf4"]
-        figures["nf4_faithful"] = timed("QLoRA-faithful (dequant(quant(W)))", faithful, env, out, args.repeat)
-        ratio = figures["nf4_faithful"]["seconds"] / figures["nf4_plain"]["seconds"]
-        print(f"  {'faithful / plain':<34} {ratio:8.2f} x", flush=True)
+        figures.update(nf4_figures(root, env, args.repeat))
     print(f"load average after: {os.getloadavg()[0]:.1f}", flush=True)
     if args.json:
         args.json.write_text(json.dumps(figures, indent=2))
