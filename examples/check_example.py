@@ -1,4 +1,5 @@
-"""The example's last step: transformers loads the merged model as it is, and its logits equal PEFT's."""
+"""The example's last step: transformers loads the merged models as they are: the merge's logits equal PEFT's,
+the FP8 merge's are within FP8's error of them, and the QLoRA-faithful merge's are close to them too."""
 
 from __future__ import annotations
 
@@ -26,6 +27,17 @@ def main(out: Path) -> None:
     print(f"merged model vs PEFT (pulled adapter): max |logit diff| = {diff:.2e}")
     if diff > 5e-2:
         sys.exit("logits differ more than bf16 rounding allows")
+    for name, limit in (("merged-fp8", 0.25), ("merged-qlora", 0.25)):
+        # transformers dequantizes FP8 on CPU in bf16
+        other = AutoModelForCausalLM.from_pretrained(out / name, device_map="cpu", dtype=torch.bfloat16)
+        with torch.no_grad():
+            c = other(tokens).logits.float()
+        gap = (c - a).abs().max().item()
+        print(
+            f"{name} vs the bf16 merge: max |logit diff| = {gap:.2e} (quantization error; logits span {a.abs().max():.2f})"
+        )
+        if not torch.isfinite(c).all() or gap > limit:
+            sys.exit(f"{name}: logits are not within quantization error of the bf16 merge")
 
 
 if __name__ == "__main__":

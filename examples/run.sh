@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The main job end to end on the bundled example, on a machine with no network but the package registries:
-# build a small base and two PEFT adapters, convert and stamp them, validate, inspect, merge, unmerge, extract
-# an adapter back from the merged model, compose, rescale, then push and pull through the embedded local hub.
+# build a small base (and its FP8 copy) and two PEFT adapters, convert and stamp them, validate, inspect, merge,
+# unmerge, extract an adapter back from the merged model, merge QLoRA-faithfully and into the FP8 base, compose,
+# rescale, then push and pull through the embedded local hub.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export PIP_DISABLE_PIP_VERSION_CHECK=1 PIP_ROOT_USER_ACTION=ignore
@@ -23,6 +24,10 @@ step loraformat hash "$out/base"
 step loraformat merge "$out/base" "$out/summarise.safetensors" -o "$out/merged"
 step loraformat unmerge "$out/merged" "$out/summarise.safetensors" -o "$out/base-recovered"
 step loraformat extract "$out/base" "$out/merged" -o "$out/extracted.safetensors" --rank auto:0.999 --max-rank 16
+step loraformat convert "$out/peft-summarise" -o "$out/summarise-qlora.safetensors" --base "$out/base" \
+     --name summarise-qlora --base-quantization bnb-nf4,block_size=64,double_quant=true
+step loraformat merge "$out/base" "$out/summarise-qlora.safetensors" -o "$out/merged-qlora"  # as QLoRA trained it
+step loraformat merge "$out/base-fp8" "$out/peft-summarise" -o "$out/merged-fp8"  # re-quantized, fresh scales
 step loraformat compose "$out/summarise.safetensors" "$out/translate.safetensors" -o "$out/mix.safetensors" \
      --method svd --weights 0.7,0.3 --rank 16
 step loraformat rescale "$out/mix.safetensors" -o "$out/mix-r8.safetensors" --rank 8
