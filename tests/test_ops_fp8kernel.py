@@ -147,6 +147,8 @@ def test_block_rows_streamed_one_block_row_at_a_time(isa: str) -> None:
         ((np.zeros(16, np.uint8), np.ones(1, np.float32), 0, 1, 4, 4, np.zeros(16, np.float32)), "scale"),
         ((np.zeros(16, np.uint8), np.ones(4, np.float32), 0, 2, 4, 4, np.zeros(16, np.float32)), "step"),
         ((np.zeros(16, np.uint8), np.ones(4, np.float32), -1, 0, 4, 4, np.zeros(16, np.float32)), "negative"),
+        ((np.zeros(16, np.uint8), np.ones(4, np.float32), 2**62, 0, 4, 4, np.zeros(16, np.float32)), "scale"),
+        ((np.zeros(16, np.uint8), np.ones(4, np.float32), 2, 0, 4, 4, np.zeros(16, np.float32)), "scale"),
     ],
 )
 def test_the_c_passes_check_their_buffers(args, message: str) -> None:

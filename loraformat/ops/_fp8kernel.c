@@ -201,8 +201,11 @@ static int check(Py_ssize_t rows, Py_ssize_t cols, Py_buffer *buf, Py_ssize_t it
         PyErr_SetString(PyExc_ValueError, "buffer smaller than rows x cols");
         return -1;
     }
-    Py_ssize_t last = (rows ? rows - 1 : 0) * rs + (cols ? cols - 1 : 0) * cs;
-    if (scale->len / (Py_ssize_t)sizeof(float) <= last) {
+    /* the last scale addressed, (rows - 1) * rs + (cols - 1) * cs, must lie in the buffer: checked by division,
+     * so that no step however large can overflow the product */
+    Py_ssize_t n_scale = scale->len / (Py_ssize_t)sizeof(float);
+    Py_ssize_t r = rows ? rows - 1 : 0, c = cols ? (cols - 1) * cs : 0;
+    if (c >= n_scale || (rs && r > (n_scale - 1 - c) / rs)) {
         PyErr_SetString(PyExc_ValueError, "scale buffer too small for its steps");
         return -1;
     }
