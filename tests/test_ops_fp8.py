@@ -99,6 +99,12 @@ def test_layout_scale_shapes() -> None:
 def test_decode_is_exact_for_every_code_and_scale(kind: str, scale: float) -> None:
     """Every E4M3 code (subnormals, both zeros, both NaNs) times scales on both sides of the folded-multiply
     limit (2^7) and down to float32's smallest normal: bit for bit torch's float8 widening times the scale."""
+    assert_decode_is_torch_widening(kind, scale)
+
+
+def assert_decode_is_torch_widening(kind: str, scale: float) -> None:
+    """fp8.decode_rows of every code twice over, with ``scale`` everywhere, against torch (also run for each
+    compiled variant of the C passes by tests/test_ops_fp8kernel.py)."""
     codes = np.tile(np.arange(256, dtype=np.uint8), 2).reshape(4, 128)
     layout = fp8.Fp8Layout(kind, block=(2, 64))
     s = np.full(layout.scale_shape(4, 128), scale, np.float32)

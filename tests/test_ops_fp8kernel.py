@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 
 from loraformat.ops import fp8
+from tests.test_ops_fp8 import assert_decode_is_torch_widening
 
 torch = pytest.importorskip("torch")
 if (
@@ -76,16 +77,7 @@ def test_encode_matches_torch_cast_bit_for_bit(isa: str) -> None:
 @pytest.mark.parametrize("kind", ["tensor", "channel", "block"])
 @pytest.mark.parametrize("scale", [1e-30, 2.0**-126, 1.7e-3, 1.0, 127.9, 128.0, 3.5e5])
 def test_decode_is_torch_widening_times_the_scale(isa: str, kind: str, scale: float) -> None:
-    codes = np.tile(np.arange(256, dtype=np.uint8), 2).reshape(4, 128)
-    layout = fp8.Fp8Layout(kind, block=(2, 64))
-    s = np.full(layout.scale_shape(4, 128), scale, np.float32)
-    ours = fp8.decode_rows(codes, s, layout)
-    ref = (
-        torch.from_numpy(codes).view(torch.float8_e4m3fn).float() * torch.tensor(np.float32(scale))
-    ).numpy()
-    nan = np.isnan(ref)
-    assert np.isnan(ours[nan]).all()
-    assert np.array_equal(ours[~nan].view(np.uint32), ref[~nan].view(np.uint32))
+    assert_decode_is_torch_widening(kind, scale)
 
 
 @pytest.mark.parametrize("kind", ["tensor", "channel", "block"])

@@ -35,21 +35,11 @@ class ErrorStats:
     elements: int = 0
 
     def add(self, err: np.ndarray, delta: np.ndarray) -> None:
-        if err.size == 0:
-            return
-        e, d = err.reshape(-1), delta.reshape(-1)
-        self.max_error = max(self.max_error, float(e.max()), -float(e.min()))
-        self.max_delta = max(self.max_delta, float(d.max()), -float(d.min()))
-        self.sq_error += float(np.dot(e, e))  # BLAS dot: one pass, no temporary
-        self.sq_delta += float(np.dot(d, d))
-        self.elements += err.size
+        if err.size:
+            self.add_sums(fp8.EncodeSums.of(err, delta), err.size)
 
     def add_sums(self, sums: fp8.EncodeSums, elements: int) -> None:
-        self.max_error = max(self.max_error, sums.max_error)
-        self.max_delta = max(self.max_delta, sums.max_delta)
-        self.sq_error += sums.sq_error
-        self.sq_delta += sums.sq_delta
-        self.elements += elements
+        self.merge(ErrorStats(sums.max_error, sums.sq_error, sums.max_delta, sums.sq_delta, elements))
 
     def merge(self, other: ErrorStats) -> None:
         self.max_error = max(self.max_error, other.max_error)

@@ -72,12 +72,10 @@ def native_isa() -> str | None:
     return None if _native is None else str(_native.current())
 
 
-def set_native(enabled: bool) -> bool:
-    """Select the C passes (when built) or the numpy ones; returns whether the C passes were selected before."""
+def set_native(enabled: bool) -> None:
+    """Select the C passes (when built) or the numpy ones."""
     global _native
-    before = _native is not None
     _native = _load_native() if enabled else None
-    return before
 
 
 @dataclass(frozen=True)
@@ -307,6 +305,19 @@ class EncodeSums:
     max_delta: float = 0.0
     sq_delta: float = 0.0
 
+    @classmethod
+    def of(cls, err: np.ndarray, delta: np.ndarray) -> EncodeSums:
+        """The sums of an error and a delta array (fp32; NaN propagates through max and dot)."""
+        e, d = err.reshape(-1), delta.reshape(-1)
+        if e.size == 0:
+            return cls()
+        return cls(  # BLAS dots: one pass, no temporary
+            max(float(e.max()), -float(e.min())),
+            float(np.dot(e, e)),
+            max(float(d.max()), -float(d.min())),
+            float(np.dot(d, d)),
+        )
+
 
 def encode_measured(
     x: np.ndarray,
@@ -356,15 +367,7 @@ def _encode_measured_numpy(
     err = decode_rows(codes, scale, layout, row0=row0)
     np.subtract(err, x, out=err)
     delta = np.subtract(x, base_values, out=base_values)  # the caller's copy: spent here
-    e, d = err.reshape(-1), delta.reshape(-1)
-    if e.size == 0:
-        return codes, EncodeSums()
-    return codes, EncodeSums(  # BLAS dots: one pass, no temporary
-        max(float(e.max()), -float(e.min())),
-        float(np.dot(e, e)),
-        max(float(d.max()), -float(d.min())),
-        float(np.dot(d, d)),
-    )
+    return codes, EncodeSums.of(err, delta)
 
 
 def quantize(x: np.ndarray, layout: Fp8Layout) -> tuple[np.ndarray, np.ndarray]:
